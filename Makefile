@@ -1,0 +1,47 @@
+# GOTG PACS: `make run` starts a local appliance, `make test` runs the whole suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+ENV_FILE ?= pacs.dev.env
+# Debian packages the appliance and its tests need (Debian 12 for development, 13 on the image).
+DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm dcmtk python3-venv python3-dev gcc
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test deps system-deps bench-ingest reference constraints clean
+
+deps: system-deps $(VENV)/.installed
+
+system-deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages:" $$missing; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+run: deps
+	$(BIN)/pacs --env-file $(ENV_FILE) run
+
+test: deps
+	$(BIN)/pytest
+
+bench-ingest: deps
+	$(BIN)/python bench/ingest.py
+
+# Regenerate the files derived from the settings model (README reference, sample env, role defaults).
+reference: deps
+	$(BIN)/pacs reference --write
+
+constraints: deps
+	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) build var .pytest_cache

@@ -1,0 +1,190 @@
+"""`pacs`: the one command site IT, HQ IT and scripts use.
+
+Each capability adds its group here and keeps the work in its own package. Every command takes
+`--json`; configuration problems end the command with exit status 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__, orthanc_conf, reference
+from .config import ConfigError, Settings, default_env_file, load, schema
+from .orthanc import Orthanc, OrthancError
+from .process import StartError
+
+EXIT_CONFIG = 2
+
+
+def _emit(data: Any, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+class Context:
+    def __init__(self, env_file: Path) -> None:
+        self.env_file = env_file
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load(self.env_file)
+        return self._settings
+
+
+pass_context = click.make_pass_decorator(Context)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="pacs")
+@click.option("--env-file", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="PACS_ENV_FILE", default=None, show_envvar=True,
+              help=f"Configuration file [default: {default_env_file()}].")
+@click.pass_context
+def cli(ctx: click.Context, env_file: Path | None) -> None:
+    """GOTG PACS appliance."""
+    ctx.obj = Context(env_file or default_env_file())
+
+
+# --- run / status ---------------------------------------------------------------------------------
+
+
+@cli.command()
+@pass_context
+def run(ctx: Context) -> None:
+    """Run the whole appliance in the foreground (development mode); Ctrl-C stops it."""
+    from .devrun import run as run_appliance
+
+    sys.exit(run_appliance(ctx.settings, str(ctx.env_file)))
+
+
+@cli.command()
+@json_option
+@pass_context
+def status(ctx: Context, as_json: bool) -> None:
+    """Which parts are up, storage used and free, counts, versions. Exit 1 if a part is down."""
+    from .status import collect, render_text
+
+    report = collect(ctx.settings)
+    _emit(report, as_json, render_text(report))
+    sys.exit(0 if report["ok"] else 1)
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+@cli.group()
+def config() -> None:
+    """Check and render the configuration."""
+
+
+@config.command("check")
+@json_option
+@pass_context
+def config_check(ctx: Context, as_json: bool) -> None:
+    """Validate the env file (exit 2 with one line naming the bad key)."""
+    settings = ctx.settings
+    values = {info.env: ("(hidden)" if info.secret and getattr(settings, info.attribute)
+                         else getattr(settings, info.attribute)) for info in schema()}
+    _emit({"ok": True, "file": str(ctx.env_file), "settings": values}, as_json,
+          f"{ctx.env_file}: ok")
+
+
+@config.command("orthanc")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write here (atomically) instead of printing.")
+@pass_context
+def config_orthanc(ctx: Context, out: Path | None) -> None:
+    """Orthanc's JSON configuration rendered from the settings."""
+    if out:
+        orthanc_conf.write(ctx.settings, out)
+        click.echo(f"wrote {out}")
+    else:
+        click.echo(json.dumps(orthanc_conf.render(ctx.settings), indent=2))
+
+
+@config.command("reference")
+@click.option("--write", "write_files", is_flag=True,
+              help="Rewrite the generated files in the source tree.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("."))
+def config_reference(write_files: bool, root: Path) -> None:
+    """The config reference (README table, sample env, Ansible role defaults)."""
+    if write_files:
+        for path in reference.write_all(root):
+            click.echo(f"updated {path}")
+    else:
+        click.echo(reference.readme_table())
+
+
+# --- modalities -----------------------------------------------------------------------------------
+
+
+@cli.group()
+def modality() -> None:
+    """Modalities declared to the archive (kept in Orthanc's database)."""
+
+
+@modality.command("list")
+@json_option
+@pass_context
+def modality_list(ctx: Context, as_json: bool) -> None:
+    found = Orthanc.from_settings(ctx.settings).modalities()
+    text = "\n".join(f"{name}: {m['AET']} at {m['Host']}:{m['Port']}"
+                     for name, m in sorted(found.items())) or "no modalities declared"
+    _emit(found, as_json, text)
+
+
+@modality.command("add")
+@click.argument("name")
+@click.argument("aet")
+@click.argument("host")
+@click.argument("port", type=click.IntRange(1, 65535))
+@json_option
+@pass_context
+def modality_add(ctx: Context, name: str, aet: str, host: str, port: int, as_json: bool) -> None:
+    """Declare a modality so it may query and retrieve (and be a C-MOVE destination)."""
+    from .config import AETitle
+
+    try:
+        AETitle().parse(aet)
+    except ValueError:
+        raise click.BadParameter(f"{aet!r} is not a valid AE title "
+                                 f"({AETitle.allowed})", param_hint="AET") from None
+    if not name.replace("-", "").replace("_", "").isalnum():
+        raise click.BadParameter("use letters, digits, - and _", param_hint="NAME")
+    Orthanc.from_settings(ctx.settings).put_modality(name, aet, host, port)
+    _emit({"name": name, "aet": aet, "host": host, "port": port}, as_json,
+          f"declared {name}: {aet} at {host}:{port}")
+
+
+@modality.command("remove")
+@click.argument("name")
+@pass_context
+def modality_remove(ctx: Context, name: str) -> None:
+    Orthanc.from_settings(ctx.settings).delete_modality(name)
+    click.echo(f"removed {name}")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ConfigError as exc:
+        click.echo(f"pacs: configuration error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except StartError as exc:
+        click.echo(f"pacs: could not start: {exc}", err=True)
+        sys.exit(1)
+    except OrthancError as exc:
+        click.echo(f"pacs: {exc}", err=True)
+        sys.exit(1)

@@ -1,0 +1,132 @@
+"""Orthanc's JSON configuration, rendered from the one settings model.
+
+Dev mode, the tests, the benchmarks and the Ansible role all write Orthanc's configuration with
+`render()`, so there is exactly one place where the archive's behaviour is decided. The values are
+chosen for a Raspberry Pi 4 with 2 GB that must never lose an image:
+
+* files stay uncompressed and un-transcoded on disk (carvable after a disk failure, deduplicated by
+  Borg, originals untouched: invariant 3);
+* every attachment carries an MD5 and every write is fsynced before the modality gets its C-STORE
+  success (invariant 1);
+* recycling is pinned off: `MaximumStorageSize`/`MaximumPatientCount` are written as 0 so no
+  included file or default can ever turn deletion on (invariant 2);
+* threads and malloc arenas are bounded to keep Orthanc's resident memory small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+
+PLUGINS_DIR = Path(os.environ.get("PACS_ORTHANC_PLUGINS_DIR", "/usr/share/orthanc/plugins"))
+# Debian's plugin packages: orthanc (worklists), orthanc-dicomweb, orthanc-gdcm.
+PLUGIN_FILES = ("libOrthancDicomWeb.so", "libOrthancGdcm.so", "libModalityWorklists.so")
+
+# Settings that must hold whatever else changes; tests assert every one of them.
+DURABILITY = {
+    "StorageCompression": False,
+    "MaximumStorageSize": 0,
+    "MaximumPatientCount": 0,
+    "StoreMD5ForAttachments": True,
+    "SyncStorageArea": True,
+    "OverwriteInstances": False,
+    "SaveJobs": True,
+}
+# Never written: each would let Orthanc replace or drop what a modality sent.
+FORBIDDEN = ("IngestTranscoding", "IngestTranscodingOfUncompressed", "IngestTranscodingOfCompressed")
+
+
+def render(settings: Settings) -> dict[str, Any]:
+    """Orthanc's configuration as a dict (written as JSON by `write`)."""
+    open_access = settings.dicom_access == "open"
+    config: dict[str, Any] = {
+        "Name": settings.pacs_name,
+        "StorageDirectory": str(settings.orthanc_storage_dir),
+        "IndexDirectory": str(settings.orthanc_index_dir),
+        **DURABILITY,
+        "MaximumStorageCacheSize": 16,
+        "Plugins": [str(PLUGINS_DIR / name) for name in PLUGIN_FILES],
+        # A Pi 4 has 4 cores and 2 GB shared with every other service.
+        "ConcurrentJobs": 2,
+        "HttpThreadsCount": 16,
+        "DicomThreadsCount": 4,
+        "MallocArenaMax": 2,
+        "JobsHistorySize": 10,
+        # HTTP: loopback only; the HTTPS origin (nginx) fronts it on the appliance.
+        "HttpServerEnabled": True,
+        "HttpPort": settings.http_port,
+        "RemoteAccessAllowed": False,
+        "HttpDescribeErrors": True,
+        "HttpCompressionEnabled": False,
+        "KeepAlive": True,
+        "TcpNoDelay": True,
+        "WebDavEnabled": False,
+        "ExecuteLuaEnabled": False,
+        "OrthancExplorerEnabled": True,
+        "AuthenticationEnabled": settings.enable_auth,
+        "RegisteredUsers": ({"admin": settings.admin_password} if settings.enable_auth else {}),
+        # DICOM: a modality the site has never declared may always store (a new portable X-ray
+        # in a disaster must not lose images); query and retrieve need a declared modality
+        # unless the site runs in open (development) mode.
+        "DicomServerEnabled": True,
+        "DicomAet": settings.pacs_aet,
+        "DicomPort": settings.dicom_port,
+        "DicomCheckCalledAet": not open_access,
+        "DicomAlwaysAllowEcho": True,
+        "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowFind": open_access,
+        "DicomAlwaysAllowFindWorklist": True,
+        "DicomAlwaysAllowGet": open_access,
+        "DicomAlwaysAllowMove": open_access,
+        "DicomCheckModalityHost": False,
+        "DicomModalitiesInDatabase": True,
+        "DicomModalities": {},
+        "UnknownSopClassAccepted": True,
+        "DicomScpTimeout": 30,
+        "StableAge": settings.stable_age,
+        "DeidentifyLogs": True,
+        "MetricsEnabled": True,
+        "HttpsCACertificates": "/etc/ssl/certs/ca-certificates.crt",
+        "SynchronousCMove": True,
+        "DicomWeb": {
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "EnableWado": True,
+            "WadoRoot": "/wado",
+            "Ssl": False,
+        },
+        "Gdcm": {"Enable": True, "Throttling": 2},
+        "Worklists": {"Enable": True, "Database": str(settings.worklists_dir)},
+    }
+    return config
+
+
+def write(settings: Settings, path: Path | None = None) -> Path:
+    """Write Orthanc's configuration atomically (never a half-written file after a power cut)."""
+    path = Path(path or settings.orthanc_config_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(render(settings), indent=2, sort_keys=False) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".orthanc-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o600)  # holds the admin password
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def prepare_directories(settings: Settings) -> None:
+    """Create the folders Orthanc and its plugins expect before it starts."""
+    for directory in (settings.orthanc_storage_dir, settings.orthanc_index_dir,
+                      settings.worklists_dir, settings.log_dir):
+        directory.mkdir(parents=True, exist_ok=True)

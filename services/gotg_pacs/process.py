@@ -1,0 +1,149 @@
+"""Starting and stopping the appliance's processes outside systemd.
+
+On the appliance systemd runs everything. Development mode (`pacs run`), the integration tests and
+the benchmarks need the same processes started for real from the same configuration; this module
+is that one place. A child's output goes line by line to its log file and, optionally, to the
+console with a prefix, so a developer reads one interleaved log and a test can show the tail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, TextIO
+
+from .config import ConfigError, Settings
+from .orthanc import Orthanc
+from . import orthanc_conf
+
+ORTHANC_BINARY = os.environ.get("PACS_ORTHANC_BINARY", "Orthanc")
+
+
+class StartError(Exception):
+    """A process did not come up; the message says why in one line, the log has the rest."""
+
+
+def port_in_use(port: int, host: str = "0.0.0.0") -> bool:
+    """True when something already listens on the port (a bind attempt, not a guess)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def check_ports_free(ports: dict[str, int], env_file: str = "the env file") -> None:
+    """Fail with one clear line naming the setting whose port is taken."""
+    for key, port in ports.items():
+        if port_in_use(port):
+            raise ConfigError(f"port {port} ({key}) is already in use by another program: stop it "
+                              f"or set another {key} in {env_file}")
+
+
+class Child:
+    """A child process whose output is copied to a log file (and optionally the console)."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path,
+                 echo: TextIO | None = None, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.echo = echo
+        self.env = env
+        self.tail: deque[str] = deque(maxlen=40)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._pump: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=self.env, start_new_session=True)  # Ctrl-C reaches us, not the child: we stop it
+        self._pump = threading.Thread(target=self._copy_output, name=f"log-{self.name}",
+                                      daemon=True)
+        self._pump.start()
+
+    def _copy_output(self) -> None:
+        assert self.process and self.process.stdout
+        with open(self.log_path, "a", encoding="utf-8", errors="replace") as log:
+            for raw in self.process.stdout:
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                self.tail.append(line)
+                log.write(line + "\n")
+                log.flush()
+                if self.echo:
+                    self.echo.write(f"[{self.name}] {line}\n")
+                    self.echo.flush()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait for a clean exit, SIGKILL only if it will not stop."""
+        if not self.process:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._pump:
+            self._pump.join(timeout=5)
+        return self.process.returncode
+
+    def last_lines(self, count: int = 15) -> str:
+        return "\n".join(list(self.tail)[-count:])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def orthanc_binary() -> str:
+    found = shutil.which(ORTHANC_BINARY)
+    if not found:
+        raise StartError(f"Orthanc is not installed ({ORTHANC_BINARY} not on PATH): "
+                         "run `make deps` or `apt-get install orthanc`")
+    return found
+
+
+def start_orthanc(settings: Settings, echo: TextIO | None = None,
+                  timeout: float = 60.0) -> Child:
+    """Render the configuration, start real Orthanc, return once its REST API answers."""
+    orthanc_conf.prepare_directories(settings)
+    config_file = orthanc_conf.write(settings)
+    # --verbose-dicom logs every association with its calling AE title and address.
+    child = Child("orthanc", [orthanc_binary(), "--verbose-dicom", str(config_file)],
+                  settings.log_dir / "orthanc.log", echo=echo)
+    child.start()
+    client = Orthanc.from_settings(settings, timeout=2.0)
+    if not wait_until(lambda: not child.running() or client.is_alive(), timeout):
+        child.stop()
+        raise StartError(f"Orthanc did not answer on port {settings.http_port} within "
+                         f"{timeout:.0f}s; last log lines:\n{child.last_lines()}")
+    if not child.running():
+        child.stop()
+        raise StartError(f"Orthanc exited at start-up (code {child.process.returncode}); "
+                         f"last log lines:\n{child.last_lines()}")
+    return child
+

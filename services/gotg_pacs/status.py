@@ -1,0 +1,113 @@
+"""`pacs status`: is every part up, how full is the disk, how much is archived, which versions.
+
+One dict feeds both the `--json` output (scripts, HQ) and the text a person reads. Nothing here
+may fail because a part is down: a down part is a fact to report, not an exception.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Settings
+from .orthanc import Orthanc, OrthancError
+
+
+def _disk(path: Path) -> dict[str, Any]:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # report the filesystem the folder will live on
+    usage = shutil.disk_usage(probe)
+    return {"path": str(path), "total_bytes": usage.total, "used_bytes": usage.used,
+            "free_bytes": usage.free}
+
+
+def _dcmtk_version() -> str | None:
+    try:
+        out = subprocess.run(["storescu", "--version"], capture_output=True, text=True,
+                             timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        if "OFFIS DCMTK" in line or "DCMTK" in line:
+            return line.split("v", 1)[-1].split()[0] if " v" in line else line.strip()
+    return None
+
+
+def _orthanc(settings: Settings) -> dict[str, Any]:
+    client = Orthanc.from_settings(settings, timeout=5.0)
+    try:
+        system = client.system()
+        statistics = client.statistics()
+        plugins = client.plugins()
+    except OrthancError as exc:
+        return {"name": "orthanc", "up": False, "error": str(exc), "url": client.url}
+    return {
+        "name": "orthanc", "up": True, "url": client.url,
+        "version": system.get("Version"), "aet": system.get("DicomAet"),
+        "dicom_port": system.get("DicomPort"), "plugins": plugins,
+        "counts": {key: statistics.get(f"Count{key.capitalize()}")
+                   for key in ("patients", "studies", "series", "instances")},
+        "stored_bytes": int(statistics.get("TotalDiskSize", 0)),
+    }
+
+
+def collect(settings: Settings) -> dict[str, Any]:
+    orthanc = _orthanc(settings)
+    services = [orthanc]  # each capability adds its service here as it lands
+    return {
+        "site": {"name": settings.pacs_name, "code": settings.site_code,
+                 "aet": settings.pacs_aet},
+        "ok": all(service["up"] for service in services),
+        "services": services,
+        "storage": {
+            **_disk(settings.storage_path),
+            "archive_bytes": orthanc.get("stored_bytes"),
+            "max_storage_gb": settings.max_storage_gb,
+        },
+        "counts": orthanc.get("counts"),
+        "versions": {"gotg_pacs": __version__, "python": platform.python_version(),
+                     "orthanc": orthanc.get("version"), "dcmtk": _dcmtk_version(),
+                     "plugins": orthanc.get("plugins", {})},
+    }
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "unknown"
+    size = float(value)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def render_text(report: dict[str, Any]) -> str:
+    site = report["site"]
+    lines = [f"{site['name']} (site {site['code']}, AET {site['aet']}): "
+             + ("all parts up" if report["ok"] else "SOMETHING IS DOWN")]
+    for service in report["services"]:
+        if service["up"]:
+            lines.append(f"  {service['name']:<10} up    {service.get('version', '')} "
+                         f"at {service['url']}")
+        else:
+            lines.append(f"  {service['name']:<10} DOWN  {service['error']}")
+    storage = report["storage"]
+    lines.append(f"  storage    {_size(storage['archive_bytes'])} archived, "
+                 f"{_size(storage['free_bytes'])} free of {_size(storage['total_bytes'])} "
+                 f"on {storage['path']}")
+    counts = report["counts"]
+    if counts:
+        lines.append(f"  archive    {counts['patients']} patients, {counts['studies']} studies, "
+                     f"{counts['series']} series, {counts['instances']} instances")
+    versions = report["versions"]
+    plugins = ", ".join(f"{name} {ver}" for name, ver in sorted(versions["plugins"].items()))
+    lines.append(f"  versions   gotg-pacs {versions['gotg_pacs']}, Orthanc "
+                 f"{versions['orthanc'] or '?'}, DCMTK {versions['dcmtk'] or 'not installed'}, "
+                 f"Python {versions['python']}" + (f"; plugins: {plugins}" if plugins else ""))
+    return "\n".join(lines)
