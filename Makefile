@@ -8,7 +8,7 @@ ENV_FILE ?= pacs.dev.env
 DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm dcmtk python3-venv python3-dev gcc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps system-deps bench-ingest reference constraints clean
+.PHONY: run test deps system-deps bench-ingest bench-report reference constraints clean
 
 deps: system-deps $(VENV)/.installed
 
@@ -33,7 +33,10 @@ test: deps
 	$(BIN)/pytest
 
 bench-ingest: deps
-	$(BIN)/python bench/ingest.py
+	mkdir -p build && $(BIN)/python bench/ingest.py
+
+bench-report: deps
+	$(BIN)/python bench/report.py
 
 # Regenerate the files derived from the settings model (README reference, sample env, role defaults).
 reference: deps

@@ -6,8 +6,6 @@ free ports in a temporary folder, and stop it afterwards; nothing is mocked.
 
 from __future__ import annotations
 
-import secrets
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,36 +16,9 @@ from gotg_pacs import config
 from gotg_pacs.orthanc import Orthanc
 from gotg_pacs.process import start_orthanc
 from tests.support.dcmtk import Modality
+from tests.support.site import free_port, write_env  # noqa: F401 (tests import them from here)
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def write_env(path: Path, **overrides: str) -> Path:
-    """An env file for an appliance living under path.parent, on free ports."""
-    values = {
-        "PACS_NAME": "Test clinic",
-        "SITE_CODE": "test-site",
-        "PACS_AET": "GOTG_PACS",
-        "DICOM_PORT": str(free_port()),
-        "HTTP_PORT": str(free_port()),
-        "DICOM_ACCESS": "open",
-        "STORAGE_PATH": "orthanc",
-        "STATE_PATH": "state",
-        "BACKUP_PATH": "backup",
-        "STABLE_AGE": "10s",
-        "ENABLE_AUTH": "true",
-        "ADMIN_PASSWORD": secrets.token_urlsafe(12),
-        "OFFLINE_MODE": "offline",
-    }
-    values.update(overrides)
-    path.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
-    return path
 
 
 class Appliance:

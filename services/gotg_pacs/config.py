@@ -66,9 +66,13 @@ class Text(Kind):
 
 @dataclass(frozen=True)
 class Integer(Kind):
-    allowed: str = "a whole number"
+    allowed: str = ""
     minimum: int = 0
     maximum: int = 2**31
+
+    def __post_init__(self) -> None:
+        if not self.allowed:
+            object.__setattr__(self, "allowed", f"a whole number {self.minimum}-{self.maximum}")
 
     def parse(self, text: str) -> int:
         if not re.fullmatch(r"-?\d+", text):
@@ -81,9 +85,13 @@ class Integer(Kind):
 
 @dataclass(frozen=True)
 class Number(Kind):
-    allowed: str = "a number"
+    allowed: str = ""
     minimum: float = 0.0
     maximum: float = 1e9
+
+    def __post_init__(self) -> None:
+        if not self.allowed:
+            object.__setattr__(self, "allowed", f"a number {self.minimum:g}-{self.maximum:g}")
 
     def parse(self, text: str) -> float:
         try:
@@ -400,6 +408,9 @@ def _cross_checks(settings: Settings) -> list[tuple[str, str]]:
     if settings.enable_auth and len(settings.admin_password) < 8:
         if settings.admin_password:
             problems.append(("ADMIN_PASSWORD", "must be at least 8 characters"))
+    if settings.hq_url and settings.site_code == "dev":
+        problems.append(("SITE_CODE", "must be this site's own code when HQ_URL is set "
+                                      "(HQ keeps each site's studies and credentials under it)"))
     if settings.http_port == settings.dicom_port:
         problems.append(("HTTP_PORT", f"is the same port as DICOM_PORT ({settings.dicom_port})"))
     return problems

@@ -129,4 +129,7 @@ def prepare_directories(settings: Settings) -> None:
     """Create the folders Orthanc and its plugins expect before it starts."""
     for directory in (settings.orthanc_storage_dir, settings.orthanc_index_dir,
                       settings.worklists_dir, settings.log_dir):
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"cannot create the folder {directory}: {exc.strerror}") from exc

@@ -130,8 +130,11 @@ def orthanc_binary() -> str:
 def start_orthanc(settings: Settings, echo: TextIO | None = None,
                   timeout: float = 60.0) -> Child:
     """Render the configuration, start real Orthanc, return once its REST API answers."""
-    orthanc_conf.prepare_directories(settings)
-    config_file = orthanc_conf.write(settings)
+    try:
+        orthanc_conf.prepare_directories(settings)
+        config_file = orthanc_conf.write(settings)
+    except OSError as exc:
+        raise StartError(str(exc)) from exc
     # --verbose-dicom logs every association with its calling AE title and address.
     child = Child("orthanc", [orthanc_binary(), "--verbose-dicom", str(config_file)],
                   settings.log_dir / "orthanc.log", echo=echo)

@@ -7,6 +7,7 @@ may fail because a part is down: a down part is a fact to report, not an excepti
 from __future__ import annotations
 
 import platform
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,15 +28,14 @@ def _disk(path: Path) -> dict[str, Any]:
 
 
 def _dcmtk_version() -> str | None:
+    """DCMTK's version, from the tools kept on the box for diagnosing modalities."""
     try:
         out = subprocess.run(["storescu", "--version"], capture_output=True, text=True,
                              timeout=5).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
-    for line in out.splitlines():
-        if "OFFIS DCMTK" in line or "DCMTK" in line:
-            return line.split("v", 1)[-1].split()[0] if " v" in line else line.strip()
-    return None
+    match = re.search(r"storescu v(\d+\.\d+\.\d+)", out)
+    return match.group(1) if match else None
 
 
 def _orthanc(settings: Settings) -> dict[str, Any]:

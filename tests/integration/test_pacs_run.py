@@ -1,0 +1,159 @@
+"""`pacs run` (what `make run` starts) as a new user meets it.
+
+Why it matters: this is the first thing anyone trying the appliance does. It must start real
+Orthanc, say where everything is, stop cleanly on Ctrl-C, keep the data for the next run, and
+explain in one line what is wrong when it cannot start.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from gotg_pacs import config
+from gotg_pacs.orthanc import Orthanc
+from tests.conftest import run_pacs, write_env
+from tests.support import corpus
+from tests.support.dcmtk import Modality
+
+
+class Running:
+    """`pacs run` in the background, its output collected line by line."""
+
+    def __init__(self, env_file: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gotg_pacs", "--env-file", str(env_file), "run"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        os.set_blocking(self.process.stdout.fileno(), False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if line:
+                self.lines.append(line.rstrip("\n"))
+                if text in line:
+                    return
+            elif self.process.poll() is not None:
+                break
+            else:
+                time.sleep(0.05)
+        raise AssertionError(f"{text!r} never appeared:\n" + "\n".join(self.lines[-30:]))
+
+    def interrupt(self, timeout: float = 60) -> int:
+        self.process.send_signal(signal.SIGINT)
+        code = self.process.wait(timeout)
+        self.lines += self.process.stdout.read().splitlines()
+        return code
+
+
+def _orthanc_children(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children(recursive=True) if p.name() == "Orthanc"]
+
+
+def test_run_serves_dicom_stops_on_ctrl_c_and_keeps_the_data(tmp_path):
+    env = write_env(tmp_path / "pacs.env")
+    settings = config.load(env)
+    modality = Modality(settings.pacs_aet, settings.dicom_port)
+    files = corpus.representative()[:3]
+
+    first = Running(env)
+    first.wait_for("FILE.dcm")
+    banner = "\n".join(first.lines)
+    assert f"AET {settings.pacs_aet} on port {settings.dicom_port}" in banner
+    assert f"http://127.0.0.1:{settings.http_port}/dicom-web/" in banner
+    orthanc_processes = _orthanc_children(first.process.pid)
+    assert len(orthanc_processes) == 1
+    assert modality.echo().ok
+    assert modality.store(files).ok
+
+    assert first.interrupt() == 0
+    assert "Stopped." in first.lines[-1]
+    assert not orthanc_processes[0].is_running() or orthanc_processes[0].status() == "zombie"
+    assert (settings.log_dir / "orthanc.log").read_text().count("Orthanc has stopped") == 1
+
+    second = Running(env)
+    second.wait_for("FILE.dcm")
+    try:
+        client = Orthanc.from_settings(settings)
+        assert client.statistics()["CountInstances"] == len(files)
+        for instance_id in client.get("/instances"):
+            assert client.verify_md5(instance_id)
+    finally:
+        assert second.interrupt() == 0
+
+
+def test_sigterm_stops_as_cleanly_as_ctrl_c(tmp_path):
+    env = write_env(tmp_path / "pacs.env")
+    running = Running(env)
+    running.wait_for("FILE.dcm")
+    [orthanc] = _orthanc_children(running.process.pid)
+    running.process.send_signal(signal.SIGTERM)
+    assert running.process.wait(60) == 0
+    assert not orthanc.is_running() or orthanc.status() == "zombie"
+
+
+def test_a_taken_port_is_reported_as_such(tmp_path):
+    env = write_env(tmp_path / "pacs.env")
+    settings = config.load(env)
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("0.0.0.0", settings.dicom_port))
+        squatter.listen()
+        result = run_pacs("run", env_file=env, timeout=30)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert f"port {settings.dicom_port} (DICOM_PORT) is already in use" in line
+    assert not settings.orthanc_index_dir.exists(), "nothing may start when a port is taken"
+
+
+def test_a_bad_value_stops_start_up_with_one_line_naming_the_key(tmp_path):
+    env = write_env(tmp_path / "pacs.env", PACS_AET="THIS_AET_IS_FAR_TOO_LONG")
+    result = run_pacs("run", env_file=env, timeout=30)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "PACS_AET" in line and "1-16 characters" in line
+    assert result.stdout == ""
+
+
+def test_an_unknown_key_stops_start_up_and_suggests_the_right_one(tmp_path):
+    env = write_env(tmp_path / "pacs.env")
+    with env.open("a") as handle:
+        handle.write("DICOM_PROT=4243\n")
+    result = run_pacs("run", env_file=env, timeout=30)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert f"{env}:14: unknown key DICOM_PROT (did you mean DICOM_PORT?)" in line
+
+
+def test_an_unusable_storage_folder_is_named_and_left_alone(tmp_path):
+    env = write_env(tmp_path / "pacs.env")
+    settings = config.load(env)
+    settings.storage_path.mkdir(parents=True)
+    settings.orthanc_index_dir.write_text("a file where Orthanc needs a folder")
+    result = run_pacs("run", env_file=env, timeout=90)
+    assert result.returncode == 1
+    assert f"could not start: cannot create the folder {settings.orthanc_index_dir}" \
+        in result.stderr
+    assert settings.orthanc_index_dir.read_text() == "a file where Orthanc needs a folder"
+
+
+def test_orthanc_failing_at_start_up_is_reported_with_its_log(tmp_path):
+    env = write_env(tmp_path / "pacs.env")
+    settings = config.load(env)
+    settings.orthanc_index_dir.mkdir(parents=True)
+    # An index written by something that is not Orthanc: Orthanc refuses to start on it.
+    (settings.orthanc_index_dir / "index").write_bytes(b"not an SQLite database" * 100)
+    result = run_pacs("run", env_file=env, timeout=90)
+    assert result.returncode == 1
+    assert "Orthanc exited at start-up" in result.stderr
+    assert "last log lines" in result.stderr
+    assert (settings.orthanc_index_dir / "index").read_bytes() == b"not an SQLite database" * 100
