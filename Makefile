@@ -19,6 +19,10 @@ system-deps:
 	  echo "Installing Debian packages:" $$missing; \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	  if echo " $$missing " | grep -q " orthanc " && [ -d /run/systemd/system ]; then \
+	    echo "Disabling the Debian orthanc service: the appliance runs its own Orthanc on 4242/8042"; \
+	    $(SUDO) systemctl disable --now orthanc || true; \
+	  fi; \
 	fi
 
 $(VENV)/.installed: pyproject.toml constraints.txt

@@ -56,12 +56,13 @@ def cli(ctx: click.Context, env_file: Path | None) -> None:
 
 
 @cli.command()
+@json_option
 @pass_context
-def run(ctx: Context) -> None:
+def run(ctx: Context, as_json: bool) -> None:
     """Run the whole appliance in the foreground (development mode); Ctrl-C stops it."""
     from .devrun import run as run_appliance
 
-    sys.exit(run_appliance(ctx.settings, str(ctx.env_file)))
+    sys.exit(run_appliance(ctx.settings, str(ctx.env_file), as_json=as_json))
 
 
 @cli.command()
@@ -98,13 +99,14 @@ def config_check(ctx: Context, as_json: bool) -> None:
 
 @config.command("orthanc")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write here (atomically) instead of printing.")
+              help="Write here (atomically, mode 0600) instead of printing.")
+@json_option
 @pass_context
-def config_orthanc(ctx: Context, out: Path | None) -> None:
-    """Orthanc's JSON configuration rendered from the settings."""
+def config_orthanc(ctx: Context, out: Path | None, as_json: bool) -> None:
+    """Orthanc's JSON configuration rendered from the settings (JSON either way)."""
     if out:
         orthanc_conf.write(ctx.settings, out)
-        click.echo(f"wrote {out}")
+        _emit({"written": str(out)}, as_json, f"wrote {out}")
     else:
         click.echo(json.dumps(orthanc_conf.render(ctx.settings), indent=2))
 
@@ -113,13 +115,16 @@ def config_orthanc(ctx: Context, out: Path | None) -> None:
 @click.option("--write", "write_files", is_flag=True,
               help="Rewrite the generated files in the source tree.")
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("."))
-def config_reference(write_files: bool, root: Path) -> None:
+@json_option
+def config_reference(write_files: bool, root: Path, as_json: bool) -> None:
     """The config reference (README table, sample env, Ansible role defaults)."""
     if write_files:
-        for path in reference.write_all(root):
-            click.echo(f"updated {path}")
+        written = [str(path) for path in reference.write_all(root)]
+        _emit({"updated": written}, as_json, "\n".join(f"updated {p}" for p in written))
     else:
-        click.echo(reference.readme_table())
+        _emit([{"key": i.env, "default": i.default_text, "allowed": i.kind.allowed,
+                "doc": i.doc, "section": i.section, "secret": i.secret} for i in schema()],
+              as_json, reference.readme_table())
 
 
 # --- modalities -----------------------------------------------------------------------------------
@@ -134,6 +139,7 @@ def modality() -> None:
 @json_option
 @pass_context
 def modality_list(ctx: Context, as_json: bool) -> None:
+    """Declared modalities."""
     found = Orthanc.from_settings(ctx.settings).modalities()
     text = "\n".join(f"{name}: {m['AET']} at {m['Host']}:{m['Port']}"
                      for name, m in sorted(found.items())) or "no modalities declared"
@@ -165,10 +171,12 @@ def modality_add(ctx: Context, name: str, aet: str, host: str, port: int, as_jso
 
 @modality.command("remove")
 @click.argument("name")
+@json_option
 @pass_context
-def modality_remove(ctx: Context, name: str) -> None:
+def modality_remove(ctx: Context, name: str, as_json: bool) -> None:
+    """Forget a declared modality (its images stay)."""
     Orthanc.from_settings(ctx.settings).delete_modality(name)
-    click.echo(f"removed {name}")
+    _emit({"removed": name}, as_json, f"removed {name}")
 
 
 def main() -> None:

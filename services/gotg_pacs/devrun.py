@@ -8,6 +8,7 @@ running it again keeps every study.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -15,6 +16,14 @@ from typing import TextIO
 
 from .config import Settings
 from .process import Child, check_ports_free, start_orthanc
+
+
+def endpoints(settings: Settings) -> dict[str, object]:
+    http = settings.orthanc_url
+    return {"name": settings.pacs_name, "aet": settings.pacs_aet, "dicom_port": settings.dicom_port,
+            "dicom_access": settings.dicom_access, "orthanc_explorer": f"{http}/app/explorer.html",
+            "rest": f"{http}/", "dicomweb": f"{http}/dicom-web/",
+            "data": str(settings.storage_path), "logs": str(settings.log_dir)}
 
 
 def banner(settings: Settings) -> str:
@@ -34,8 +43,12 @@ def banner(settings: Settings) -> str:
     ])
 
 
-def run(settings: Settings, env_file: str, out: TextIO = sys.stdout) -> int:
-    """Run until interrupted; 0 after a clean stop, 1 if a process died on its own."""
+def run(settings: Settings, env_file: str, out: TextIO = sys.stdout, as_json: bool = False) -> int:
+    """Run until interrupted; 0 after a clean stop, 1 if a process died on its own.
+
+    With as_json, stdout carries one JSON line of endpoints once everything is up and nothing
+    else; the logs still go to their files.
+    """
     check_ports_free({"DICOM_PORT": settings.dicom_port, "HTTP_PORT": settings.http_port},
                      env_file)
     stop = threading.Event()
@@ -43,21 +56,25 @@ def run(settings: Settings, env_file: str, out: TextIO = sys.stdout) -> int:
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     children: list[Child] = []
     try:
-        children.append(start_orthanc(settings, echo=out))
-        print(banner(settings), file=out, flush=True)
+        children.append(start_orthanc(settings, echo=None if as_json else out))
+        if as_json:
+            print(json.dumps({"ready": True, **endpoints(settings)}), file=out, flush=True)
+        else:
+            print(banner(settings), file=out, flush=True)
         while not stop.wait(0.5):
             dead = [child for child in children if not child.running()]
             if dead:
                 for child in dead:
                     print(f"{child.name} exited unexpectedly (code {child.process.returncode}); "
-                          f"last log lines:\n{child.last_lines()}", file=out, flush=True)
+                          f"last log lines:\n{child.last_lines()}", file=sys.stderr, flush=True)
                 return 1
-        print("Stopping...", file=out, flush=True)
+        if not as_json:
+            print("Stopping...", file=out, flush=True)
         return 0
     finally:
         for child in reversed(children):
             child.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if children:
+        if children and not as_json:
             print("Stopped. Data kept in " + str(settings.storage_path), file=out, flush=True)

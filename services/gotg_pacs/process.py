@@ -19,6 +19,8 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, TextIO
 
+import psutil
+
 from .config import ConfigError, Settings
 from .orthanc import Orthanc
 from . import orthanc_conf
@@ -41,11 +43,27 @@ def port_in_use(port: int, host: str = "0.0.0.0") -> bool:
     return False
 
 
+def port_owner(port: int) -> str | None:
+    """Name and pid of the process listening on a port, when the system lets us see it."""
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port \
+                    and conn.pid:
+                return f"{psutil.Process(conn.pid).name()} (pid {conn.pid})"
+    except (psutil.Error, OSError):
+        pass
+    return None
+
+
 def check_ports_free(ports: dict[str, int], env_file: str = "the env file") -> None:
-    """Fail with one clear line naming the setting whose port is taken."""
+    """Fail with one clear line naming the setting whose port is taken, and by whom."""
     for key, port in ports.items():
         if port_in_use(port):
-            raise ConfigError(f"port {port} ({key}) is already in use by another program: stop it "
+            owner = port_owner(port)
+            by = f"by {owner}" if owner else "by another program"
+            hint = (" (the Debian orthanc service? `systemctl disable --now orthanc`)"
+                    if owner and owner.startswith("Orthanc") else "")
+            raise ConfigError(f"port {port} ({key}) is already in use {by}{hint}: stop it "
                               f"or set another {key} in {env_file}")
 
 
@@ -81,8 +99,13 @@ class Child:
                 log.write(line + "\n")
                 log.flush()
                 if self.echo:
-                    self.echo.write(f"[{self.name}] {line}\n")
-                    self.echo.flush()
+                    try:
+                        self.echo.write(f"[{self.name}] {line}\n")
+                        self.echo.flush()
+                    except (OSError, ValueError):
+                        # A closed console must never stop the draining: a child blocked on a
+                        # full pipe would stop answering modalities.
+                        self.echo = None
 
     @property
     def pid(self) -> int | None:

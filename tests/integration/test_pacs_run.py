@@ -7,6 +7,7 @@ explain in one line what is wrong when it cannot start.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -101,6 +102,22 @@ def test_sigterm_stops_as_cleanly_as_ctrl_c(tmp_path):
     assert not orthanc.is_running() or orthanc.status() == "zombie"
 
 
+def test_run_json_prints_one_line_of_endpoints(tmp_path):
+    env = write_env(tmp_path / "pacs.env")
+    settings = config.load(env)
+    process = subprocess.Popen([sys.executable, "-m", "gotg_pacs", "--env-file", str(env), "run",
+                                "--json"], stdout=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(process.stdout.readline())
+        assert ready["ready"] is True and ready["dicom_port"] == settings.dicom_port
+        assert ready["dicomweb"] == f"http://127.0.0.1:{settings.http_port}/dicom-web/"
+        assert Modality(settings.pacs_aet, settings.dicom_port).echo().ok
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+    assert process.stdout.read() == "", "nothing but the one JSON line on stdout"
+
+
 def test_a_taken_port_is_reported_as_such(tmp_path):
     env = write_env(tmp_path / "pacs.env")
     settings = config.load(env)
@@ -111,7 +128,8 @@ def test_a_taken_port_is_reported_as_such(tmp_path):
         result = run_pacs("run", env_file=env, timeout=30)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
-    assert f"port {settings.dicom_port} (DICOM_PORT) is already in use" in line
+    assert f"port {settings.dicom_port} (DICOM_PORT) is already in use by " in line
+    assert f"{psutil.Process().name()} (pid {os.getpid()})" in line
     assert not settings.orthanc_index_dir.exists(), "nothing may start when a port is taken"
 
 

@@ -1,0 +1,51 @@
+"""The `pacs` command line contract: every command speaks JSON, config errors exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from gotg_pacs.cli import cli
+from tests.conftest import run_pacs
+
+
+def _leaves(group: click.Group, prefix: str = ""):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _leaves(command, f"{prefix}{name} ")
+        else:
+            yield f"{prefix}{name}", command
+
+
+def test_every_command_has_json():
+    missing = [name for name, command in _leaves(cli)
+               if "--json" not in {opt for p in command.params for opt in p.opts}]
+    assert not missing, f"commands without --json: {missing}"
+
+
+def test_config_check_json_hides_secrets(tmp_path):
+    env = tmp_path / "pacs.env"
+    env.write_text("ADMIN_PASSWORD=very-secret-pw\nRIS_API_KEY=key-123\n")
+    result = run_pacs("config", "check", "--json", env_file=env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    assert report["settings"]["ADMIN_PASSWORD"] == "(hidden)"
+    assert report["settings"]["RIS_API_KEY"] == "(hidden)"
+    assert "very-secret-pw" not in result.stdout and "key-123" not in result.stdout
+
+
+def test_config_error_is_exit_2_and_one_line_for_every_command(tmp_path):
+    env = tmp_path / "pacs.env"
+    env.write_text("DICOM_PORT=http\n")
+    for args in (["status"], ["config", "check"], ["config", "orthanc"], ["modality", "list"]):
+        result = run_pacs(*args, env_file=env)
+        assert result.returncode == 2, args
+        assert result.stderr.count("\n") == 1 and "DICOM_PORT='http'" in result.stderr
+
+
+def test_reference_json_lists_every_key():
+    result = run_pacs("config", "reference", "--json")
+    keys = [entry["key"] for entry in json.loads(result.stdout)]
+    assert "PACS_AET" in keys and "ADMIN_PASSWORD" in keys and len(keys) == len(set(keys))
