@@ -8,6 +8,7 @@ console with a prefix, so a developer reads one interleaved log and a test can s
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -15,7 +16,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -67,8 +67,25 @@ def check_ports_free(ports: dict[str, int], env_file: str = "the env file") -> N
                               f"or set another {key} in {env_file}")
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies, even by kill -9.
+
+    Without it a crashed `pacs run` would leave an orphan Orthanc holding the DICOM port, and the
+    next start would fail with "port in use". SIGTERM lets Orthanc close its index cleanly.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Child:
-    """A child process whose output is copied to a log file (and optionally the console)."""
+    """A child process writing straight into its own log file (optionally echoed to a console).
+
+    The child's stdout and stderr are the log file itself (O_APPEND), never a pipe through us: if
+    this process dies, the child can still log (no SIGPIPE) and shut down cleanly.
+    """
 
     def __init__(self, name: str, argv: list[str], log_path: Path,
                  echo: TextIO | None = None, env: dict[str, str] | None = None) -> None:
@@ -77,35 +94,46 @@ class Child:
         self.log_path = log_path
         self.echo = echo
         self.env = env
-        self.tail: deque[str] = deque(maxlen=40)
         self.process: subprocess.Popen[bytes] | None = None
-        self._pump: threading.Thread | None = None
+        self._log_start = 0
+        self._stop_echo = threading.Event()
+        self._echo_thread: threading.Thread | None = None
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env=self.env, start_new_session=True)  # Ctrl-C reaches us, not the child: we stop it
-        self._pump = threading.Thread(target=self._copy_output, name=f"log-{self.name}",
-                                      daemon=True)
-        self._pump.start()
+        with open(self.log_path, "ab") as log:
+            self._log_start = log.tell()
+            self.process = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,  # Ctrl-C reaches us, not the child: we stop it
+                preexec_fn=_die_with_parent)
+        if self.echo:
+            self._echo_thread = threading.Thread(target=self._follow, name=f"log-{self.name}",
+                                                 daemon=True)
+            self._echo_thread.start()
 
-    def _copy_output(self) -> None:
-        assert self.process and self.process.stdout
-        with open(self.log_path, "a", encoding="utf-8", errors="replace") as log:
-            for raw in self.process.stdout:
-                line = raw.decode("utf-8", errors="replace").rstrip("\n")
-                self.tail.append(line)
-                log.write(line + "\n")
-                log.flush()
-                if self.echo:
-                    try:
-                        self.echo.write(f"[{self.name}] {line}\n")
-                        self.echo.flush()
-                    except (OSError, ValueError):
-                        # A closed console must never stop the draining: a child blocked on a
-                        # full pipe would stop answering modalities.
-                        self.echo = None
+    def _follow(self) -> None:
+        """Copy new log lines to the console until stopped (a closed console ends the copy)."""
+        with open(self.log_path, "rb") as log:
+            log.seek(self._log_start)
+            pending = b""
+            while True:
+                chunk = log.readline()
+                if not chunk:
+                    if self._stop_echo.is_set():
+                        return
+                    time.sleep(0.1)
+                    continue
+                pending += chunk
+                if not pending.endswith(b"\n"):
+                    continue
+                line, pending = pending.decode("utf-8", errors="replace").rstrip("\n"), b""
+                try:
+                    self.echo.write(f"[{self.name}] {line}\n")
+                    self.echo.flush()
+                except (OSError, ValueError, AttributeError):
+                    return
 
     @property
     def pid(self) -> int | None:
@@ -125,12 +153,20 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self._pump:
-            self._pump.join(timeout=5)
+        self._stop_echo.set()
+        if self._echo_thread:
+            self._echo_thread.join(timeout=5)
         return self.process.returncode
 
     def last_lines(self, count: int = 15) -> str:
-        return "\n".join(list(self.tail)[-count:])
+        """The end of what this run of the child logged."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_start)
+                lines = log.read().decode("utf-8", errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-count:])
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:

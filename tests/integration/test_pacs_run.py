@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from gotg_pacs import config
 from gotg_pacs.orthanc import Orthanc
@@ -28,11 +29,14 @@ from tests.support.dcmtk import Modality
 class Running:
     """`pacs run` in the background, its output collected line by line."""
 
+    started: list[Running] = []
+
     def __init__(self, env_file: Path) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gotg_pacs", "--env-file", str(env_file), "run"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
+        Running.started.append(self)
 
     def wait_for(self, text: str, timeout: float = 60) -> None:
         os.set_blocking(self.process.stdout.fileno(), False)
@@ -54,6 +58,16 @@ class Running:
         code = self.process.wait(timeout)
         self.lines += self.process.stdout.read().splitlines()
         return code
+
+
+@pytest.fixture(autouse=True)
+def _no_run_outlives_its_test():
+    yield
+    while Running.started:
+        running = Running.started.pop()
+        if running.process.poll() is None:
+            running.process.kill()
+            running.process.wait(30)
 
 
 def _orthanc_children(pid: int) -> list[psutil.Process]:
@@ -116,6 +130,29 @@ def test_run_json_prints_one_line_of_endpoints(tmp_path):
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0
     assert process.stdout.read() == "", "nothing but the one JSON line on stdout"
+
+
+def test_kill_9_of_pacs_run_takes_orthanc_down_cleanly_and_loses_nothing(tmp_path):
+    env = write_env(tmp_path / "pacs.env")
+    settings = config.load(env)
+    files = corpus.representative()[:3]
+    running = Running(env)
+    running.wait_for("FILE.dcm")
+    [orthanc] = _orthanc_children(running.process.pid)
+    assert Modality(settings.pacs_aet, settings.dicom_port).store(files).ok
+
+    running.process.kill()
+    running.process.wait(30)
+    orthanc.wait(60)  # no orphan left holding the ports
+    log = (settings.log_dir / "orthanc.log").read_text()
+    assert log.rstrip().endswith("Orthanc has stopped"), "Orthanc must stop cleanly, not die"
+
+    again = Running(env)
+    again.wait_for("FILE.dcm")
+    client = Orthanc.from_settings(settings)
+    assert client.statistics()["CountInstances"] == len(files)
+    assert all(client.verify_md5(i) for i in client.get("/instances"))
+    assert again.interrupt() == 0
 
 
 def test_a_taken_port_is_reported_as_such(tmp_path):
