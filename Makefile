@@ -34,6 +34,7 @@ run: deps
 	$(BIN)/pacs --env-file $(ENV_FILE) run
 
 test: deps
+	$(BIN)/ruff check services tests bench
 	$(BIN)/pytest
 
 bench-ingest: deps

@@ -20,7 +20,6 @@ from pathlib import Path
 import psutil
 
 from common import REPO, median, report
-
 from gotg_pacs import config, orthanc_conf
 from gotg_pacs.orthanc import Orthanc
 from gotg_pacs.process import Child, orthanc_binary, wait_until

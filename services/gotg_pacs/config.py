@@ -214,7 +214,8 @@ class AETitle(Kind):
 # --- the model -----------------------------------------------------------------------------------
 
 
-def setting(env: str, kind: Kind, default: str, doc: str, section: str, secret: bool = False) -> Any:
+def setting(env: str, kind: Kind, default: str, doc: str, section: str,
+            secret: bool = False) -> Any:
     """Declare one setting: its env-file name, how it parses, its default as written in the file."""
     try:
         parsed = kind.parse(default)
@@ -432,7 +433,8 @@ def parse_values(values: dict[str, str], base_dir: Path, source: str = "config",
             value = info.kind.parse(text)
         except ValueError as exc:
             shown = "(hidden)" if info.secret else repr(text)
-            raise ConfigError(f"{where}: {key}={shown} {exc}; allowed: {info.kind.allowed}") from None
+            raise ConfigError(
+                f"{where}: {key}={shown} {exc}; allowed: {info.kind.allowed}") from None
         if isinstance(value, Path) and not value.is_absolute():
             value = (base_dir / value).resolve()
         kwargs[info.attribute] = value

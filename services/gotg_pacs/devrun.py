@@ -39,7 +39,8 @@ def banner(settings: Settings) -> str:
         f"  Data         {settings.storage_path}",
         f"  Logs         {settings.log_dir}",
         f"  Try it       echoscu -aec {settings.pacs_aet} 127.0.0.1 {settings.dicom_port}",
-        f"               storescu -aec {settings.pacs_aet} 127.0.0.1 {settings.dicom_port} FILE.dcm",
+        f"               storescu -aec {settings.pacs_aet} 127.0.0.1 {settings.dicom_port} "
+        "FILE.dcm",
     ])
 
 

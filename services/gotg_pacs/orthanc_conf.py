@@ -38,7 +38,9 @@ DURABILITY = {
     "SaveJobs": True,
 }
 # Never written: each would let Orthanc replace or drop what a modality sent.
-FORBIDDEN = ("IngestTranscoding", "IngestTranscodingOfUncompressed", "IngestTranscodingOfCompressed")
+FORBIDDEN = (
+    "IngestTranscoding", "IngestTranscodingOfUncompressed", "IngestTranscodingOfCompressed",
+)
 
 
 def render(settings: Settings) -> dict[str, Any]:

@@ -16,14 +16,15 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 import psutil
 
+from . import orthanc_conf
 from .config import ConfigError, Settings
 from .orthanc import Orthanc
-from . import orthanc_conf
 
 ORTHANC_BINARY = os.environ.get("PACS_ORTHANC_BINARY", "Orthanc")
 

@@ -40,14 +40,16 @@ def readme_table() -> str:
         rows.append(f"| **{section}** | | | |")
         for info in infos:
             default = f"`{info.default_text}`" if info.default_text else "(empty)"
-            rows.append(f"| `{info.env}` | {default} | {_md(info.kind.allowed)} | {_md(info.doc)} |")
+            rows.append(f"| `{info.env}` | {default} | {_md(info.kind.allowed)} "
+                        f"| {_md(info.doc)} |")
     return "\n".join(rows)
 
 
 def sample_env() -> str:
     """A complete env file with every key at its default, commented for site IT."""
     out = ["# GOTG PACS configuration: /etc/gotg-pacs/pacs.env on the appliance.",
-           "# Generated from the settings model (make reference); every key is shown at its default.",
+           "# Generated from the settings model (make reference); every key is shown at its "
+           "default.",
            "# A key that is misspelt or has a bad value stops start-up with a line naming it."]
     for section, infos in _sections().items():
         out += ["", f"# --- {section} ---"]
@@ -93,7 +95,8 @@ def role_argument_specs() -> str:
         out += [f"      {role_variable(info)}:",
                 "        type: str",
                 f"        default: {_yaml_scalar(info.default_text)}",
-                f"        description: {_yaml_scalar(f'{info.env}. {info.doc} Allowed: {info.kind.allowed}.')}"]
+                "        description: "
+                + _yaml_scalar(f"{info.env}. {info.doc} Allowed: {info.kind.allowed}.")]
         if info.secret:
             out.append("        no_log: true")
     return "\n".join(out) + "\n"
@@ -102,7 +105,8 @@ def role_argument_specs() -> str:
 def role_env_template() -> str:
     out = ["# {{ ansible_managed }}", "# GOTG PACS configuration; reference: README.md"]
     for info in schema():
-        out.append(f"{info.env}={{{{ {role_variable(info)} | string | to_json(ensure_ascii=False) }}}}")
+        expression = f"{role_variable(info)} | string | to_json(ensure_ascii=False)"
+        out.append(f"{info.env}={{{{ {expression} }}}}")
     return "\n".join(out) + "\n"
 
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import data_store
 import pydicom
 from pydicom.uid import generate_uid
-
-import data_store
 
 DATA_DIR = Path(data_store.__file__).parent / "data"
 

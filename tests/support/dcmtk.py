@@ -96,7 +96,8 @@ class Modality:
         """storescu with its own defaults (what a user types first)."""
         return _run(["storescu", *(extra or []), *self._peer(), *map(str, files)], self.timeout)
 
-    def find(self, keys: dict[str, str], out_dir: Path, level: str = "STUDY") -> list[pydicom.Dataset]:
+    def find(self, keys: dict[str, str], out_dir: Path,
+             level: str = "STUDY") -> list[pydicom.Dataset]:
         """C-FIND (Study Root); the answers as datasets."""
         out_dir.mkdir(parents=True, exist_ok=True)
         argv = ["findscu", "-S", "-X", "-od", str(out_dir), "-k", f"QueryRetrieveLevel={level}"]

@@ -107,7 +107,8 @@ def test_an_unknown_key_is_named_with_the_closest_known_one(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load(env)
     message = _one_line(exc)
-    assert message.startswith(f"{env}:2: unknown key BACKUP_INTERVALL (did you mean BACKUP_INTERVAL?)")
+    assert message.startswith(
+        f"{env}:2: unknown key BACKUP_INTERVALL (did you mean BACKUP_INTERVAL?)")
     assert "known keys: ADMIN_PASSWORD" in message
 
 

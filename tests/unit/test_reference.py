@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_committed_generated_files_are_current():
-    stale = [str(path.relative_to(REPO)) for path, content in reference.generated_files(REPO).items()
+    stale = [str(path.relative_to(REPO))
+             for path, content in reference.generated_files(REPO).items()
              if not path.exists() or path.read_text() != content]
     assert not stale, f"run `make reference`: stale {stale}"
 
