@@ -23,7 +23,7 @@ from typing import Any
 
 from .config import Settings
 
-PLUGINS_DIR = Path(os.environ.get("PACS_ORTHANC_PLUGINS_DIR", "/usr/share/orthanc/plugins"))
+PLUGINS_DIR = Path("/usr/share/orthanc/plugins")
 # Debian's plugin packages: orthanc (worklists), orthanc-dicomweb, orthanc-gdcm.
 PLUGIN_FILES = ("libOrthancDicomWeb.so", "libOrthancGdcm.so", "libModalityWorklists.so")
 

@@ -26,7 +26,8 @@ from . import orthanc_conf
 from .config import ConfigError, Settings
 from .orthanc import Orthanc
 
-ORTHANC_BINARY = os.environ.get("PACS_ORTHANC_BINARY", "Orthanc")
+# Debian installs it in /usr/sbin, which is not on an ordinary user's PATH.
+ORTHANC_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
 
 
 class StartError(Exception):
@@ -180,9 +181,9 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 
 
 def orthanc_binary() -> str:
-    found = shutil.which(ORTHANC_BINARY)
+    found = shutil.which("Orthanc", path=ORTHANC_SEARCH_PATH)
     if not found:
-        raise StartError(f"Orthanc is not installed ({ORTHANC_BINARY} not on PATH): "
+        raise StartError("Orthanc is not installed (no Orthanc program on PATH or in /usr/sbin): "
                          "run `make deps` or `apt-get install orthanc`")
     return found
 

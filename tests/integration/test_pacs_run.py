@@ -116,11 +116,13 @@ def test_sigterm_stops_as_cleanly_as_ctrl_c(tmp_path):
     assert not orthanc.is_running() or orthanc.status() == "zombie"
 
 
-def test_run_json_prints_one_line_of_endpoints(tmp_path):
+def test_run_json_prints_one_line_of_endpoints_for_an_ordinary_users_path(tmp_path):
     env = write_env(tmp_path / "pacs.env")
     settings = config.load(env)
+    # An ordinary Debian user's PATH has no /usr/sbin, where Orthanc lives.
     process = subprocess.Popen([sys.executable, "-m", "gotg_pacs", "--env-file", str(env), "run",
-                                "--json"], stdout=subprocess.PIPE, text=True)
+                                "--json"], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PATH": "/usr/local/bin:/usr/bin:/bin"})
     try:
         ready = json.loads(process.stdout.readline())
         assert ready["ready"] is True and ready["dicom_port"] == settings.dicom_port
