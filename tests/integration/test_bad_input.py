@@ -95,6 +95,11 @@ def test_instance_without_its_identifiers_is_refused(appliance, tmp_path):
 
     status = _send_raw(appliance, path)
     assert status is not None and status >= 0xA000, status  # an explicit DICOM failure status
+
+    # The same file from storescu: the modality is told, in DICOM terms, that it was refused.
+    result = appliance.modality.store_raw([path], ["-v"])
+    assert not result.ok
+    assert "Received Store Response (Refused" in result.output
     assert appliance.instance_count() == 0
     assert appliance.modality.echo().ok
 
