@@ -25,7 +25,7 @@ system-deps:
 	  fi; \
 	fi
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt | system-deps
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
@@ -45,11 +45,12 @@ bench-report: deps
 
 # Regenerate the files derived from the settings model (README reference, sample env, role defaults).
 reference: deps
-	$(BIN)/pacs reference --write
+	$(BIN)/pacs config reference --write
 
 constraints: deps
 	{ head -2 constraints.txt; $(BIN)/pip freeze --exclude-editable; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
+# Never removes ./var: that is the development archive, kept across runs like a real site's.
 clean:
-	rm -rf $(VENV) build var .pytest_cache
+	rm -rf $(VENV) build .pytest_cache

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from gotg_pacs.orthanc import Orthanc
 from gotg_pacs.process import Child, orthanc_binary, wait_until
 from tests.support import corpus
 from tests.support.dcmtk import Modality
-from tests.support.site import write_env
+from tests.support.site import Running, write_env
 
 
 def _start_bare(settings: config.Settings) -> Child:
@@ -34,11 +33,6 @@ def _start_bare(settings: config.Settings) -> Child:
                   settings.log_dir / "bare-orthanc.log")
     child.start()
     return child
-
-
-def _start_appliance(env_file: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "gotg_pacs", "--env-file", str(env_file), "run"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
 def _rss_mb(pid: int) -> float:
@@ -57,12 +51,8 @@ def one_round(side: str, files: list[Path], work: Path) -> dict:
         child = _start_bare(settings)
         pid, stop = child.pid, child.stop
     else:
-        process = _start_appliance(env_file)
-        pid = process.pid
-
-        def stop() -> None:
-            process.terminate()
-            process.wait(60)
+        running = Running(env_file)
+        pid, stop = running.process.pid, running.interrupt
     try:
         if not wait_until(client.is_alive, 60):
             raise RuntimeError(f"{side}: Orthanc did not start")
@@ -75,6 +65,7 @@ def one_round(side: str, files: list[Path], work: Path) -> dict:
         rss = _rss_mb(pid)
     finally:
         stop()
+        Running.kill_all()  # only does anything if a stop timed out
     size = sum(f.stat().st_size for f in files)
     return {"ok": result.ok and stored == len(files) and intact, "seconds": elapsed,
             "instances_per_s": len(files) / elapsed, "mb_per_s": size / 2**20 / elapsed,

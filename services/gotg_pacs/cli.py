@@ -7,6 +7,7 @@ Each capability adds its group here and keeps the work in its own package. Every
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import click
 
 from . import __version__, orthanc_conf, reference
-from .config import ConfigError, Settings, default_env_file, load, schema
+from .config import AETitle, ConfigError, Settings, default_env_file, load, schema
 from .orthanc import Orthanc, OrthancError
 from .process import StartError
 
@@ -43,9 +44,9 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 
 @click.group()
 @click.version_option(__version__, prog_name="pacs")
-@click.option("--env-file", type=click.Path(dir_okay=False, path_type=Path),
-              envvar="PACS_ENV_FILE", default=None, show_envvar=True,
-              help=f"Configuration file [default: {default_env_file()}].")
+@click.option("--env-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Configuration file [default: $PACS_ENV_FILE, else "
+                   "/etc/gotg-pacs/pacs.env].")
 @click.pass_context
 def cli(ctx: click.Context, env_file: Path | None) -> None:
     """GOTG PACS appliance."""
@@ -107,8 +108,10 @@ def config_orthanc(ctx: Context, out: Path | None, as_json: bool) -> None:
     if out:
         orthanc_conf.write(ctx.settings, out)
         _emit({"written": str(out)}, as_json, f"wrote {out}")
-    else:
-        click.echo(json.dumps(orthanc_conf.render(ctx.settings), indent=2))
+    else:  # for reading: the password only ever goes into the 0600 file written by --out
+        rendered = orthanc_conf.render(ctx.settings)
+        rendered["RegisteredUsers"] = {user: "(hidden)" for user in rendered["RegisteredUsers"]}
+        click.echo(json.dumps(rendered, indent=2))
 
 
 @config.command("reference")
@@ -119,6 +122,9 @@ def config_orthanc(ctx: Context, out: Path | None, as_json: bool) -> None:
 def config_reference(write_files: bool, root: Path, as_json: bool) -> None:
     """The config reference (README table, sample env, Ansible role defaults)."""
     if write_files:
+        if not (root / "pyproject.toml").is_file() or not (root / "README.md").is_file():
+            raise click.UsageError(f"{root.resolve()} is not the gotg-pacs source tree "
+                                   "(run it from the repository, or give --root)")
         written = [str(path) for path in reference.write_all(root)]
         _emit({"updated": written}, as_json, "\n".join(f"updated {p}" for p in written))
     else:
@@ -146,8 +152,15 @@ def modality_list(ctx: Context, as_json: bool) -> None:
     _emit(found, as_json, text)
 
 
+def _modality_name(_ctx: click.Context, _param: click.Parameter, name: str) -> str:
+    """A name that is safe in Orthanc's REST paths."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name):
+        raise click.BadParameter("use 1-64 letters, digits, - and _")
+    return name
+
+
 @modality.command("add")
-@click.argument("name")
+@click.argument("name", callback=_modality_name)
 @click.argument("aet")
 @click.argument("host")
 @click.argument("port", type=click.IntRange(1, 65535))
@@ -155,22 +168,18 @@ def modality_list(ctx: Context, as_json: bool) -> None:
 @pass_context
 def modality_add(ctx: Context, name: str, aet: str, host: str, port: int, as_json: bool) -> None:
     """Declare a modality so it may query and retrieve (and be a C-MOVE destination)."""
-    from .config import AETitle
-
     try:
         AETitle().parse(aet)
     except ValueError:
         raise click.BadParameter(f"{aet!r} is not a valid AE title "
                                  f"({AETitle.allowed})", param_hint="AET") from None
-    if not name.replace("-", "").replace("_", "").isalnum():
-        raise click.BadParameter("use letters, digits, - and _", param_hint="NAME")
     Orthanc.from_settings(ctx.settings).put_modality(name, aet, host, port)
     _emit({"name": name, "aet": aet, "host": host, "port": port}, as_json,
           f"declared {name}: {aet} at {host}:{port}")
 
 
 @modality.command("remove")
-@click.argument("name")
+@click.argument("name", callback=_modality_name)
 @json_option
 @pass_context
 def modality_remove(ctx: Context, name: str, as_json: bool) -> None:
@@ -195,4 +204,8 @@ def main() -> None:
         sys.exit(1)
     except OrthancError as exc:
         click.echo(f"pacs: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:  # a full disk, a read-only folder, a missing path: one line, no trace
+        where = f" ({exc.filename})" if exc.filename else ""
+        click.echo(f"pacs: {exc.strerror or exc}{where}", err=True)
         sys.exit(1)

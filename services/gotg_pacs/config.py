@@ -41,9 +41,6 @@ class Kind:
     def parse(self, text: str) -> Any:  # pragma: no cover - every kind overrides it
         raise NotImplementedError
 
-    def render(self, value: Any) -> str:
-        return "" if value is None else str(value)
-
 
 @dataclass(frozen=True)
 class Text(Kind):
@@ -126,9 +123,6 @@ class Boolean(Kind):
             return False
         raise ValueError("is not true or false")
 
-    def render(self, value: Any) -> str:
-        return "true" if value else "false"
-
 
 @dataclass(frozen=True)
 class Choice(Kind):
@@ -160,12 +154,6 @@ class Duration(Kind):
         if not self.minimum <= seconds <= self.maximum:
             raise ValueError(f"is outside {self.minimum}s..{self.maximum}s")
         return seconds
-
-    def render(self, value: Any) -> str:
-        for unit in ("d", "h", "m"):
-            if value % _DURATION_UNITS[unit] == 0:
-                return f"{value // _DURATION_UNITS[unit]}{unit}"
-        return f"{value}s"
 
 
 @dataclass(frozen=True)
@@ -250,9 +238,9 @@ class Settings:
         "DICOM_ACCESS", Choice(allowed="open or standard", values=("open", "standard")),
         "standard",
         "`standard`: any modality may store (never lose images from an unknown device) but only "
-        "declared modalities may query and retrieve, and the called AE title is checked. `open`: "
-        "any calling AE title may also query and retrieve, called AE title not checked "
-        "(development and first trials only).", "DICOM")
+        "declared modalities, calling from their declared IP address, may query, retrieve and "
+        "read the worklist, and the called AE title is checked. `open`: any caller may do all "
+        "of it, called AE title not checked (development and first trials only).", "DICOM")
     stable_age: int = setting(
         "STABLE_AGE", Duration(minimum=10, maximum=3600), "2m",
         "Quiet time after the last image before a study counts as complete and is queued for HQ. "
@@ -428,7 +416,6 @@ def parse_values(values: dict[str, str], base_dir: Path, source: str = "config",
         info = by_env.get(key)
         if info is None:
             raise ConfigError(f"{where}: {_unknown_key_message(key)}")
-        text = text.strip()
         try:
             value = info.kind.parse(text)
         except ValueError as exc:
@@ -459,8 +446,12 @@ def read_env_file(path: Path) -> tuple[dict[str, str], dict[str, int]]:
         raw = binding.original.string
         here = binding.original.line + len(raw) - len(raw.lstrip("\n"))
         if binding.error:
-            raise ConfigError(f"{path}:{here}: cannot read this line: "
-                              f"{raw.strip()[:60]!r}; expected KEY=value")
+            # Name at most what looks like the key: the rest of the line may be a password.
+            if "=" in raw:
+                key = raw.strip().split("=", 1)[0][:40]
+                raise ConfigError(f"{path}:{here}: cannot read the value of {key} "
+                                  "(an unclosed quote?)")
+            raise ConfigError(f"{path}:{here}: cannot read this line; expected KEY=value")
         if binding.key is None:
             continue
         if binding.key in values:

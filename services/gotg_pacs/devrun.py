@@ -15,7 +15,7 @@ import threading
 from typing import TextIO
 
 from .config import Settings
-from .process import Child, check_ports_free, start_orthanc
+from .process import Child, StartCancelled, check_ports_free, start_orthanc
 
 
 def endpoints(settings: Settings) -> dict[str, object]:
@@ -57,7 +57,12 @@ def run(settings: Settings, env_file: str, out: TextIO = sys.stdout, as_json: bo
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     children: list[Child] = []
     try:
-        children.append(start_orthanc(settings, echo=None if as_json else out))
+        try:
+            children.append(start_orthanc(settings, echo=None if as_json else out,
+                                          cancelled=stop.is_set))
+        except StartCancelled:
+            print("Stopped during start-up.", file=sys.stderr, flush=True)
+            return 0
         if as_json:
             print(json.dumps({"ready": True, **endpoints(settings)}), file=out, flush=True)
         else:

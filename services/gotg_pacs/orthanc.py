@@ -56,16 +56,24 @@ class Orthanc:
             raise OrthancError(f"{method} {path}: HTTP {response.status_code} {detail}")
         return response
 
+    @staticmethod
+    def _json(response: requests.Response) -> Any:
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:  # something that is not Orthanc answers on its port
+            raise OrthancError(f"{response.url} answered something that is not Orthanc's JSON "
+                               f"(HTTP {response.status_code})") from None
+
     def get(self, path: str, **kwargs: Any) -> Any:
-        return self.request("GET", path, **kwargs).json()
+        return self._json(self.request("GET", path, **kwargs))
 
     def post(self, path: str, json: Any = None, data: bytes | None = None, **kwargs: Any) -> Any:
-        response = self.request("POST", path, json=json, data=data, **kwargs)
-        return response.json() if response.content else None
+        return self._json(self.request("POST", path, json=json, data=data, **kwargs))
 
     def put(self, path: str, json: Any = None, **kwargs: Any) -> Any:
-        response = self.request("PUT", path, json=json, **kwargs)
-        return response.json() if response.content else None
+        return self._json(self.request("PUT", path, json=json, **kwargs))
 
     def delete(self, path: str, **kwargs: Any) -> None:
         self.request("DELETE", path, **kwargs)
@@ -89,10 +97,6 @@ class Orthanc:
         except OrthancError:
             return False
         return True
-
-    def store_instance(self, dicom: bytes) -> dict[str, Any]:
-        return self.post("/instances", data=dicom,
-                         headers={"Content-Type": "application/dicom"})
 
     def find_instance(self, sop_instance_uid: str) -> list[str]:
         """Orthanc IDs of the instance with that SOP Instance UID (empty if absent)."""

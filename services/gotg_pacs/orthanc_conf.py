@@ -73,8 +73,9 @@ def render(settings: Settings) -> dict[str, Any]:
         "AuthenticationEnabled": settings.enable_auth,
         "RegisteredUsers": ({"admin": settings.admin_password} if settings.enable_auth else {}),
         # DICOM: a modality the site has never declared may always store (a new portable X-ray
-        # in a disaster must not lose images); query and retrieve need a declared modality
-        # unless the site runs in open (development) mode.
+        # in a disaster must not lose images). Queries, retrievals and the worklist (it holds
+        # patient names) need a declared modality calling from its declared IP address, unless
+        # the site runs in open (development) mode.
         "DicomServerEnabled": True,
         "DicomAet": settings.pacs_aet,
         "DicomPort": settings.dicom_port,
@@ -82,10 +83,10 @@ def render(settings: Settings) -> dict[str, Any]:
         "DicomAlwaysAllowEcho": True,
         "DicomAlwaysAllowStore": True,
         "DicomAlwaysAllowFind": open_access,
-        "DicomAlwaysAllowFindWorklist": True,
+        "DicomAlwaysAllowFindWorklist": open_access,
         "DicomAlwaysAllowGet": open_access,
         "DicomAlwaysAllowMove": open_access,
-        "DicomCheckModalityHost": False,
+        "DicomCheckModalityHost": not open_access,
         "DicomModalitiesInDatabase": True,
         "DicomModalities": {},
         "UnknownSopClassAccepted": True,
@@ -108,10 +109,20 @@ def render(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def private_dir(directory: Path) -> None:
+    """mkdir -p, with every folder it creates readable by the appliance's user only."""
+    for folder in (*reversed(directory.parents), directory):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+
+
 def write(settings: Settings, path: Path | None = None) -> Path:
     """Write Orthanc's configuration atomically (never a half-written file after a power cut)."""
     path = Path(path or settings.orthanc_config_file)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     text = json.dumps(render(settings), indent=2, sort_keys=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".orthanc-", suffix=".json")
     try:
@@ -121,6 +132,11 @@ def write(settings: Settings, path: Path | None = None) -> Path:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o600)  # holds the admin password
         os.replace(tmp, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself survives a power cut
+        finally:
+            os.close(directory)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -128,10 +144,10 @@ def write(settings: Settings, path: Path | None = None) -> Path:
 
 
 def prepare_directories(settings: Settings) -> None:
-    """Create the folders Orthanc and its plugins expect before it starts."""
+    """Create the folders Orthanc and its plugins expect, private to the appliance."""
     for directory in (settings.orthanc_storage_dir, settings.orthanc_index_dir,
                       settings.worklists_dir, settings.log_dir):
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            private_dir(directory)
         except OSError as exc:
             raise OSError(f"cannot create the folder {directory}: {exc.strerror}") from exc

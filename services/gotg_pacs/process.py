@@ -70,16 +70,25 @@ def check_ports_free(ports: dict[str, int], env_file: str = "the env file") -> N
 
 
 _PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: nothing may load after fork
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the parent dies, even by kill -9.
+def _child_setup(parent: int) -> Callable[[], None]:
+    """What a child does between fork and exec.
 
-    Without it a crashed `pacs run` would leave an orphan Orthanc holding the DICOM port, and the
-    next start would fail with "port in use". SIGTERM lets Orthanc close its index cleanly.
+    It gets SIGTERM when its parent dies, even by kill -9: a crashed `pacs run` must not leave an
+    orphan Orthanc holding the DICOM port, and SIGTERM lets Orthanc close its index cleanly.
+    (Linux ties this to the thread that forked: children are started from the main thread.)
+    Files it creates are private: they hold patient data.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    def setup() -> None:
+        os.umask(0o077)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return setup
 
 
 class Child:
@@ -103,13 +112,14 @@ class Child:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self._log_start = log.tell()
+        descriptor = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with open(descriptor, "ab") as log:
+            self._log_start = log.seek(0, os.SEEK_END)
             self.process = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,  # Ctrl-C reaches us, not the child: we stop it
-                preexec_fn=_die_with_parent)
+                preexec_fn=_child_setup(os.getpid()))
         if self.echo:
             self._echo_thread = threading.Thread(target=self._follow, name=f"log-{self.name}",
                                                  daemon=True)
@@ -188,8 +198,12 @@ def orthanc_binary() -> str:
     return found
 
 
-def start_orthanc(settings: Settings, echo: TextIO | None = None,
-                  timeout: float = 60.0) -> Child:
+class StartCancelled(Exception):
+    """Asked to stop while still starting (Ctrl-C during start-up)."""
+
+
+def start_orthanc(settings: Settings, echo: TextIO | None = None, timeout: float = 60.0,
+                  cancelled: Callable[[], bool] = lambda: False) -> Child:
     """Render the configuration, start real Orthanc, return once its REST API answers."""
     try:
         orthanc_conf.prepare_directories(settings)
@@ -201,10 +215,13 @@ def start_orthanc(settings: Settings, echo: TextIO | None = None,
                   settings.log_dir / "orthanc.log", echo=echo)
     child.start()
     client = Orthanc.from_settings(settings, timeout=2.0)
-    if not wait_until(lambda: not child.running() or client.is_alive(), timeout):
+    if not wait_until(lambda: cancelled() or not child.running() or client.is_alive(), timeout):
         child.stop()
         raise StartError(f"Orthanc did not answer on port {settings.http_port} within "
                          f"{timeout:.0f}s; last log lines:\n{child.last_lines()}")
+    if cancelled():
+        child.stop()
+        raise StartCancelled()
     if not child.running():
         child.stop()
         raise StartError(f"Orthanc exited at start-up (code {child.process.returncode}); "

@@ -79,12 +79,12 @@ def collect(settings: Settings) -> dict[str, Any]:
 def _size(value: int | None) -> str:
     if value is None:
         return "unknown"
-    size = float(value)
+    size, unit = float(value), "B"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+            break
         size /= 1024
-    raise AssertionError("unreachable")
+    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
 
 
 def render_text(report: dict[str, Any]) -> str:

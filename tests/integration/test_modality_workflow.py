@@ -19,7 +19,7 @@ def test_echo_answers_on_the_configured_aet(appliance):
     assert result.ok, result.output
 
 
-def test_every_kind_of_image_is_stored_byte_for_byte(appliance):
+def test_every_kind_of_image_is_stored_unaltered(appliance):
     files = corpus.representative()
     result = appliance.modality.store(files)
     assert result.ok, result.output
@@ -93,10 +93,13 @@ def test_query_and_retrieve_need_a_declared_modality_in_standard_access(applianc
     study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     assert not appliance.modality.get(study_uid, tmp_path / "get-denied").ok
     assert not list((tmp_path / "get-denied").iterdir())
+    with pytest.raises(QueryRefused):  # the worklist holds patient names: declared devices only
+        appliance.modality.find_worklist({"PatientName": ""}, tmp_path / "wl-denied")
     appliance.orthanc.put_modality("radiography", appliance.modality.calling_aet, "127.0.0.1",
                                    free_port())
     answers = appliance.modality.find({"StudyInstanceUID": ""}, tmp_path / "allowed")
     assert len(answers) == 1
+    assert appliance.modality.find_worklist({"PatientName": ""}, tmp_path / "wl") == []
 
 
 def test_standard_access_checks_the_called_aet(appliance_factory):

@@ -11,63 +11,26 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import psutil
 import pytest
 
 from gotg_pacs import config
 from gotg_pacs.orthanc import Orthanc
+from gotg_pacs.process import wait_until
 from tests.conftest import run_pacs, write_env
 from tests.support import corpus
 from tests.support.dcmtk import Modality
-
-
-class Running:
-    """`pacs run` in the background, its output collected line by line."""
-
-    started: list[Running] = []
-
-    def __init__(self, env_file: Path) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gotg_pacs", "--env-file", str(env_file), "run"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        Running.started.append(self)
-
-    def wait_for(self, text: str, timeout: float = 60) -> None:
-        os.set_blocking(self.process.stdout.fileno(), False)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if line:
-                self.lines.append(line.rstrip("\n"))
-                if text in line:
-                    return
-            elif self.process.poll() is not None:
-                break
-            else:
-                time.sleep(0.05)
-        raise AssertionError(f"{text!r} never appeared:\n" + "\n".join(self.lines[-30:]))
-
-    def interrupt(self, timeout: float = 60) -> int:
-        self.process.send_signal(signal.SIGINT)
-        code = self.process.wait(timeout)
-        self.lines += self.process.stdout.read().splitlines()
-        return code
+from tests.support.site import Running
 
 
 @pytest.fixture(autouse=True)
 def _no_run_outlives_its_test():
     yield
-    while Running.started:
-        running = Running.started.pop()
-        if running.process.poll() is None:
-            running.process.kill()
-            running.process.wait(30)
+    Running.kill_all()
 
 
 def _orthanc_children(pid: int) -> list[psutil.Process]:
@@ -155,6 +118,30 @@ def test_kill_9_of_pacs_run_takes_orthanc_down_cleanly_and_loses_nothing(tmp_pat
     assert client.statistics()["CountInstances"] == len(files)
     assert all(client.verify_md5(i) for i in client.get("/instances"))
     assert again.interrupt() == 0
+
+
+def test_ctrl_c_during_start_up_stops_orthanc_too(tmp_path):
+    env = write_env(tmp_path / "pacs.env")
+    running = Running(env)
+    assert wait_until(lambda: _orthanc_children(running.process.pid), 30, interval=0.01)
+    [orthanc] = _orthanc_children(running.process.pid)
+    assert running.interrupt() == 0
+    assert not orthanc.is_running() or orthanc.status() == "zombie"
+
+
+def test_patient_data_and_logs_are_private_to_the_appliance(tmp_path):
+    env = write_env(tmp_path / "pacs.env")
+    settings = config.load(env)
+    running = Running(env)
+    running.wait_for("FILE.dcm")
+    assert Modality(settings.pacs_aet, settings.dicom_port).store(corpus.representative()[:1]).ok
+    assert running.interrupt() == 0
+    for folder in (settings.storage_path, settings.orthanc_storage_dir, settings.state_path):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    stored = [p for p in settings.orthanc_storage_dir.rglob("*") if p.is_file()]
+    assert stored
+    for path in [*stored, settings.log_dir / "orthanc.log", settings.orthanc_config_file]:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
 
 
 def test_a_taken_port_is_reported_as_such(tmp_path):

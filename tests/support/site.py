@@ -1,9 +1,15 @@
-"""A throw-away appliance configuration: an env file on free ports under a folder of its own."""
+"""A throw-away appliance: an env file on free ports under a folder of its own, and `pacs run`."""
 
 from __future__ import annotations
 
+import queue
 import secrets
+import signal
 import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 
@@ -33,3 +39,57 @@ def write_env(path: Path, **overrides: str) -> Path:
     values.update(overrides)
     path.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
     return path
+
+
+class Running:
+    """`pacs run` in the background, as a user starts it; its output collected line by line."""
+
+    started: list[Running] = []
+
+    def __init__(self, env_file: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gotg_pacs", "--env-file", str(env_file), "run", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        self._incoming: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        Running.started.append(self)
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self._incoming.put(line.rstrip("\n"))
+        self._incoming.put(None)
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._incoming.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.lines.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"{text!r} never appeared:\n" + "\n".join(self.lines[-30:]))
+
+    def interrupt(self, timeout: float = 60) -> int:
+        """Ctrl-C, as a user would; the exit status once everything stopped."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+        while (line := self._incoming.get(timeout=10)) is not None:
+            self.lines.append(line)
+        return code
+
+    @classmethod
+    def kill_all(cls) -> None:
+        while cls.started:
+            running = cls.started.pop()
+            if running.process.poll() is None:
+                running.process.kill()
+                running.process.wait(30)

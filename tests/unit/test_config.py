@@ -126,6 +126,20 @@ def test_a_line_that_is_not_key_value_is_refused(tmp_path):
     assert _one_line(exc).startswith(f"{env}:2: cannot read this line")
 
 
+def test_an_unreadable_secret_line_names_the_key_not_the_secret(tmp_path):
+    env = _env(tmp_path, 'ENABLE_AUTH=false\nADMIN_PASSWORD="hunter2 pw\n')
+    with pytest.raises(ConfigError) as exc:
+        load(env)
+    assert _one_line(exc) == \
+        f"{env}:2: cannot read the value of ADMIN_PASSWORD (an unclosed quote?)"
+    assert "hunter2" not in str(exc.value)
+
+
+def test_quoted_spaces_in_a_password_are_kept(tmp_path):
+    env = _env(tmp_path, 'ADMIN_PASSWORD=" padded pass "\n')
+    assert load(env).admin_password == " padded pass "
+
+
 def test_auth_without_a_password_is_refused_there_is_no_default(tmp_path):
     env = _env(tmp_path, "ENABLE_AUTH=true\n")
     with pytest.raises(ConfigError) as exc:

@@ -48,9 +48,11 @@ def test_open_access_is_for_trials_and_standard_checks_callers(settings):
 
     open_ = orthanc_conf.render(replace(settings, dicom_access="open"))
     standard = orthanc_conf.render(replace(settings, dicom_access="standard"))
-    for key in ("DicomAlwaysAllowFind", "DicomAlwaysAllowGet", "DicomAlwaysAllowMove"):
+    for key in ("DicomAlwaysAllowFind", "DicomAlwaysAllowGet", "DicomAlwaysAllowMove",
+                "DicomAlwaysAllowFindWorklist"):
         assert open_[key] is True and standard[key] is False
-    assert open_["DicomCheckCalledAet"] is False and standard["DicomCheckCalledAet"] is True
+    for key in ("DicomCheckCalledAet", "DicomCheckModalityHost"):
+        assert open_[key] is False and standard[key] is True
 
 
 def test_settings_reach_orthanc(settings):
