@@ -9,6 +9,7 @@ running it again keeps every study.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import threading
@@ -52,6 +53,8 @@ def run(settings: Settings, env_file: str, out: TextIO = sys.stdout, as_json: bo
     """
     check_ports_free({"DICOM_PORT": settings.dicom_port, "HTTP_PORT": settings.http_port},
                      env_file)
+    logging.basicConfig(stream=sys.stderr if as_json else out, level=logging.INFO,
+                        format="[pacs] %(message)s")
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -22,7 +22,7 @@ from typing import TextIO
 
 import psutil
 
-from . import orthanc_conf
+from . import orphans, orthanc_conf
 from .config import ConfigError, Settings
 from .orthanc import Orthanc
 
@@ -208,7 +208,8 @@ def start_orthanc(settings: Settings, echo: TextIO | None = None, timeout: float
     try:
         orthanc_conf.prepare_directories(settings)
         config_file = orthanc_conf.write(settings)
-    except OSError as exc:
+        orphans.collect(settings)
+    except (OSError, orphans.IndexBusy) as exc:
         raise StartError(str(exc)) from exc
     # --verbose-dicom logs every association with its calling AE title and address.
     child = Child("orthanc", [orthanc_binary(), "--verbose-dicom", str(config_file)],
@@ -226,5 +227,10 @@ def start_orthanc(settings: Settings, echo: TextIO | None = None, timeout: float
         child.stop()
         raise StartError(f"Orthanc exited at start-up (code {child.process.returncode}); "
                          f"last log lines:\n{child.last_lines()}")
+    try:
+        orphans.readopt(settings, Orthanc.from_settings(settings, timeout=120))
+    except BaseException:
+        child.stop()
+        raise
     return child
 
