@@ -67,18 +67,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(descriptor)
 
 
-def _indexed_uuids(index: Path) -> set[str]:
+def _indexed_uuids(index: Path) -> set[str] | None:
     # A normal (not read-only) open lets SQLite replay a WAL left by a crash, exactly as Orthanc
     # would; only SELECTs run. A zero timeout turns another Orthanc's exclusive lock into an error.
     try:
         with closing(sqlite3.connect(index, timeout=0)) as db:
             db.execute("PRAGMA query_only = ON")
             return {row[0] for row in db.execute("SELECT uuid FROM AttachedFiles")}
-    except sqlite3.OperationalError as exc:
+    except sqlite3.DatabaseError as exc:
         if "locked" in str(exc):
             raise IndexBusy(f"{index} is in use: is another Orthanc running on this "
                             "storage?") from None
-        raise
+        # Unreadable: Orthanc itself will refuse it and say why; move nothing on a guess.
+        log.error("cannot read Orthanc's index %s (%s): power-cut check skipped", index, exc)
+        return None
 
 
 def collect(settings: Settings) -> int:
@@ -88,6 +90,8 @@ def collect(settings: Settings) -> int:
     if not index.exists() or not storage.is_dir():
         return 0
     known = _indexed_uuids(index)
+    if known is None:
+        return 0
     target = inbox(settings)
     moved = 0
     for path in storage.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]/*"):
