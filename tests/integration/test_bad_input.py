@@ -115,7 +115,7 @@ def test_storescu_refuses_a_non_dicom_file_and_the_archive_is_untouched(applianc
     assert appliance.modality.echo().ok
 
 
-def test_hostile_header_values_are_stored_as_data_not_as_paths_or_markup(appliance, tmp_path):
+def test_hostile_header_values_are_stored_verbatim_and_never_become_paths(appliance, tmp_path):
     dataset = pydicom.dcmread(corpus.DATA_DIR / "693_UNCR.dcm")
     dataset.PatientName = "<script>alert(1)</script>^<img src=x onerror=alert(2)>"
     dataset.PatientID = "../../../../etc/passwd"

@@ -40,22 +40,21 @@ def test_every_kind_of_image_is_stored_unaltered(appliance):
 def test_find_get_and_move_return_what_was_stored(appliance, tmp_path):
     files = corpus.representative()[:4]
     assert appliance.modality.store(files).ok
-    study_uids = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files}
+    headers = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in files}
+    study_uids = {str(h.StudyInstanceUID) for h in headers.values()}
 
     answers = appliance.modality.find({"StudyInstanceUID": "", "PatientID": "",
                                        "NumberOfStudyRelatedInstances": ""}, tmp_path / "find")
     assert {str(a.StudyInstanceUID) for a in answers} == study_uids
 
-    study = pydicom.dcmread(files[0], stop_before_pixels=True)
-    expected = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files
-                if pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID
-                == study.StudyInstanceUID and pydicom.dcmread(f, stop_before_pixels=True).PatientID
-                == study.PatientID}
+    study = headers[files[0]]
+    expected = {str(h.SOPInstanceUID) for h in headers.values()
+                if h.StudyInstanceUID == study.StudyInstanceUID}
 
     got = appliance.modality.get(study.StudyInstanceUID, tmp_path / "get")
     assert got.ok, got.output
     retrieved = {str(pydicom.dcmread(p).SOPInstanceUID) for p in (tmp_path / "get").iterdir()}
-    assert expected <= retrieved
+    assert retrieved == expected
 
     # C-MOVE needs the destination declared; `pacs modality add` stores it in Orthanc's database.
     receive_port = free_port()
@@ -66,12 +65,11 @@ def test_find_get_and_move_return_what_was_stored(appliance, tmp_path):
                                     "MOVE_DEST")
     assert moved.ok, moved.output
     moved_uids = {str(pydicom.dcmread(p).SOPInstanceUID) for p in (tmp_path / "move").iterdir()}
-    assert expected <= moved_uids
+    assert moved_uids == expected
+    by_uid = {h.SOPInstanceUID: f for f, h in headers.items()}
     for path in (tmp_path / "move").iterdir():
         received = pydicom.dcmread(path)
-        source = next(f for f in files if pydicom.dcmread(f, stop_before_pixels=True)
-                      .SOPInstanceUID == received.SOPInstanceUID)
-        assert received.PixelData == pydicom.dcmread(source).PixelData
+        assert received.PixelData == pydicom.dcmread(by_uid[received.SOPInstanceUID]).PixelData
 
 
 def test_move_to_an_undeclared_destination_is_refused(appliance, tmp_path):
