@@ -10,36 +10,17 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
 from . import __version__, orthanc_conf, reference
-from .config import AETitle, ConfigError, Settings, default_env_file, load, schema
+from .clikit import Context, emit, json_option, pass_context
+from .config import AETitle, ConfigError, default_env_file, schema
 from .orthanc import Orthanc, OrthancError
 from .process import StartError
+from .sync import commands as sync_commands
 
 EXIT_CONFIG = 2
-
-
-def _emit(data: Any, as_json: bool, text: str) -> None:
-    click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
-
-
-class Context:
-    def __init__(self, env_file: Path) -> None:
-        self.env_file = env_file
-        self._settings: Settings | None = None
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = load(self.env_file)
-        return self._settings
-
-
-pass_context = click.make_pass_decorator(Context)
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 @click.group()
@@ -74,7 +55,7 @@ def status(ctx: Context, as_json: bool) -> None:
     from .status import collect, render_text
 
     report = collect(ctx.settings)
-    _emit(report, as_json, render_text(report))
+    emit(report, as_json, render_text(report))
     sys.exit(0 if report["ok"] else 1)
 
 
@@ -94,7 +75,7 @@ def config_check(ctx: Context, as_json: bool) -> None:
     settings = ctx.settings
     values = {info.env: ("(hidden)" if info.secret and getattr(settings, info.attribute)
                          else getattr(settings, info.attribute)) for info in schema()}
-    _emit({"ok": True, "file": str(ctx.env_file), "settings": values}, as_json,
+    emit({"ok": True, "file": str(ctx.env_file), "settings": values}, as_json,
           f"{ctx.env_file}: ok")
 
 
@@ -107,7 +88,7 @@ def config_orthanc(ctx: Context, out: Path | None, as_json: bool) -> None:
     """Orthanc's JSON configuration rendered from the settings (JSON either way)."""
     if out:
         orthanc_conf.write(ctx.settings, out)
-        _emit({"written": str(out)}, as_json, f"wrote {out}")
+        emit({"written": str(out)}, as_json, f"wrote {out}")
     else:  # for reading: the password only ever goes into the 0600 file written by --out
         rendered = orthanc_conf.render(ctx.settings)
         rendered["RegisteredUsers"] = {user: "(hidden)" for user in rendered["RegisteredUsers"]}
@@ -126,9 +107,9 @@ def config_reference(write_files: bool, root: Path, as_json: bool) -> None:
             raise click.UsageError(f"{root.resolve()} is not the gotg-pacs source tree "
                                    "(run it from the repository, or give --root)")
         written = [str(path) for path in reference.write_all(root)]
-        _emit({"updated": written}, as_json, "\n".join(f"updated {p}" for p in written))
+        emit({"updated": written}, as_json, "\n".join(f"updated {p}" for p in written))
     else:
-        _emit([{"key": i.env, "default": i.default_text, "allowed": i.kind.allowed,
+        emit([{"key": i.env, "default": i.default_text, "allowed": i.kind.allowed,
                 "doc": i.doc, "section": i.section, "secret": i.secret} for i in schema()],
               as_json, reference.readme_table())
 
@@ -149,7 +130,7 @@ def modality_list(ctx: Context, as_json: bool) -> None:
     found = Orthanc.from_settings(ctx.settings).modalities()
     text = "\n".join(f"{name}: {m['AET']} at {m['Host']}:{m['Port']}"
                      for name, m in sorted(found.items())) or "no modalities declared"
-    _emit(found, as_json, text)
+    emit(found, as_json, text)
 
 
 def _modality_name(_ctx: click.Context, _param: click.Parameter, name: str) -> str:
@@ -174,7 +155,7 @@ def modality_add(ctx: Context, name: str, aet: str, host: str, port: int, as_jso
         raise click.BadParameter(f"{aet!r} is not a valid AE title "
                                  f"({AETitle.allowed})", param_hint="AET") from None
     Orthanc.from_settings(ctx.settings).put_modality(name, aet, host, port)
-    _emit({"name": name, "aet": aet, "host": host, "port": port}, as_json,
+    emit({"name": name, "aet": aet, "host": host, "port": port}, as_json,
           f"declared {name}: {aet} at {host}:{port}")
 
 
@@ -185,7 +166,10 @@ def modality_add(ctx: Context, name: str, aet: str, host: str, port: int, as_jso
 def modality_remove(ctx: Context, name: str, as_json: bool) -> None:
     """Forget a declared modality (its images stay)."""
     Orthanc.from_settings(ctx.settings).delete_modality(name)
-    _emit({"removed": name}, as_json, f"removed {name}")
+    emit({"removed": name}, as_json, f"removed {name}")
+
+
+cli.add_command(sync_commands.sync)
 
 
 def main() -> None:

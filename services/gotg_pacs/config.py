@@ -343,6 +343,10 @@ class Settings:
         return self.state_path / "orthanc" / "orthanc.json"
 
     @property
+    def sync_outbox_file(self) -> Path:
+        return self.state_path / "sync" / "outbox.sqlite"
+
+    @property
     def log_dir(self) -> Path:
         return self.state_path / "logs"
 

@@ -12,11 +12,14 @@ import json
 import logging
 import signal
 import sys
-import threading
+import threading  # only for the Event the signal handlers set: no thread is started
 from typing import TextIO
 
 from .config import Settings
 from .process import Child, StartCancelled, check_ports_free, start_orthanc
+
+# Our services, as systemd runs them on the appliance (one unit each), Orthanc first.
+SERVICES = (("sync", ("sync", "run")),)
 
 
 def endpoints(settings: Settings) -> dict[str, object]:
@@ -60,17 +63,24 @@ def run(settings: Settings, env_file: str, out: TextIO = sys.stdout, as_json: bo
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     children: list[Child] = []
     try:
+        echo = None if as_json else out
         try:
-            children.append(start_orthanc(settings, echo=None if as_json else out,
-                                          cancelled=stop.is_set))
+            children.append(start_orthanc(settings, echo=echo, cancelled=stop.is_set))
         except StartCancelled:
             print("Stopped during start-up.", file=sys.stderr, flush=True)
             return 0
+        for name, args in SERVICES:
+            child = Child(name, [sys.executable, "-m", "gotg_pacs", "--env-file", env_file, *args],
+                          settings.log_dir / f"{name}.log", echo=echo)
+            child.start()
+            children.append(child)
         if as_json:
             print(json.dumps({"ready": True, **endpoints(settings)}), file=out, flush=True)
         else:
             print(banner(settings), file=out, flush=True)
         while not stop.wait(0.5):
+            for child in children:
+                child.pump()
             dead = [child for child in children if not child.running()]
             if dead:
                 for child in dead:

@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -92,7 +91,7 @@ def _child_setup(parent: int) -> Callable[[], None]:
 
 
 class Child:
-    """A child process writing straight into its own log file (optionally echoed to a console).
+    """A child process writing straight into its own log file (echoed to a console by `pump`).
 
     The child's stdout and stderr are the log file itself (O_APPEND), never a pipe through us: if
     this process dies, the child can still log (no SIGPIPE) and shut down cleanly.
@@ -107,45 +106,42 @@ class Child:
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
         self._log_start = 0
-        self._stop_echo = threading.Event()
-        self._echo_thread: threading.Thread | None = None
+        self._echoed = 0
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with open(descriptor, "ab") as log:
-            self._log_start = log.seek(0, os.SEEK_END)
+            self._log_start = self._echoed = log.seek(0, os.SEEK_END)
             self.process = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,  # Ctrl-C reaches us, not the child: we stop it
                 preexec_fn=_child_setup(os.getpid()))
-        if self.echo:
-            self._echo_thread = threading.Thread(target=self._follow, name=f"log-{self.name}",
-                                                 daemon=True)
-            self._echo_thread.start()
 
-    def _follow(self) -> None:
-        """Copy new log lines to the console until stopped (a closed console ends the copy)."""
-        with open(self.log_path, "rb") as log:
-            log.seek(self._log_start)
-            pending = b""
-            while True:
-                chunk = log.readline()
-                if not chunk:
-                    if self._stop_echo.is_set():
-                        return
-                    time.sleep(0.1)
-                    continue
-                pending += chunk
-                if not pending.endswith(b"\n"):
-                    continue
-                line, pending = pending.decode("utf-8", errors="replace").rstrip("\n"), b""
-                try:
-                    self.echo.write(f"[{self.name}] {line}\n")
-                    self.echo.flush()
-                except (OSError, ValueError, AttributeError):
-                    return
+    def pump(self) -> None:
+        """Copy the child's new complete log lines to the console, if there is one.
+
+        Called from the supervisor's own loop, not from a thread: with one thread, a kill -9 of
+        the supervisor sends each child exactly one death signal (Linux sends it again for every
+        thread the child is handed to), and Orthanc takes a second SIGTERM as "die now".
+        """
+        if not self.echo:
+            return
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._echoed)
+                data = log.read()
+        except OSError:
+            return
+        complete = data[:data.rfind(b"\n") + 1]
+        self._echoed += len(complete)
+        try:
+            for line in complete.decode("utf-8", errors="replace").splitlines():
+                self.echo.write(f"[{self.name}] {line}\n")
+            self.echo.flush()
+        except (OSError, ValueError):
+            self.echo = None  # the console went away; the log file has everything
 
     @property
     def pid(self) -> int | None:
@@ -165,9 +161,7 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self._stop_echo.set()
-        if self._echo_thread:
-            self._echo_thread.join(timeout=5)
+        self.pump()
         return self.process.returncode
 
     def last_lines(self, count: int = 15) -> str:
@@ -216,7 +210,11 @@ def start_orthanc(settings: Settings, echo: TextIO | None = None, timeout: float
                   settings.log_dir / "orthanc.log", echo=echo)
     child.start()
     client = Orthanc.from_settings(settings, timeout=2.0)
-    if not wait_until(lambda: cancelled() or not child.running() or client.is_alive(), timeout):
+    def up_or_done() -> bool:
+        child.pump()
+        return cancelled() or not child.running() or client.is_alive()
+
+    if not wait_until(up_or_done, timeout):
         child.stop()
         raise StartError(f"Orthanc did not answer on port {settings.http_port} within "
                          f"{timeout:.0f}s; last log lines:\n{child.last_lines()}")

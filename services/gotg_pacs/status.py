@@ -56,9 +56,28 @@ def _orthanc(settings: Settings) -> dict[str, Any]:
     }
 
 
+SYNC_SILENT_AFTER = 90  # seconds without a heartbeat (it beats every 30 s)
+
+
+def _sync(settings: Settings) -> dict[str, Any]:
+    from .sync.outbox import Outbox
+
+    if not settings.sync_outbox_file.exists():
+        return {"name": "sync", "up": False, "error": "has never run (no outbox yet)"}
+    outbox = Outbox(settings.sync_outbox_file)
+    try:
+        age = outbox.heartbeat_age()
+    finally:
+        outbox.close()
+    if age is None or age > SYNC_SILENT_AFTER:
+        silent = "never" if age is None else f"{age:.0f}s ago"
+        return {"name": "sync", "up": False, "error": f"not running (last heartbeat {silent})"}
+    return {"name": "sync", "up": True, "heartbeat_age_s": round(age, 1)}
+
+
 def collect(settings: Settings) -> dict[str, Any]:
     orthanc = _orthanc(settings)
-    services = [orthanc]  # each capability adds its service here as it lands
+    services = [orthanc, _sync(settings)]  # each capability adds its service here
     return {
         "site": {"name": settings.pacs_name, "code": settings.site_code,
                  "aet": settings.pacs_aet},
@@ -92,9 +111,12 @@ def render_text(report: dict[str, Any]) -> str:
     lines = [f"{site['name']} (site {site['code']}, AET {site['aet']}): "
              + ("all parts up" if report["ok"] else "SOMETHING IS DOWN")]
     for service in report["services"]:
-        if service["up"]:
+        if service["up"] and "url" in service:
             lines.append(f"  {service['name']:<10} up    {service.get('version', '')} "
                          f"at {service['url']}")
+        elif service["up"]:
+            lines.append(f"  {service['name']:<10} up    (heartbeat "
+                         f"{service['heartbeat_age_s']:.0f}s ago)")
         else:
             lines.append(f"  {service['name']:<10} DOWN  {service['error']}")
     storage = report["storage"]

@@ -8,19 +8,44 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
+import pytest
+
+from gotg_pacs import config
+from gotg_pacs.orthanc import Orthanc
+from gotg_pacs.process import wait_until
 from tests.conftest import run_pacs
 from tests.support import corpus
+from tests.support.dcmtk import Modality
+from tests.support.site import Running, write_env
 
 
-def test_status_reports_counts_storage_plugins_and_versions(appliance):
+@pytest.fixture
+def running_appliance(tmp_path):
+    """The whole appliance under `pacs run`: Orthanc and every service."""
+    env = write_env(tmp_path / "pacs.env")
+    running = Running(env)
+    running.wait_for("FILE.dcm")
+    settings = config.load(env)
+    site = SimpleNamespace(env_file=env, settings=settings, orthanc=Orthanc.from_settings(settings),
+                           modality=Modality(settings.pacs_aet, settings.dicom_port))
+    yield site
+    running.interrupt()
+    Running.kill_all()
+
+
+def test_status_reports_services_counts_storage_plugins_and_versions(running_appliance):
+    appliance = running_appliance
     files = corpus.representative()[:5]
     assert appliance.modality.store(files).ok
+    wait_until(lambda: run_pacs("status", env_file=appliance.env_file).returncode == 0, 40)
     result = run_pacs("status", "--json", env_file=appliance.env_file)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["ok"] is True
-    [orthanc] = report["services"]
+    orthanc, sync = report["services"]
+    assert sync["name"] == "sync" and sync["up"] and sync["heartbeat_age_s"] < 90
     assert orthanc["up"] and orthanc["version"] == appliance.orthanc.system()["Version"]
     assert orthanc["aet"] == "GOTG_PACS"
     assert set(orthanc["plugins"]) == {"dicom-web", "gdcm", "worklists"}
@@ -44,8 +69,9 @@ def test_status_says_which_part_is_down_and_exits_1(appliance):
     assert result.returncode == 1
     report = json.loads(result.stdout)
     assert report["ok"] is False
-    [orthanc] = report["services"]
+    orthanc, sync = report["services"]
     assert orthanc["up"] is False and "not answering" in orthanc["error"]
+    assert sync["up"] is False and "has never run" in sync["error"]
     assert report["storage"]["free_bytes"] > 0
 
     text = run_pacs("status", env_file=appliance.env_file)
@@ -59,5 +85,5 @@ def test_status_with_a_wrong_password_reports_orthanc_refusing(appliance, tmp_pa
         f"ADMIN_PASSWORD={appliance.settings.admin_password}", "ADMIN_PASSWORD=not-the-password"))
     result = run_pacs("status", "--json", env_file=env)
     assert result.returncode == 1
-    [orthanc] = json.loads(result.stdout)["services"]
+    orthanc, _sync = json.loads(result.stdout)["services"]
     assert orthanc["up"] is False and "401" in orthanc["error"]

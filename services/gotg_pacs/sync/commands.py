@@ -1,0 +1,127 @@
+"""`pacs sync ...`: what staff and scripts ask of the sync to HQ."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import click
+
+from ..clikit import Context, emit, json_option, pass_context
+from ..orthanc import Orthanc, OrthancError
+from .outbox import MODES, Outbox
+
+
+def _outbox(ctx: Context) -> Outbox:
+    return Outbox(ctx.settings.sync_outbox_file)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@click.group()
+def sync() -> None:
+    """Sync of every study to HQ."""
+
+
+@sync.command("run")
+@json_option
+@pass_context
+def sync_run(ctx: Context, as_json: bool) -> None:
+    """The pacs-sync service (foreground): keeps the outbox level with Orthanc."""
+    from .service import run
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format='{"sync": "%(message)s"}' if as_json else "[sync] %(message)s")
+    sys.exit(run(ctx.settings))
+
+
+@sync.command("status")
+@json_option
+@pass_context
+def sync_status(ctx: Context, as_json: bool) -> None:
+    """Mode, feed position, what is owed to HQ per priority, the oldest wait."""
+    settings = ctx.settings
+    outbox = _outbox(ctx)
+    report = {"mode": outbox.mode(settings.offline_mode), "configured_mode": settings.offline_mode,
+              "hq_url": settings.hq_url or None, **outbox.summary()}
+    try:
+        last = Orthanc.from_settings(settings, timeout=5).get(
+            "/changes", params={"last": ""})["Last"]
+        report["feed_lag_changes"] = max(0, last - report["cursor"])
+    except OrthancError as exc:
+        report["feed_lag_changes"] = None
+        report["orthanc_error"] = str(exc)
+    lines = [f"sync mode {report['mode']}"
+             + (" (set here; OFFLINE_MODE says " + settings.offline_mode + ")"
+                if report["mode"] != settings.offline_mode else "")
+             + f", HQ {report['hq_url'] or 'not configured (HQ_URL)'}",
+             f"feed at change {report['cursor']}, "
+             + (f"{report['feed_lag_changes']} behind Orthanc"
+                if report["feed_lag_changes"] is not None else "Orthanc not answering"),
+             f"oldest waiting {_age(report['oldest_pending_age_s'])}, "
+             f"{report['overdue_studies']} studies past their deadline"]
+    for priority, counts in report["pending_by_priority"].items():
+        lines.append(f"  {priority:<9}{counts['studies']:>6} studies {counts['instances']:>7} "
+                     f"instances {counts['bytes'] / 2**20:>10.1f} MB waiting")
+    emit(report, as_json, "\n".join(lines))
+
+
+@sync.command("queue")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@json_option
+@pass_context
+def sync_queue(ctx: Context, limit: int, as_json: bool) -> None:
+    """Studies waiting for HQ, in the order they will go."""
+    rows = _outbox(ctx).queue(limit)
+    now = time.time()
+
+    def due(row: dict) -> str:
+        return "now" if row["due_at"] <= now else "in " + _age(row["due_at"] - now)
+
+    text = "\n".join(
+        f"{row['priority']:<9} due {due(row):<10} {row['instances']:>5} instances "
+        f"{row['bytes'] / 2**20:>8.1f} MB {'stable' if row['stable'] else 'arriving'}  "
+        f"{row['study_uid']}"
+        for row in rows) or "nothing waiting"
+    emit(rows, as_json, text)
+
+
+@sync.command("prioritize")
+@click.argument("study")
+@json_option
+@pass_context
+def sync_prioritize(ctx: Context, study: str, as_json: bool) -> None:
+    """Send STUDY (Study Instance UID or Orthanc ID) first, even before it is complete."""
+    client = Orthanc.from_settings(ctx.settings)
+    found = [item for item in client.post("/tools/lookup", data=study.encode()) or []
+             if item.get("Type") == "Study"]
+    if not found:
+        try:
+            client.get(f"/studies/{study}")
+            found = [{"ID": study}]
+        except OrthancError:
+            raise click.ClickException(f"no study {study!r} in this archive") from None
+    for item in found:  # one UID can name studies of different patients
+        uid = client.get(f"/studies/{item['ID']}")["MainDicomTags"].get("StudyInstanceUID", "")
+        _outbox(ctx).prioritize(item["ID"], uid)
+    emit({"prioritized": [item["ID"] for item in found], "priority": "critical"}, as_json,
+         f"{len(found)} study(ies) marked critical: sent first, even before complete")
+
+
+@sync.command("mode")
+@click.argument("mode", type=click.Choice(MODES))
+@json_option
+@pass_context
+def sync_mode(ctx: Context, mode: str, as_json: bool) -> None:
+    """offline: never reach out to HQ from here; auto: whenever a network exists."""
+    _outbox(ctx).set_mode(mode)
+    emit({"mode": mode}, as_json, f"sync mode is now {mode}")
+

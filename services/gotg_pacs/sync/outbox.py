@@ -1,0 +1,213 @@
+"""The sync outbox: every instance that must reach HQ, durable in SQLite, scheduled by deadline.
+
+One SQLite database (WAL, `synchronous=FULL`: a commit is on disk when it returns) holds the
+studies and instances still owed to HQ, and the cursor into Orthanc's `/changes` feed. A batch of
+changes and the cursor that follows it are written in one transaction, so after a kill -9 or a
+power cut at any instant the feed resumes exactly where the last durable batch ended: no change is
+skipped and none is counted twice.
+
+Scheduling: critical studies first, then earliest deadline first. Each other priority is a promise
+of time (high: within an hour, medium: six hours, low: a week), so a low study waiting long enough
+comes before a fresh high one: nothing starves.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+# Priority -> seconds within which it should be sent (the deadline added to the enqueue time).
+PRIORITIES = {"critical": 0, "high": 3600, "medium": 6 * 3600, "low": 7 * 86400}
+RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+MODES = ("auto", "offline")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS studies (
+    orthanc_id  TEXT PRIMARY KEY,
+    study_uid   TEXT NOT NULL,
+    priority    TEXT NOT NULL,
+    stable      INTEGER NOT NULL DEFAULT 0,
+    enqueued_at REAL NOT NULL,
+    due_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS studies_due ON studies (due_at, enqueued_at);
+CREATE TABLE IF NOT EXISTS instances (
+    orthanc_id   TEXT PRIMARY KEY,
+    study_id     TEXT NOT NULL REFERENCES studies (orthanc_id),
+    sop_uid      TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    change_seq   INTEGER NOT NULL,
+    state        TEXT NOT NULL DEFAULT 'pending',  -- pending, sent, confirmed
+    enqueued_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_id, state);
+"""
+
+
+class OutboxError(Exception):
+    """A request the outbox cannot honour, worded for the person who asked."""
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """What the feed learnt about one stored instance."""
+
+    orthanc_id: str
+    study_id: str
+    study_uid: str
+    sop_uid: str
+    size: int
+    change_seq: int
+    changed_at: float
+
+
+class Outbox:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- small persistent facts -------------------------------------------------------------
+
+    def _get(self, key: str, default: str) -> str:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def _set(self, db: sqlite3.Connection, key: str, value: str) -> None:
+        db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                   "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    @property
+    def cursor(self) -> int:
+        """The last Orthanc change already in the outbox."""
+        return int(self._get("changes_cursor", "0"))
+
+    def mode(self, configured: str) -> str:
+        """`offline` if staff switched sync off here, else what OFFLINE_MODE says."""
+        return self._get("mode", configured)
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise OutboxError(f"mode must be one of {', '.join(MODES)}")
+        with self._transaction() as db:
+            self._set(db, "mode", mode)
+
+    # --- fed by Orthanc's changes --------------------------------------------------------------
+
+    def record(self, instances: Iterable[NewInstance], stable_studies: Iterable[str],
+               cursor: int, now: float | None = None,
+               backfill_age: float = 86400) -> None:
+        """One batch of changes and the cursor after it, atomically.
+
+        An instance whose change is older than `backfill_age` was in the archive before sync
+        saw it (first start on an existing archive, a rescan): it is back-fill, priority low.
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            for item in instances:
+                priority = "low" if now - item.changed_at > backfill_age else "high"
+                db.execute(
+                    "INSERT INTO studies (orthanc_id, study_uid, priority, enqueued_at, due_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (orthanc_id) DO NOTHING",
+                    (item.study_id, item.study_uid, priority, now, now + PRIORITIES[priority]))
+                db.execute(
+                    "INSERT INTO instances (orthanc_id, study_id, sop_uid, size, change_seq, "
+                    "enqueued_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (orthanc_id) DO NOTHING",
+                    (item.orthanc_id, item.study_id, item.sop_uid, item.size, item.change_seq,
+                     now))
+            for study_id in stable_studies:
+                db.execute("UPDATE studies SET stable = 1 WHERE orthanc_id = ?", (study_id,))
+            self._set(db, "changes_cursor", str(cursor))
+
+    def beat(self, now: float | None = None) -> None:
+        """The service is alive (written every 30 s at most: SD cards wear with every fsync)."""
+        with self._transaction() as db:
+            self._set(db, "heartbeat", str(time.time() if now is None else now))
+
+    def heartbeat_age(self, now: float | None = None) -> float | None:
+        value = self._get("heartbeat", "")
+        return None if not value else (time.time() if now is None else now) - float(value)
+
+    def restart_feed(self) -> None:
+        """Read Orthanc's changes from the start again (its index went back in time)."""
+        with self._transaction() as db:
+            self._set(db, "changes_cursor", "0")
+
+    # --- staff and scheduling ------------------------------------------------------------------
+
+    def prioritize(self, study_id: str, study_uid: str, now: float | None = None) -> None:
+        """Mark a study critical: due now, sent even before it is stable."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO studies (orthanc_id, study_uid, priority, enqueued_at, due_at) "
+                "VALUES (?, ?, 'critical', ?, ?) ON CONFLICT (orthanc_id) DO UPDATE SET "
+                "priority = 'critical', due_at = MIN(due_at, excluded.due_at)",
+                (study_id, study_uid, now, now))
+
+    def queue(self, limit: int = 50) -> list[dict]:
+        """Studies with instances still owed to HQ, in the order they will be sent."""
+        rows = self.db.execute(
+            """SELECT s.orthanc_id, s.study_uid, s.priority, s.stable, s.enqueued_at, s.due_at,
+                      COUNT(i.orthanc_id) AS instances, COALESCE(SUM(i.size), 0) AS bytes
+               FROM studies s JOIN instances i ON i.study_id = s.orthanc_id
+               WHERE i.state = 'pending'
+               GROUP BY s.orthanc_id
+               ORDER BY s.priority != 'critical', s.due_at, s.enqueued_at
+               LIMIT ?""", (limit,)).fetchall()
+        return [dict(row) for row in rows]
+
+    def ready(self, limit: int = 100) -> list[sqlite3.Row]:
+        """Pending instances that may go now: of stable studies, or of critical ones at once."""
+        return self.db.execute(
+            """SELECT i.*, s.priority, s.due_at FROM instances i
+               JOIN studies s ON s.orthanc_id = i.study_id
+               WHERE i.state = 'pending' AND (s.stable = 1 OR s.priority = 'critical')
+               ORDER BY s.priority != 'critical', s.due_at, s.enqueued_at, i.change_seq
+               LIMIT ?""", (limit,)).fetchall()
+
+    def summary(self, now: float | None = None) -> dict:
+        now = time.time() if now is None else now
+        by_state = {row[0]: {"instances": row[1], "bytes": row[2]} for row in self.db.execute(
+            "SELECT state, COUNT(*), COALESCE(SUM(size), 0) FROM instances GROUP BY state")}
+        pending = {row[0]: {"studies": row[1], "instances": row[2], "bytes": row[3]}
+                   for row in self.db.execute(
+            """SELECT s.priority, COUNT(DISTINCT s.orthanc_id), COUNT(*), SUM(i.size)
+               FROM instances i JOIN studies s ON s.orthanc_id = i.study_id
+               WHERE i.state = 'pending' GROUP BY s.priority""")}
+        oldest = self.db.execute(
+            "SELECT MIN(enqueued_at) FROM instances WHERE state = 'pending'").fetchone()[0]
+        overdue = self.db.execute(
+            """SELECT COUNT(DISTINCT s.orthanc_id) FROM studies s
+               JOIN instances i ON i.study_id = s.orthanc_id
+               WHERE i.state = 'pending' AND s.due_at < ?""", (now,)).fetchone()[0]
+        return {
+            "cursor": self.cursor,
+            "instances": by_state,
+            "pending_by_priority": {p: pending.get(p, {"studies": 0, "instances": 0, "bytes": 0})
+                                    for p in PRIORITIES},
+            "oldest_pending_age_s": round(now - oldest, 1) if oldest else None,
+            "overdue_studies": overdue,
+        }
