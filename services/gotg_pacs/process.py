@@ -98,8 +98,10 @@ class Child:
     """
 
     def __init__(self, name: str, argv: list[str], log_path: Path,
-                 echo: TextIO | None = None, env: dict[str, str] | None = None) -> None:
+                 echo: TextIO | None = None, env: dict[str, str] | None = None,
+                 pass_fds: tuple[int, ...] = ()) -> None:
         self.name = name
+        self.pass_fds = pass_fds
         self.argv = argv
         self.log_path = log_path
         self.echo = echo
@@ -117,7 +119,7 @@ class Child:
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,  # Ctrl-C reaches us, not the child: we stop it
-                preexec_fn=_child_setup(os.getpid()))
+                pass_fds=self.pass_fds, preexec_fn=_child_setup(os.getpid()))
 
     def pump(self) -> None:
         """Copy the child's new complete log lines to the console, if there is one.
@@ -196,39 +198,60 @@ class StartCancelled(Exception):
     """Asked to stop while still starting (Ctrl-C during start-up)."""
 
 
+class OrthancChild(Child):
+    """Orthanc, which leaves a clean-stop marker when it exits by itself after SIGTERM."""
+
+    def __init__(self, settings: Settings, config_file: Path, lock: int,
+                 echo: TextIO | None) -> None:
+        # --verbose-dicom logs every association with its calling AE title and address.
+        super().__init__("orthanc", [orthanc_binary(), "--verbose-dicom", str(config_file)],
+                         settings.log_dir / "orthanc.log", echo=echo, pass_fds=(lock,))
+        self.settings = settings
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        code = super().stop(timeout)
+        if code == 0:
+            orphans.mark_clean_stop(self.settings)
+        return code
+
+
 def start_orthanc(settings: Settings, echo: TextIO | None = None, timeout: float = 60.0,
                   cancelled: Callable[[], bool] = lambda: False) -> Child:
-    """Render the configuration, start real Orthanc, return once its REST API answers."""
+    """Lock the storage, recover what a power cut hid, start real Orthanc, wait until it answers.
+
+    The storage lock is handed to Orthanc and lives as long as it does.
+    """
     try:
         orthanc_conf.prepare_directories(settings)
-        config_file = orthanc_conf.write(settings)
-        orphans.collect(settings)
+        lock = orphans.lock_storage(settings)
     except (OSError, orphans.IndexBusy) as exc:
         raise StartError(str(exc)) from exc
-    # --verbose-dicom logs every association with its calling AE title and address.
-    child = Child("orthanc", [orthanc_binary(), "--verbose-dicom", str(config_file)],
-                  settings.log_dir / "orthanc.log", echo=echo)
-    child.start()
-    client = Orthanc.from_settings(settings, timeout=2.0)
-    def up_or_done() -> bool:
-        child.pump()
-        return cancelled() or not child.running() or client.is_alive()
-
-    if not wait_until(up_or_done, timeout):
-        child.stop()
-        raise StartError(f"Orthanc did not answer on port {settings.http_port} within "
-                         f"{timeout:.0f}s; last log lines:\n{child.last_lines()}")
-    if cancelled():
-        child.stop()
-        raise StartCancelled()
-    if not child.running():
-        child.stop()
-        raise StartError(f"Orthanc exited at start-up (code {child.process.returncode}); "
-                         f"last log lines:\n{child.last_lines()}")
     try:
+        config_file = orthanc_conf.write(settings)
+        orphans.collect(settings)
+        child = OrthancChild(settings, config_file, lock, echo)
+        child.start()
+    except OSError as exc:
+        raise StartError(str(exc)) from exc
+    finally:
+        os.close(lock)
+    try:
+        client = Orthanc.from_settings(settings, timeout=2.0)
+
+        def up_or_done() -> bool:
+            child.pump()
+            return cancelled() or not child.running() or client.is_alive()
+
+        if not wait_until(up_or_done, timeout):
+            raise StartError(f"Orthanc did not answer on port {settings.http_port} within "
+                             f"{timeout:.0f}s; last log lines:\n{child.last_lines()}")
+        if cancelled():
+            raise StartCancelled()
+        if not child.running():
+            raise StartError(f"Orthanc exited at start-up (code {child.process.returncode}); "
+                             f"last log lines:\n{child.last_lines()}")
         orphans.readopt(settings, Orthanc.from_settings(settings, timeout=120))
     except BaseException:
         child.stop()
         raise
     return child
-
