@@ -16,6 +16,7 @@ import click
 from . import __version__, orthanc_conf, reference
 from .clikit import Context, emit, json_option, pass_context
 from .config import AETitle, ConfigError, default_env_file, schema
+from .hq import commands as hq_commands
 from .orthanc import Orthanc, OrthancError
 from .process import StartError
 from .sync import commands as sync_commands
@@ -170,6 +171,7 @@ def modality_remove(ctx: Context, name: str, as_json: bool) -> None:
 
 
 cli.add_command(sync_commands.sync)
+cli.add_command(hq_commands.hq)
 
 
 def main() -> None:

@@ -285,6 +285,10 @@ class Settings:
     hq_url: str = setting(
         "HQ_URL", Url(), "", "HQ receiver this site syncs to (empty: no sync configured).",
         "Sync")
+    hq_token: str = setting(
+        "HQ_TOKEN", Text(max_length=256), "",
+        "This site's own credential at HQ (`pacs hq site add SITE_CODE` prints it once). "
+        "No two sites share one.", "Sync", secret=True)
     offline_mode: str = setting(
         "OFFLINE_MODE", Choice(allowed="auto or offline", values=("auto", "offline")), "auto",
         "`auto`: sync whenever a network exists. `offline`: never try to reach HQ.", "Sync")
@@ -297,6 +301,12 @@ class Settings:
     compression_level: int = setting(
         "COMPRESSION_LEVEL", Integer(minimum=0, maximum=9), "6",
         "Lossless compression effort for transfers, 0 (none) to 9 (smallest, slowest).", "Sync")
+
+    # HQ (only on the central archive)
+    hq_receiver_port: int = setting(
+        "HQ_RECEIVER_PORT", Port(), "7000",
+        "Port of the HQ receiver the clinics sync to (behind the HTTPS origin), on loopback.",
+        "HQ")
 
     # RIS
     ris_url: str = setting(
@@ -345,6 +355,11 @@ class Settings:
     @property
     def sync_outbox_file(self) -> Path:
         return self.state_path / "sync" / "outbox.sqlite"
+
+    @property
+    def hq_dir(self) -> Path:
+        """HQ receiver state: site credentials and uploads in progress (shared by receivers)."""
+        return self.state_path / "hq"
 
     @property
     def log_dir(self) -> Path:
@@ -401,6 +416,9 @@ def _cross_checks(settings: Settings) -> list[tuple[str, str]]:
     if settings.enable_auth and len(settings.admin_password) < 8:
         if settings.admin_password:
             problems.append(("ADMIN_PASSWORD", "must be at least 8 characters"))
+    if settings.hq_url and not settings.hq_token:
+        problems.append(("HQ_TOKEN", "must be set when HQ_URL is set (ask HQ for this site's "
+                                     "credential)"))
     if settings.hq_url and settings.site_code == "dev":
         problems.append(("SITE_CODE", "must be this site's own code when HQ_URL is set "
                                       "(HQ keeps each site's studies and credentials under it)"))

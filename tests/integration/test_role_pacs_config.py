@@ -45,7 +45,8 @@ def play(tmp_path):
 
 SITE = {"pacs_config_pacs_name": "Mobile clinic 3 é", "pacs_config_site_code": "mobile-3",
         "pacs_config_pacs_aet": "MOBILE3", "pacs_config_admin_password": "a long 'quoted' pass",
-        "pacs_config_hq_url": "https://hq.example.org/sync", "pacs_config_backup_interval": "12h"}
+        "pacs_config_hq_url": "https://hq.example.org/sync", "pacs_config_hq_token": "t0ken",
+        "pacs_config_backup_interval": "12h"}
 
 
 def test_role_writes_what_hq_set_and_is_idempotent(play):

@@ -58,6 +58,7 @@ AUTO_CLEANUP=yes
 MAX_BANDWIDTH_MBPS=0.5
 ADMIN_PASSWORD='s3cret pass'
 HQ_URL=https://hq.example.org/sync
+HQ_TOKEN=site-token
 SITE_CODE=mobile-3
 """)
     settings = load(env)
@@ -151,8 +152,11 @@ def test_auth_without_a_password_is_refused_there_is_no_default(tmp_path):
 
 
 def test_syncing_to_hq_needs_the_sites_own_code(tmp_path):
-    env = _env(tmp_path, "ENABLE_AUTH=false\nHQ_URL=https://hq.example.org\n")
+    env = _env(tmp_path, "ENABLE_AUTH=false\nHQ_URL=https://hq.example.org\nHQ_TOKEN=t\n")
     with pytest.raises(ConfigError, match="SITE_CODE must be this site's own code"):
+        load(env)
+    env = _env(tmp_path, "ENABLE_AUTH=false\nHQ_URL=https://hq.example.org\nSITE_CODE=x-1\n")
+    with pytest.raises(ConfigError, match="HQ_TOKEN must be set when HQ_URL is set"):
         load(env)
 
 

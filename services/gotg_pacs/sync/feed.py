@@ -14,8 +14,6 @@ the outbox ignores what it already holds, and nothing is skipped.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from datetime import UTC, datetime
 
 from ..orthanc import Orthanc, OrthancError
@@ -81,19 +79,3 @@ class Feed:
         if new_cursor != cursor:
             self.outbox.record(instances, stable, new_cursor)
         return bool(answer["Done"])
-
-    def follow(self, stop: threading.Event, idle: float = 1.0, beat_every: float = 30.0) -> None:
-        """Keep the outbox level with Orthanc until stop is set; Orthanc down is waited out."""
-        last_beat = 0.0
-        while not stop.is_set():
-            if time.monotonic() - last_beat >= beat_every:
-                self.outbox.beat()
-                last_beat = time.monotonic()
-            try:
-                caught_up = self.step()
-            except OrthancError as exc:
-                log.warning("changes feed paused: %s", exc)
-                caught_up = True
-                stop.wait(5 * idle)
-            if caught_up:
-                stop.wait(idle)

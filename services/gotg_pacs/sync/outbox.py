@@ -42,8 +42,16 @@ CREATE TABLE IF NOT EXISTS instances (
     sop_uid      TEXT NOT NULL,
     size         INTEGER NOT NULL,
     change_seq   INTEGER NOT NULL,
-    state        TEXT NOT NULL DEFAULT 'pending',  -- pending, sent, confirmed
-    enqueued_at  REAL NOT NULL
+    state        TEXT NOT NULL DEFAULT 'pending',  -- pending, confirmed
+    enqueued_at  REAL NOT NULL,
+    -- an upload in progress (tus): where, and what exactly is being sent
+    upload_url   TEXT,
+    codec        TEXT,
+    payload_md5  TEXT,
+    original_md5 TEXT,
+    -- HQ's word that it stored and verified the instance
+    hq_id        TEXT,
+    confirmed_at REAL
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances (study_id, state);
 """
@@ -154,6 +162,32 @@ class Outbox:
         """Read Orthanc's changes from the start again (its index went back in time)."""
         with self._transaction() as db:
             self._set(db, "changes_cursor", "0")
+
+    # --- the transfer to HQ ----------------------------------------------------------------------
+
+    def upload(self, instance_id: str) -> sqlite3.Row | None:
+        return self.db.execute(
+            "SELECT upload_url, codec, payload_md5, original_md5 FROM instances "
+            "WHERE orthanc_id = ? AND upload_url IS NOT NULL", (instance_id,)).fetchone()
+
+    def start_upload(self, instance_id: str, url: str, codec: str, payload_md5: str,
+                     original_md5: str) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE instances SET upload_url = ?, codec = ?, payload_md5 = ?, "
+                       "original_md5 = ? WHERE orthanc_id = ?",
+                       (url, codec, payload_md5, original_md5, instance_id))
+
+    def forget_upload(self, instance_id: str) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE instances SET upload_url = NULL WHERE orthanc_id = ?",
+                       (instance_id,))
+
+    def confirm(self, instance_id: str, hq_id: str, now: float | None = None) -> None:
+        """HQ stored and verified it: the only way an instance ever counts as at HQ."""
+        with self._transaction() as db:
+            db.execute("UPDATE instances SET state = 'confirmed', hq_id = ?, confirmed_at = ?, "
+                       "upload_url = NULL WHERE orthanc_id = ?",
+                       (hq_id, time.time() if now is None else now, instance_id))
 
     # --- staff and scheduling ------------------------------------------------------------------
 

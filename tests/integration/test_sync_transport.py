@@ -1,0 +1,172 @@
+"""Clinic to HQ for real: two Orthancs, the HQ receiver, tus uploads, confirmations.
+
+Why it matters: an instance counts as at HQ only when HQ's Orthanc holds exactly it; a study HQ
+already has must cost only a question; a transfer cut anywhere must resume, not restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pydicom
+import pytest
+
+from gotg_pacs.process import wait_until
+from gotg_pacs.sync import codecs
+from gotg_pacs.sync.feed import Feed
+from gotg_pacs.sync.outbox import Outbox
+from gotg_pacs.sync.sender import Sender
+from gotg_pacs.sync.transport import HQClient, HQRefused
+from tests.conftest import run_pacs
+from tests.support import corpus
+from tests.support.site import free_port, write_env
+
+
+@pytest.fixture
+def hq(appliance_factory, tmp_path):
+    """HQ's Orthanc and a receiver in front of it, with one site's credential."""
+    port = free_port()
+    home = tmp_path / "hq"
+    home.mkdir()
+    write_env(home / "pacs.env", SITE_CODE="hq", HQ_RECEIVER_PORT=str(port))
+    archive = appliance_factory("hq")
+    added = run_pacs("hq", "site", "add", "test-site", "--json", env_file=archive.env_file)
+    assert added.returncode == 0, added.stderr
+    receiver = subprocess.Popen([sys.executable, "-m", "gotg_pacs", "--env-file",
+                                 str(archive.env_file), "hq", "run"],
+                                stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / "receiver.log", "w"))  # noqa: SIM115
+    archive.url = f"http://127.0.0.1:{port}"
+    archive.token = json.loads(added.stdout)["hq_token"]
+    client = HQClient(archive.url, archive.token, timeout=5)
+    assert wait_until(lambda: _answers(client), 30)
+    yield archive
+    receiver.terminate()
+    receiver.wait(30)
+
+
+def _answers(client: HQClient) -> bool:
+    try:
+        client.holdings([])
+        return True
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
+@pytest.fixture
+def clinic(appliance_factory, tmp_path, hq):
+    home = tmp_path / "clinic"
+    home.mkdir()
+    write_env(home / "pacs.env", SITE_CODE="test-site", HQ_URL=hq.url, HQ_TOKEN=hq.token,
+              OFFLINE_MODE="auto", COMPRESSION_LEVEL="6")
+    return appliance_factory("clinic")
+
+
+def _owe(clinic, files) -> Outbox:
+    """Store the files at the clinic and make them due now (critical, no wait for stability)."""
+    assert not files or clinic.modality.store(files).ok
+    box = Outbox(clinic.settings.sync_outbox_file)
+    feed = Feed(clinic.orthanc, box)
+    while not feed.step():
+        pass
+    for row in box.queue():
+        box.prioritize(row["orthanc_id"], row["study_uid"])
+    return box
+
+
+def _same_at_hq(clinic, hq, sop_uid: str) -> bool:
+    [here] = clinic.orthanc.find_instance(sop_uid)
+    [there] = hq.orthanc.find_instance(sop_uid)
+    mine = clinic.orthanc.request("GET", f"/instances/{here}/file").content
+    theirs = hq.orthanc.request("GET", f"/instances/{there}/file").content
+    if hashlib.md5(mine).digest() == hashlib.md5(theirs).digest():
+        return True
+    # A lossless transcoding: every attribute but the pixel data's encoding, and every pixel.
+    a, b = pydicom.dcmread(io.BytesIO(mine)), pydicom.dcmread(io.BytesIO(theirs))
+    return codecs._content(a) == codecs._content(b) and np.array_equal(a.pixel_array,
+                                                                       b.pixel_array)
+
+
+def test_every_instance_reaches_hq_verified_and_a_resend_costs_only_the_question(clinic, hq):
+    files = corpus.representative()[:6]
+    box = _owe(clinic, files)
+    sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
+    sent = sender.send()
+    assert len(sent.confirmed) == len(files) and not sent.refused
+    assert box.summary()["instances"] == {"confirmed": {"instances": len(files),
+                                                         "bytes": box.summary()["instances"]
+                                                         ["confirmed"]["bytes"]}}
+    for source in files:
+        uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+        assert _same_at_hq(clinic, hq, uid), source.name
+        [there] = hq.orthanc.find_instance(uid)
+        assert hq.orthanc.request("GET", f"/instances/{there}/metadata/GotgSite").text \
+            == "test-site"
+    journal = [json.loads(line) for line in
+               (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()]
+    assert sum(entry["length"] for entry in journal) < sum(f.stat().st_size for f in files)
+
+    # The clinic forgets everything (a fresh outbox): HQ's answer confirms it all, no upload.
+    box.close()
+    clinic.settings.sync_outbox_file.unlink()
+    fresh = _owe(clinic, [])
+    again = Sender(clinic.settings, fresh, clinic.orthanc, HQClient(hq.url, hq.token))
+    result = again.send()
+    assert len(result.already_held) == len(files) and not result.confirmed
+    assert again.hq.stats.bytes_sent == 0
+
+
+def test_a_transfer_killed_mid_upload_resumes_losing_at_most_one_chunk(clinic, hq, tmp_path):
+    big = corpus.DATA_DIR / "RG3_UNCR.dcm"  # 6 MB; sent as is to make the upload long
+    env = clinic.env_file
+    env.write_text(env.read_text().replace("COMPRESSION_LEVEL=6", "COMPRESSION_LEVEL=0"))
+    box = _owe(clinic, [big])
+    box.close()
+    argv = [sys.executable, "-m", "gotg_pacs", "--env-file", str(env), "sync", "run"]
+    uploads = hq.settings.hq_dir / "uploads"
+    service = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    # Kill -9 once HQ holds part of the file, wherever the sender is.
+    assert wait_until(lambda: any(p.stat().st_size > 1_000_000 for p in uploads.glob("*.part")),
+                      60, interval=0.02)
+    service.send_signal(signal.SIGKILL)
+    service.wait(10)
+    [part] = uploads.glob("*.part")
+    assert 0 < part.stat().st_size < big.stat().st_size
+    service = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    try:
+        uid = str(pydicom.dcmread(big, stop_before_pixels=True).SOPInstanceUID)
+        assert wait_until(lambda: hq.orthanc.find_instance(uid), 120, interval=0.5)
+    finally:
+        service.terminate()
+        service.wait(30)
+    [entry] = [json.loads(line) for line in
+               (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()]
+    assert entry["codec"] == "identity"
+    assert entry["received"] - entry["length"] <= 256 * 1024, "more than one chunk re-sent"
+    assert _same_at_hq(clinic, hq, uid)
+    assert wait_until(lambda: Outbox(clinic.settings.sync_outbox_file).summary()["instances"]
+                      .get("confirmed", {}).get("instances") == 1, 30)
+
+
+def test_hq_refuses_strangers_revoked_sites_and_damaged_payloads(clinic, hq):
+    with pytest.raises(HQRefused) as stranger:
+        HQClient(hq.url, "not-a-token").holdings([])
+    assert stranger.value.status == 401
+    client = HQClient(hq.url, hq.token)
+    url = client.create(4, {"sop_uid": "1.2.3", "codec": "identity", "payload_md5": "0" * 32,
+                            "original_md5": "0" * 32})
+    with pytest.raises(HQRefused) as damaged:
+        client.append(url, 0, b"DICM")
+    assert damaged.value.status == 422
+    assert hq.instance_count() == 0
+    assert run_pacs("hq", "site", "revoke", "test-site", env_file=hq.env_file).returncode == 0
+    with pytest.raises(HQRefused):
+        client.holdings([])
+    time.sleep(0)  # nothing else: the revoked site is refused on its very next request
