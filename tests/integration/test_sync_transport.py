@@ -170,3 +170,24 @@ def test_hq_refuses_strangers_revoked_sites_and_damaged_payloads(clinic, hq):
     with pytest.raises(HQRefused):
         client.holdings([])
     time.sleep(0)  # nothing else: the revoked site is refused on its very next request
+
+
+def test_sync_now_and_test_connection_from_the_command_line(clinic, hq):
+    env = clinic.env_file
+    ok = run_pacs("sync", "test-connection", "--json", env_file=env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["ok"] is True
+    files = corpus.representative()[:3]
+    _owe(clinic, files).close()
+    now = run_pacs("sync", "now", "--json", env_file=env)
+    assert now.returncode == 0, now.stderr
+    assert json.loads(now.stdout)["confirmed"] == len(files)
+    assert hq.instance_count() == len(files)
+
+    assert run_pacs("sync", "mode", "offline", env_file=env).returncode == 0
+    refused = run_pacs("sync", "now", env_file=env)
+    assert refused.returncode == 1 and "offline" in refused.stderr
+
+    assert run_pacs("hq", "site", "revoke", "test-site", env_file=hq.env_file).returncode == 0
+    bad = run_pacs("sync", "test-connection", env_file=env)
+    assert bad.returncode == 1 and "refused this site's credential" in bad.stdout

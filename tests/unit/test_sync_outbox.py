@@ -106,3 +106,4 @@ def test_heartbeat(outbox):
     assert outbox.heartbeat_age(NOW) is None
     outbox.beat(NOW)
     assert outbox.heartbeat_age(NOW + 12) == 12
+

@@ -116,6 +116,77 @@ def sync_prioritize(ctx: Context, study: str, as_json: bool) -> None:
          f"{len(found)} study(ies) marked critical: sent first, even before complete")
 
 
+def _hq_configured(ctx: Context) -> None:
+    if not ctx.settings.hq_url:
+        raise click.ClickException("no HQ configured (set HQ_URL and HQ_TOKEN)")
+
+
+@sync.command("test-connection")
+@json_option
+@pass_context
+def sync_test_connection(ctx: Context, as_json: bool) -> None:
+    """Can this site reach HQ, and does HQ accept its credential? Exit 1 if not."""
+    from .service import hq_client
+    from .transport import HQRefused, HQUnreachable
+
+    _hq_configured(ctx)
+    client = hq_client(ctx.settings)
+    started = time.monotonic()
+    try:
+        client.holdings([])
+    except HQRefused as exc:
+        why = ("HQ refused this site's credential (HQ_TOKEN)" if exc.status == 401
+               else str(exc))
+        emit({"ok": False, "hq_url": client.url, "error": why}, as_json, why)
+        sys.exit(1)
+    except HQUnreachable as exc:
+        emit({"ok": False, "hq_url": client.url, "error": str(exc)}, as_json,
+             f"HQ not reachable: {exc}")
+        sys.exit(1)
+    latency = time.monotonic() - started
+    emit({"ok": True, "hq_url": client.url, "latency_ms": round(latency * 1000, 1)}, as_json,
+         f"HQ at {client.url} reachable, credential accepted ({latency * 1000:.0f} ms)")
+
+
+@sync.command("now")
+@json_option
+@pass_context
+def sync_now(ctx: Context, as_json: bool) -> None:
+    """Send everything that is ready, now, showing progress (waits for nothing else)."""
+    from .feed import Feed
+    from .sender import Sender
+    from .service import hq_client
+    from .transport import HQUnreachable
+
+    _hq_configured(ctx)
+    outbox = _outbox(ctx)
+    if outbox.mode(ctx.settings.offline_mode) == "offline":
+        raise click.ClickException("sync mode is offline here: `pacs sync mode auto` first")
+    clinic = Orthanc.from_settings(ctx.settings)
+    feed = Feed(clinic, outbox)
+    while not feed.step():
+        pass
+    sender = Sender(ctx.settings, outbox, clinic, hq_client(ctx.settings))
+    totals = {"confirmed": 0, "already_held": 0, "refused": 0}
+    while True:
+        try:
+            sent = sender.send()
+        except HQUnreachable as exc:
+            raise click.ClickException(f"HQ not reachable ({exc}); everything stays queued, "
+                                       "the sync service keeps trying") from None
+        if not (sent.confirmed or sent.already_held):
+            break
+        for key in totals:
+            totals[key] += len(getattr(sent, key))
+        if not as_json:
+            click.echo(f"  {totals['confirmed']} sent, {totals['already_held']} already at HQ",
+                       err=True)
+    totals["still_waiting"] = outbox.summary()["instances"].get("pending", {}).get("instances", 0)
+    emit(totals, as_json, f"{totals['confirmed']} sent and confirmed, {totals['already_held']} "
+         f"already at HQ, {totals['refused']} refused, {totals['still_waiting']} still waiting "
+         "(studies not yet complete wait for StableAge)")
+
+
 @sync.command("mode")
 @click.argument("mode", type=click.Choice(MODES))
 @json_option

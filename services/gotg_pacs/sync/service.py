@@ -46,6 +46,10 @@ class Backoff:
         return time.monotonic() >= self.not_before
 
 
+def hq_client(settings: Settings) -> HQClient:
+    return HQClient(settings.hq_url, settings.hq_token, max_mbps=settings.max_bandwidth_mbps)
+
+
 def run(settings: Settings, idle: float = 1.0) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -53,8 +57,7 @@ def run(settings: Settings, idle: float = 1.0) -> int:
     outbox = Outbox(settings.sync_outbox_file)
     clinic = Orthanc.from_settings(settings)
     feed = Feed(clinic, outbox)
-    sender = (Sender(settings, outbox, clinic, HQClient(settings.hq_url, settings.hq_token))
-              if settings.hq_url else None)
+    sender = (Sender(settings, outbox, clinic, hq_client(settings)) if settings.hq_url else None)
     backoff = Backoff()
     last_beat = 0.0
     log.info("following Orthanc's changes from change %d; %s", outbox.cursor,

@@ -39,13 +39,39 @@ class LinkStats:
     latencies: list[float] = field(default_factory=list)
 
 
+class RateCap:
+    """MAX_BANDWIDTH_MBPS as a hard cap: chunks wait until the budget allows them.
+
+    A paid satellite link or a clinic's shared 2G must never be filled by the archive: the
+    average rate since the last idle pause never exceeds the cap, whatever the chunk size.
+    """
+
+    def __init__(self, mbps: float) -> None:
+        self.bytes_per_s = mbps * 1e6 / 8 if mbps > 0 else 0.0
+        self._start = 0.0
+        self._sent = 0
+
+    def wait_for(self, size: int) -> None:
+        if not self.bytes_per_s:
+            return
+        now = time.monotonic()
+        if now - self._start > 5 + self._sent / self.bytes_per_s:  # idle a while: a new window
+            self._start, self._sent = now, 0
+        self._sent += size
+        delay = self._start + self._sent / self.bytes_per_s - now
+        if delay > 0:
+            time.sleep(delay)
+
+
 class HQClient:
-    def __init__(self, url: str, token: str, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, token: str, timeout: float = 30.0,
+                 max_mbps: float = 0.0) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
         self.session.headers.update({"Authorization": f"Bearer {token}", **TUS})
         self.stats = LinkStats()
+        self.cap = RateCap(max_mbps)
 
     def _call(self, method: str, url: str, **kwargs) -> requests.Response:
         started = time.monotonic()
@@ -92,6 +118,7 @@ class HQClient:
 
     def append(self, upload_url: str, offset: int, chunk: bytes) -> tuple[int, str | None]:
         """Send one chunk at offset; (new offset, HQ instance once the last byte is confirmed)."""
+        self.cap.wait_for(len(chunk))
         started = time.monotonic()
         response = self._call("PATCH", upload_url, data=chunk, headers={
             "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"})
