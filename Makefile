@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 ENV_FILE ?= pacs.dev.env
-# Debian packages the appliance and its tests need (Debian 12 for development, 13 on the image).
-DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm dcmtk python3-venv python3-dev gcc
+# Debian packages the appliance and its tests need (Debian 12 for development, 13 on the image);
+# iproute2 builds the bad networks of the sync tests (namespaces, veth, tbf).
+DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm dcmtk python3-venv python3-dev gcc iproute2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test deps system-deps bench-ingest bench-report reference constraints clean

@@ -1,6 +1,14 @@
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from gotg_pacs.process import wait_until
+from gotg_pacs.sync.transport import HQClient
+from tests.conftest import run_pacs
+from tests.support.site import free_port, write_env
 
 
 def pytest_collection_modifyitems(items):
@@ -9,3 +17,55 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if here in item.path.parents:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def hq(appliance_factory, tmp_path):
+    """HQ's Orthanc and a receiver in front of it, with one site's credential."""
+    port = free_port()
+    home = tmp_path / "hq"
+    home.mkdir()
+    write_env(home / "pacs.env", SITE_CODE="hq", HQ_RECEIVER_PORT=str(port))
+    archive = appliance_factory("hq")
+    added = run_pacs("hq", "site", "add", "test-site", "--json", env_file=archive.env_file)
+    assert added.returncode == 0, added.stderr
+    receiver = subprocess.Popen([sys.executable, "-m", "gotg_pacs", "--env-file",
+                                 str(archive.env_file), "hq", "run"],
+                                stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / "receiver.log", "w"))  # noqa: SIM115
+    archive.url = f"http://127.0.0.1:{port}"
+    archive.token = json.loads(added.stdout)["hq_token"]
+    client = HQClient(archive.url, archive.token, timeout=5)
+    assert wait_until(lambda: _answers(client), 30)
+    yield archive
+    receiver.terminate()
+    receiver.wait(30)
+
+
+def _answers(client: HQClient) -> bool:
+    try:
+        client.holdings([])
+        return True
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
+@pytest.fixture
+def make_clinic(appliance_factory, tmp_path, hq):
+    """A clinic syncing to HQ at `url` (the receiver directly, or across a shaped link)."""
+
+    def make(url: str, **overrides: str):
+        home = tmp_path / "clinic"
+        home.mkdir()
+        write_env(home / "pacs.env", **{"SITE_CODE": "test-site", "HQ_URL": url,
+                                        "HQ_TOKEN": hq.token, "OFFLINE_MODE": "auto",
+                                        "COMPRESSION_LEVEL": "6", **overrides})
+        return appliance_factory("clinic")
+
+    return make
+
+
+@pytest.fixture
+def clinic(make_clinic, hq):
+    return make_clinic(hq.url)
+

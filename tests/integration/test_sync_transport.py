@@ -20,65 +20,12 @@ import pytest
 
 from gotg_pacs.process import wait_until
 from gotg_pacs.sync import codecs
-from gotg_pacs.sync.feed import Feed
 from gotg_pacs.sync.outbox import Outbox
 from gotg_pacs.sync.sender import Sender
 from gotg_pacs.sync.transport import HQClient, HQRefused
 from tests.conftest import run_pacs
 from tests.support import corpus
-from tests.support.site import free_port, write_env
-
-
-@pytest.fixture
-def hq(appliance_factory, tmp_path):
-    """HQ's Orthanc and a receiver in front of it, with one site's credential."""
-    port = free_port()
-    home = tmp_path / "hq"
-    home.mkdir()
-    write_env(home / "pacs.env", SITE_CODE="hq", HQ_RECEIVER_PORT=str(port))
-    archive = appliance_factory("hq")
-    added = run_pacs("hq", "site", "add", "test-site", "--json", env_file=archive.env_file)
-    assert added.returncode == 0, added.stderr
-    receiver = subprocess.Popen([sys.executable, "-m", "gotg_pacs", "--env-file",
-                                 str(archive.env_file), "hq", "run"],
-                                stdout=subprocess.DEVNULL,
-                                stderr=open(tmp_path / "receiver.log", "w"))  # noqa: SIM115
-    archive.url = f"http://127.0.0.1:{port}"
-    archive.token = json.loads(added.stdout)["hq_token"]
-    client = HQClient(archive.url, archive.token, timeout=5)
-    assert wait_until(lambda: _answers(client), 30)
-    yield archive
-    receiver.terminate()
-    receiver.wait(30)
-
-
-def _answers(client: HQClient) -> bool:
-    try:
-        client.holdings([])
-        return True
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
-
-
-@pytest.fixture
-def clinic(appliance_factory, tmp_path, hq):
-    home = tmp_path / "clinic"
-    home.mkdir()
-    write_env(home / "pacs.env", SITE_CODE="test-site", HQ_URL=hq.url, HQ_TOKEN=hq.token,
-              OFFLINE_MODE="auto", COMPRESSION_LEVEL="6")
-    return appliance_factory("clinic")
-
-
-def _owe(clinic, files) -> Outbox:
-    """Store the files at the clinic and make them due now (critical, no wait for stability)."""
-    assert not files or clinic.modality.store(files).ok
-    box = Outbox(clinic.settings.sync_outbox_file)
-    feed = Feed(clinic.orthanc, box)
-    while not feed.step():
-        pass
-    for row in box.queue():
-        box.prioritize(row["orthanc_id"], row["study_uid"])
-    return box
+from tests.support.site import owe
 
 
 def _same_at_hq(clinic, hq, sop_uid: str) -> bool:
@@ -96,7 +43,7 @@ def _same_at_hq(clinic, hq, sop_uid: str) -> bool:
 
 def test_every_instance_reaches_hq_verified_and_a_resend_costs_only_the_question(clinic, hq):
     files = corpus.representative()[:6]
-    box = _owe(clinic, files)
+    box = owe(clinic, files)
     sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
     sent = sender.send()
     assert len(sent.confirmed) == len(files) and not sent.refused
@@ -116,7 +63,7 @@ def test_every_instance_reaches_hq_verified_and_a_resend_costs_only_the_question
     # The clinic forgets everything (a fresh outbox): HQ's answer confirms it all, no upload.
     box.close()
     clinic.settings.sync_outbox_file.unlink()
-    fresh = _owe(clinic, [])
+    fresh = owe(clinic, [])
     again = Sender(clinic.settings, fresh, clinic.orthanc, HQClient(hq.url, hq.token))
     result = again.send()
     assert len(result.already_held) == len(files) and not result.confirmed
@@ -127,7 +74,7 @@ def test_a_transfer_killed_mid_upload_resumes_losing_at_most_one_chunk(clinic, h
     big = corpus.DATA_DIR / "RG3_UNCR.dcm"  # 6 MB; sent as is to make the upload long
     env = clinic.env_file
     env.write_text(env.read_text().replace("COMPRESSION_LEVEL=6", "COMPRESSION_LEVEL=0"))
-    box = _owe(clinic, [big])
+    box = owe(clinic, [big])
     box.close()
     argv = [sys.executable, "-m", "gotg_pacs", "--env-file", str(env), "sync", "run"]
     uploads = hq.settings.hq_dir / "uploads"
@@ -178,7 +125,7 @@ def test_sync_now_and_test_connection_from_the_command_line(clinic, hq):
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert json.loads(ok.stdout)["ok"] is True
     files = corpus.representative()[:3]
-    _owe(clinic, files).close()
+    owe(clinic, files).close()
     now = run_pacs("sync", "now", "--json", env_file=env)
     assert now.returncode == 0, now.stderr
     assert json.loads(now.stdout)["confirmed"] == len(files)

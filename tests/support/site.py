@@ -12,6 +12,9 @@ import threading
 import time
 from pathlib import Path
 
+from gotg_pacs.sync.feed import Feed
+from gotg_pacs.sync.outbox import Outbox
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -93,3 +96,15 @@ class Running:
             if running.process.poll() is None:
                 running.process.kill()
                 running.process.wait(30)
+
+
+def owe(clinic, files) -> Outbox:
+    """Store the files at the clinic and make them due now (critical, no wait for stability)."""
+    assert not files or clinic.modality.store(files).ok
+    box = Outbox(clinic.settings.sync_outbox_file)
+    feed = Feed(clinic.orthanc, box)
+    while not feed.step():
+        pass
+    for row in box.queue():
+        box.prioritize(row["orthanc_id"], row["study_uid"])
+    return box
