@@ -9,7 +9,7 @@ ENV_FILE ?= pacs.dev.env
 DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm dcmtk python3-venv python3-dev gcc iproute2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps system-deps bench-ingest bench-report reference constraints clean
+.PHONY: run test deps system-deps bench-ingest bench-sync bench-report reference constraints clean
 
 deps: system-deps $(VENV)/.installed
 
@@ -40,6 +40,10 @@ test: deps
 
 bench-ingest: deps
 	mkdir -p build && $(BIN)/python bench/ingest.py
+
+# Needs root: it builds network namespaces and shapes a veth link (design brief section 5).
+bench-sync: deps
+	mkdir -p build && $(BIN)/python bench/sync.py
 
 bench-report: deps
 	$(BIN)/python bench/report.py

@@ -94,6 +94,7 @@ def render(settings: Settings) -> dict[str, Any]:
         "DicomAlwaysAllowMove": open_access,
         "DicomCheckModalityHost": not open_access,
         "DicomModalitiesInDatabase": True,
+        "OrthancPeersInDatabase": True,
         "DicomModalities": {},
         "UnknownSopClassAccepted": True,
         "DicomScpTimeout": 30,

@@ -6,39 +6,22 @@ already has must cost only a question; a transfer cut anywhere must resume, not 
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pydicom
 import pytest
 
 from gotg_pacs.process import wait_until
-from gotg_pacs.sync import codecs
 from gotg_pacs.sync.outbox import Outbox
 from gotg_pacs.sync.sender import Sender
 from gotg_pacs.sync.transport import HQClient, HQRefused
 from tests.conftest import run_pacs
 from tests.support import corpus
-from tests.support.site import owe
-
-
-def _same_at_hq(clinic, hq, sop_uid: str) -> bool:
-    [here] = clinic.orthanc.find_instance(sop_uid)
-    [there] = hq.orthanc.find_instance(sop_uid)
-    mine = clinic.orthanc.request("GET", f"/instances/{here}/file").content
-    theirs = hq.orthanc.request("GET", f"/instances/{there}/file").content
-    if hashlib.md5(mine).digest() == hashlib.md5(theirs).digest():
-        return True
-    # A lossless transcoding: every attribute but the pixel data's encoding, and every pixel.
-    a, b = pydicom.dcmread(io.BytesIO(mine)), pydicom.dcmread(io.BytesIO(theirs))
-    return codecs._content(a) == codecs._content(b) and np.array_equal(a.pixel_array,
-                                                                       b.pixel_array)
+from tests.support.site import owe, same_at_hq
 
 
 def test_every_instance_reaches_hq_verified_and_a_resend_costs_only_the_question(clinic, hq):
@@ -52,7 +35,7 @@ def test_every_instance_reaches_hq_verified_and_a_resend_costs_only_the_question
                                                          ["confirmed"]["bytes"]}}
     for source in files:
         uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
-        assert _same_at_hq(clinic, hq, uid), source.name
+        assert same_at_hq(clinic.orthanc, hq.orthanc, uid), source.name
         [there] = hq.orthanc.find_instance(uid)
         assert hq.orthanc.request("GET", f"/instances/{there}/metadata/GotgSite").text \
             == "test-site"
@@ -97,7 +80,7 @@ def test_a_transfer_killed_mid_upload_resumes_losing_at_most_one_chunk(clinic, h
                (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()]
     assert entry["codec"] == "identity"
     assert entry["received"] - entry["length"] <= 256 * 1024, "more than one chunk re-sent"
-    assert _same_at_hq(clinic, hq, uid)
+    assert same_at_hq(clinic.orthanc, hq.orthanc, uid)
     assert wait_until(lambda: Outbox(clinic.settings.sync_outbox_file).summary()["instances"]
                       .get("confirmed", {}).get("instances") == 1, 30)
 

@@ -17,6 +17,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from tests.support.site import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -58,16 +60,23 @@ class Link:
     def up(self) -> None:
         _run("ip", "link", "set", self.clinic_dev, "up")
 
-    def _forwarder(self, prefix: list[str], listen: str, port: int, target: str) -> None:
+    def _forwarder(self, prefix: list[str], listen: str, port: int, target: str,
+                   target_port: int) -> None:
         self.forwarders.append(subprocess.Popen(
-            [*prefix, sys.executable, "-m", "tests.support.netns", listen, str(port), target],
+            [*prefix, sys.executable, "-m", "tests.support.netns", listen, str(port), target,
+             str(target_port)],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def expose(self, port: int) -> str:
-        """Make a loopback port reachable only across the link; the URL the clinic uses."""
-        self._forwarder([], self.clinic_ip, port, "127.0.0.1")
-        self._forwarder(self.prefix, self.hq_ip, port, self.clinic_ip)
+        """Make a loopback port reachable only across the link; the URL the clinic uses.
+
+        The hop back over the veth uses a port of its own: a server listening on every
+        interface (Orthanc does) must only ever see the stream arrive from loopback.
+        """
+        hop = free_port()
+        self._forwarder([], self.clinic_ip, hop, "127.0.0.1", port)
+        self._forwarder(self.prefix, self.hq_ip, port, self.clinic_ip, hop)
         return f"http://{self.hq_ip}:{port}"
 
     def close(self) -> None:
@@ -89,10 +98,10 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-async def _forward(listen_ip: str, port: int, target_ip: str) -> None:
+async def _forward(listen_ip: str, port: int, target_ip: str, target_port: int) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(target_ip, port)
+            up_reader, up_writer = await asyncio.open_connection(target_ip, target_port)
         except OSError:
             writer.close()
             return
@@ -103,5 +112,5 @@ async def _forward(listen_ip: str, port: int, target_ip: str) -> None:
         await server.serve_forever()
 
 
-if __name__ == "__main__":  # a forwarder: LISTEN_IP PORT TARGET_IP
-    asyncio.run(_forward(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+if __name__ == "__main__":  # a forwarder: LISTEN_IP PORT TARGET_IP TARGET_PORT
+    asyncio.run(_forward(sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import queue
 import secrets
 import signal
@@ -12,6 +13,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import pydicom
+
+from gotg_pacs.orthanc import Orthanc
+from gotg_pacs.sync import codecs
 from gotg_pacs.sync.feed import Feed
 from gotg_pacs.sync.outbox import Outbox
 
@@ -108,3 +114,19 @@ def owe(clinic, files) -> Outbox:
     for row in box.queue():
         box.prioritize(row["orthanc_id"], row["study_uid"])
     return box
+
+
+def same_at_hq(clinic: Orthanc, hq: Orthanc, sop_uid: str) -> bool:
+    """Does HQ hold this clinic instance: the same bytes, or a lossless transcoding of it
+    (every attribute but the pixel data's encoding, and every pixel)?"""
+    [here] = clinic.find_instance(sop_uid)
+    there = hq.find_instance(sop_uid)
+    if len(there) != 1:
+        return False
+    mine = clinic.request("GET", f"/instances/{here}/file").content
+    theirs = hq.request("GET", f"/instances/{there[0]}/file").content
+    if mine == theirs:
+        return True
+    a, b = pydicom.dcmread(io.BytesIO(mine)), pydicom.dcmread(io.BytesIO(theirs))
+    return codecs._content(a) == codecs._content(b) and np.array_equal(a.pixel_array,
+                                                                       b.pixel_array)
