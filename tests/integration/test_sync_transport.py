@@ -121,3 +121,34 @@ def test_sync_now_and_test_connection_from_the_command_line(clinic, hq):
     assert run_pacs("hq", "site", "revoke", "test-site", env_file=hq.env_file).returncode == 0
     bad = run_pacs("sync", "test-connection", env_file=env)
     assert bad.returncode == 1 and "refused this site's credential" in bad.stdout
+
+
+def test_holdings_answer_the_exact_pair_and_only_to_the_site_that_sent_it(clinic, hq):
+    files = corpus.representative()[:1]
+    box = owe(clinic, files)
+    sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
+    assert len(sender.send().confirmed) == 1
+    [row] = box.db.execute("SELECT sop_uid, original_md5, hq_id FROM instances").fetchall()
+    client = HQClient(hq.url, hq.token)
+    # The same UID asked again with other content (a corrected version): not held.
+    assert client.holdings([{"sop_uid": row[0], "original_md5": row[1]},
+                            {"sop_uid": row[0], "original_md5": "f" * 32}]) == [row[2], None]
+    other = json.loads(run_pacs("hq", "site", "add", "other-site", "--json",
+                                env_file=hq.env_file).stdout)["hq_token"]
+    assert HQClient(hq.url, other).holdings(
+        [{"sop_uid": row[0], "original_md5": row[1]}]) == [None]
+
+
+def test_an_instance_deleted_here_before_hq_had_it_is_never_counted_and_blocks_nothing(clinic,
+                                                                                       hq):
+    files = corpus.representative()[:3]
+    box = owe(clinic, files)
+    victim = str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
+    [victim_id] = clinic.orthanc.find_instance(victim)
+    clinic.orthanc.delete(f"/instances/{victim_id}")
+    sent = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token)).send()
+    assert len(sent.confirmed) == 2
+    states = dict(box.db.execute("SELECT orthanc_id, state FROM instances").fetchall())
+    assert states[victim_id] == "gone"
+    assert sorted(states.values()) == ["confirmed", "confirmed", "gone"]
+    assert hq.orthanc.find_instance(victim) == []

@@ -31,7 +31,7 @@ import pydicom
 from flask import Flask, Response, abort, g, jsonify, request
 
 from ..config import Settings
-from ..orthanc import Orthanc, OrthancError
+from ..orthanc import Orthanc, OrthancError, OrthancUnreachable
 from ..sync import codecs
 from .sites import Sites
 
@@ -58,19 +58,31 @@ def _metadata(header: str) -> dict[str, str]:
     return result
 
 
-def held_instance(orthanc: Orthanc, sop_uid: str, original_md5: str) -> str | None:
-    """HQ's instance holding exactly the clinic's original (by the MD5 recorded at confirm)."""
+def held_instance(orthanc: Orthanc, sop_uid: str, original_md5: str, site: str) -> str | None:
+    """HQ's instance holding exactly this site's original (by the MD5 recorded at confirm)."""
     for item in orthanc.post("/tools/lookup", data=sop_uid.encode()) or []:
         if item.get("Type") != "Instance":
             continue
         try:
             recorded = orthanc.request(
                 "GET", f"/instances/{item['ID']}/metadata/GotgOriginalMd5").text.strip()
+            sender = orthanc.request(
+                "GET", f"/instances/{item['ID']}/metadata/GotgSite").text.strip()
         except OrthancError:
             continue
-        if recorded == original_md5:
+        if recorded == original_md5 and sender == site:
             return item["ID"]
     return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Replace a sidecar whole or not at all (a reader never sees it half-written)."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def create_app(settings: Settings) -> Flask:
@@ -91,6 +103,8 @@ def create_app(settings: Settings) -> Flask:
             meta = json.loads(sidecar.read_text())
         except FileNotFoundError:
             abort(404)
+        except ValueError:
+            abort(410)  # unreadable: the clinic starts a new upload
         if meta["site"] != g.site:
             abort(404)  # another site's upload does not exist for this one
         return part, sidecar, meta
@@ -122,8 +136,8 @@ def create_app(settings: Settings) -> Flask:
         upload_id = uuid.uuid4().hex
         part, sidecar = paths(upload_id)
         part.touch(mode=0o600)
-        sidecar.write_text(json.dumps({"site": g.site, "length": length, "received": 0,
-                                       **{k: meta[k] for k in REQUIRED_METADATA}}))
+        _write_json(sidecar, {"site": g.site, "length": length, "received": 0,
+                              **{k: meta[k] for k in REQUIRED_METADATA}})
         response = Response(status=201)
         response.headers["Location"] = f"/files/{upload_id}"
         return response
@@ -148,7 +162,7 @@ def create_app(settings: Settings) -> Flask:
             body = request.get_data(cache=False)
             meta = json.loads(sidecar.read_text())
             meta["received"] += len(body)  # every byte that crossed the link, even refused ones
-            sidecar.write_text(json.dumps(meta))
+            _write_json(sidecar, meta)
             if int(request.headers.get("Upload-Offset", -1)) != current:
                 return Response(status=409, headers={"Upload-Offset": str(current)})
             if current + len(body) > meta["length"]:
@@ -177,8 +191,15 @@ def create_app(settings: Settings) -> Flask:
             part.unlink()
             sidecar.unlink()
             abort(422, "refused: SOP Instance UID differs from the announced one")
-        answer = orthanc.post("/instances", data=dicom,
-                              headers={"Content-Type": "application/dicom"})
+        try:
+            answer = orthanc.post("/instances", data=dicom,
+                                  headers={"Content-Type": "application/dicom"})
+        except OrthancError as exc:
+            if isinstance(exc, OrthancUnreachable):
+                raise  # HQ's archive is down: a 500, the clinic retries later
+            part.unlink()
+            sidecar.unlink()
+            abort(422, f"refused by HQ's archive: {exc}")
         instance = answer["ID"]
         served = hashlib.md5(orthanc.request(
             "GET", f"/instances/{instance}/attachments/dicom/data").content).hexdigest()
@@ -205,14 +226,14 @@ def create_app(settings: Settings) -> Flask:
 
     @app.post("/api/v1/holdings")
     def holdings() -> Response:
+        # One answer per question, in order: the same SOP Instance UID can be asked twice with
+        # different content (a corrected version), and only the exact pair may be confirmed.
         asked = (request.get_json(silent=True) or {}).get("instances", [])
-        held = {}
-        for item in asked[:1000]:
-            instance = held_instance(orthanc, str(item.get("sop_uid", "")),
-                                     str(item.get("original_md5", "")))
-            if instance:
-                held[item["sop_uid"]] = instance
-        return jsonify({"held": held})
+        if len(asked) > 1000:
+            abort(413, "at most 1000 instances per question")
+        return jsonify({"held": [held_instance(orthanc, str(item.get("sop_uid", "")),
+                                               str(item.get("original_md5", "")), g.site)
+                                 for item in asked]})
 
     @app.get("/api/v1/uploads/<upload_id>")
     def upload_info(upload_id: str) -> Response:

@@ -76,11 +76,11 @@ def same_image(original: pydicom.Dataset, pixels: np.ndarray, candidate: bytes) 
 
 
 def _transcoded(original_bytes: bytes, codec: str) -> bytes | None:
-    dataset = pydicom.dcmread(io.BytesIO(original_bytes))
-    pixels = dataset.pixel_array
-    candidate = pydicom.dcmread(io.BytesIO(original_bytes))
     out = io.BytesIO()
     try:
+        dataset = pydicom.dcmread(io.BytesIO(original_bytes))
+        pixels = dataset.pixel_array  # truncated or odd pixel data: no transcoding, bytes only
+        candidate = pydicom.dcmread(io.BytesIO(original_bytes))
         # Lossless: the instance stays the same instance (same SOP Instance UID).
         candidate.compress(TRANSCODERS[codec], generate_instance_uid=False)
         candidate.save_as(out, enforce_file_format=True)

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS instances (
     sop_uid      TEXT NOT NULL,
     size         INTEGER NOT NULL,
     change_seq   INTEGER NOT NULL,
-    state        TEXT NOT NULL DEFAULT 'pending',  -- pending, confirmed
+    state        TEXT NOT NULL DEFAULT 'pending',  -- pending, confirmed, gone
     enqueued_at  REAL NOT NULL,
     -- an upload in progress (tus): where, and what exactly is being sent
     upload_url   TEXT,
@@ -181,6 +181,12 @@ class Outbox:
         with self._transaction() as db:
             db.execute("UPDATE instances SET upload_url = NULL WHERE orthanc_id = ?",
                        (instance_id,))
+
+    def gone(self, instance_id: str) -> None:
+        """Deleted at the clinic before HQ had it: never counted as at HQ, shown in status."""
+        with self._transaction() as db:
+            db.execute("UPDATE instances SET state = 'gone', upload_url = NULL "
+                       "WHERE orthanc_id = ? AND state = 'pending'", (instance_id,))
 
     def confirm(self, instance_id: str, hq_id: str, now: float | None = None) -> None:
         """HQ stored and verified it: the only way an instance ever counts as at HQ."""

@@ -79,8 +79,9 @@ def run(settings: Settings, idle: float = 1.0) -> int:
                     busy = busy or bool(sent.confirmed or sent.already_held)
                 except HQUnreachable as exc:
                     log.warning("HQ out of reach (%s); next try in %.0fs", exc, backoff.failed())
-                except OrthancError as exc:
-                    log.warning("sending paused: %s", exc)
+                except Exception as exc:  # noqa: BLE001 - never die: back off and try again
+                    log.error("sending paused (%s: %s); next try in %.0fs",
+                              exc.__class__.__name__, exc, backoff.failed())
             if not busy:
                 stop.wait(idle)
     finally:

@@ -90,13 +90,20 @@ class HQClient:
     def _absolute(self, location: str) -> str:
         return location if location.startswith("http") else self.url + location
 
-    def holdings(self, instances: list[dict[str, str]]) -> dict[str, str]:
-        """SOP Instance UID -> HQ instance, for those HQ already holds with that original MD5."""
+    def holdings(self, instances: list[dict[str, str]]) -> list[str | None]:
+        """For each (SOP Instance UID, original MD5) asked, in order: HQ's instance if HQ holds
+        exactly it from this site, else None."""
         response = self._call("POST", f"{self.url}/api/v1/holdings",
                               json={"instances": instances})
         if response.status_code != 200:
             raise HQRefused(response.status_code, response.text[:200])
-        return response.json()["held"]
+        try:
+            held = response.json()["held"]
+        except (ValueError, KeyError, TypeError):  # a captive portal, a proxy's error page
+            raise HQUnreachable(f"HQ at {self.url} answered something that is not HQ") from None
+        if not isinstance(held, list) or len(held) != len(instances):
+            raise HQUnreachable(f"HQ at {self.url} answered a holdings list of the wrong size")
+        return held
 
     def create(self, length: int, metadata: dict[str, str]) -> str:
         encoded = ",".join(f"{key} {base64.b64encode(value.encode()).decode()}"
@@ -123,8 +130,8 @@ class HQClient:
         response = self._call("PATCH", upload_url, data=chunk, headers={
             "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"})
         self.stats.seconds_sending += time.monotonic() - started
-        if response.status_code == 409:  # our offset was stale: HQ says where it stands
-            return int(response.headers["Upload-Offset"]), None
+        if response.status_code == 409 and "Upload-Offset" in response.headers:
+            return int(response.headers["Upload-Offset"]), None  # stale offset: HQ says where
         if response.status_code != 204:
             raise HQRefused(response.status_code, response.text[:200])
         self.stats.bytes_sent += len(chunk)
