@@ -129,3 +129,20 @@ def test_prioritize_queue_status_and_mode_from_the_command_line(appliance, tmp_p
     assert status["feed_lag_changes"] == 0
     text = run_pacs("sync", "status", env_file=env).stdout
     assert "critical" in text and "HQ not configured (HQ_URL)" in text
+
+
+def test_a_study_whose_stable_change_an_orthanc_restart_swallowed_still_goes(appliance_factory):
+    site = appliance_factory("site")
+    files = corpus.representative()[:2]
+    assert site.modality.store(files).ok
+    site.child.process.kill()  # before STABLE_AGE: Orthanc never writes StableStudy for it
+    site.child.process.wait()
+    site = appliance_factory("site")
+    box = Outbox(site.settings.sync_outbox_file)
+    feed = Feed(site.orthanc, box)
+    while not feed.step():
+        pass
+    time.sleep(2)
+    assert box.ready() == [] and len(box.arriving_studies()) >= 1
+    assert feed.check_stability() == len(box.queue())
+    assert len(box.ready()) == len(files)

@@ -79,3 +79,21 @@ class Feed:
         if new_cursor != cursor:
             self.outbox.record(instances, stable, new_cursor)
         return bool(answer["Done"])
+
+    def check_stability(self) -> int:
+        """Ask Orthanc about studies still arriving; mark those it now holds complete.
+
+        Orthanc tracks stability in memory: if it restarts within StableAge of a study's last
+        image, no StableStudy change is ever written and the study would wait forever.
+        """
+        done = []
+        for study_id in self.outbox.arriving_studies():
+            try:
+                if self.client.get(f"/studies/{study_id}").get("IsStable"):
+                    done.append(study_id)
+            except OrthancError as exc:
+                if "HTTP 404" not in str(exc):
+                    raise
+        if done:
+            self.outbox.mark_stable(done)
+        return len(done)

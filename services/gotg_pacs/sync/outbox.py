@@ -158,6 +158,17 @@ class Outbox:
         value = self._get("heartbeat", "")
         return None if not value else (time.time() if now is None else now) - float(value)
 
+    def arriving_studies(self) -> list[str]:
+        """Studies still waiting for Orthanc's word that they are complete."""
+        return [row[0] for row in self.db.execute(
+            "SELECT DISTINCT s.orthanc_id FROM studies s JOIN instances i "
+            "ON i.study_id = s.orthanc_id WHERE s.stable = 0 AND i.state = 'pending'")]
+
+    def mark_stable(self, study_ids: list[str]) -> None:
+        with self._transaction() as db:
+            db.executemany("UPDATE studies SET stable = 1 WHERE orthanc_id = ?",
+                           [(study_id,) for study_id in study_ids])
+
     def restart_feed(self) -> None:
         """Read Orthanc's changes from the start again (its index went back in time)."""
         with self._transaction() as db:

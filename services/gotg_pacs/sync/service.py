@@ -25,6 +25,7 @@ from .transport import HQClient, HQUnreachable
 log = logging.getLogger(__name__)
 
 BEAT_EVERY = 30.0  # heartbeat into the outbox: SD cards wear with every fsync
+STABILITY_EVERY = 60.0  # catch studies whose StableStudy change an Orthanc restart swallowed
 
 
 class Backoff:
@@ -59,7 +60,7 @@ def run(settings: Settings, idle: float = 1.0) -> int:
     feed = Feed(clinic, outbox)
     sender = (Sender(settings, outbox, clinic, hq_client(settings)) if settings.hq_url else None)
     backoff = Backoff()
-    last_beat = 0.0
+    last_beat = last_stability = 0.0
     log.info("following Orthanc's changes from change %d; %s", outbox.cursor,
              f"sending to {settings.hq_url}" if sender else "no HQ configured")
     try:
@@ -70,6 +71,9 @@ def run(settings: Settings, idle: float = 1.0) -> int:
             busy = False
             try:
                 busy = not feed.step()
+                if not busy and time.monotonic() - last_stability >= STABILITY_EVERY:
+                    feed.check_stability()
+                    last_stability = time.monotonic()
             except OrthancError as exc:
                 log.warning("changes feed paused: %s", exc)
             if sender and outbox.mode(settings.offline_mode) == "auto" and backoff.ready():
