@@ -17,7 +17,11 @@ DEFAULT_TIMEOUT = 10.0
 
 
 class OrthancError(Exception):
-    """Orthanc could not be reached or refused a request."""
+    """Orthanc could not be reached or refused a request (`status`: its HTTP answer, if any)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class OrthancUnreachable(OrthancError):
@@ -53,7 +57,8 @@ class Orthanc:
                 detail = response.json().get("Message", detail)
             except ValueError:
                 pass
-            raise OrthancError(f"{method} {path}: HTTP {response.status_code} {detail}")
+            raise OrthancError(f"{method} {path}: HTTP {response.status_code} {detail}",
+                               status=response.status_code)
         return response
 
     @staticmethod

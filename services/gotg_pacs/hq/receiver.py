@@ -209,9 +209,9 @@ def create_app(settings: Settings) -> Flask:
             log.error("site %s sent %s, HQ holds other content under that UID", meta["site"],
                       meta["sop_uid"])
             abort(409, "HQ holds different content under this SOP Instance UID")
-        for name in ("GotgOriginalMd5", "GotgSite", "GotgCodec"):
-            value = {"GotgOriginalMd5": meta["original_md5"], "GotgSite": meta["site"],
-                     "GotgCodec": meta["codec"]}[name]
+        recorded = {"GotgOriginalMd5": meta["original_md5"], "GotgSite": meta["site"],
+                    "GotgCodec": meta["codec"]}
+        for name, value in recorded.items():
             orthanc.request("PUT", f"/instances/{instance}/metadata/{name}", data=value.encode())
         with open(settings.hq_dir / "transfers.jsonl", "a") as journal:
             # Bytes that crossed the link against bytes needed: what outages really cost.

@@ -49,7 +49,7 @@ class Feed:
             info = self.client.get(f"/instances/{change['ID']}")
             study_id, study_uid = self._study_of(info["ParentSeries"])
         except OrthancError as exc:
-            if "HTTP 404" in str(exc):  # deleted since (Orthanc then drops its changes too)
+            if exc.status == 404:  # deleted since (Orthanc then drops its changes too)
                 return None
             raise
         return NewInstance(orthanc_id=change["ID"], study_id=study_id, study_uid=study_uid,
@@ -92,7 +92,7 @@ class Feed:
                 if self.client.get(f"/studies/{study_id}").get("IsStable"):
                     done.append(study_id)
             except OrthancError as exc:
-                if "HTTP 404" not in str(exc):
+                if exc.status != 404:
                     raise
         if done:
             self.outbox.mark_stable(done)

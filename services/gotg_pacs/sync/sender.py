@@ -107,7 +107,7 @@ class Sender:
                 md5s[row["orthanc_id"]] = self._original_md5(row["orthanc_id"])
                 rows.append(row)
             except OrthancError as exc:
-                if "HTTP 404" in str(exc):
+                if exc.status == 404:
                     log.error("%s was deleted here before HQ had it", row["sop_uid"])
                     self.outbox.gone(row["orthanc_id"])
                 else:
