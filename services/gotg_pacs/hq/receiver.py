@@ -3,9 +3,14 @@
 Stateless apart from a shared folder: an upload in progress is a `.part` file (its size is the
 tus offset) and a `.json` sidecar, so several receivers can serve one HQ behind the proxy and a
 receiver killed mid-upload loses at most the chunk in flight. When the last byte arrives the
-receiver unpacks the payload, checks it against the hashes the clinic sent, stores it in HQ's
-Orthanc, reads back what Orthanc serves, and only then answers with the confirmation header. The
-clinic counts an instance as "at HQ" on that header alone.
+receiver unpacks the payload (streamed: memory stays flat), checks it against the hashes the
+clinic sent, stores it in HQ's Orthanc, reads back what Orthanc serves, and only then answers
+with the confirmation header. The clinic counts an instance as "at HQ" on that header alone.
+
+An upload is locked (flock on its `.part`) from its first byte to its outcome, and the outcome
+(HQ's instance, or why it was refused) is kept for a week as `.done`: a last chunk retried
+because its answer was lost, or sent while a slow finalization runs, gets the same answer and
+never stores the instance twice. Uploads idle for a week are forgotten.
 
 Routes (all need `Authorization: Bearer <site token>`):
   POST  /files              create an upload (Upload-Length, Upload-Metadata)
@@ -19,11 +24,12 @@ from __future__ import annotations
 import base64
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
 import re
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -39,6 +45,9 @@ log = logging.getLogger(__name__)
 
 TUS_VERSION = "1.0.0"
 MAX_UPLOAD = 4 * 2**30
+MAX_CHUNK = 64 * 2**20
+UPLOAD_EXPIRY = 7 * 86400  # an upload idle this long is forgotten (the clinic starts it again)
+SWEEP_EVERY = 3600.0
 REQUIRED_METADATA = ("sop_uid", "codec", "payload_md5", "original_md5")
 
 
@@ -85,28 +94,73 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        abort(410)  # unreadable: the clinic starts a new upload
+
+
+def sweep(uploads: Path, now: float, expiry: float = UPLOAD_EXPIRY) -> int:
+    """Forget uploads untouched for `expiry` (a site that never came back) and old outcomes.
+
+    Every append rewrites the sidecar, so its age is the upload's idleness. A clinic that comes
+    back later simply starts its upload again: the outbox still owes the instance.
+    """
+    removed = 0
+    for sidecar in list(uploads.glob("*.json")) + list(uploads.glob("*.done")):
+        try:
+            if now - sidecar.stat().st_mtime < expiry:
+                continue
+            sidecar.unlink()
+        except FileNotFoundError:
+            continue
+        for leftover in (".part", ".dcm", ".tmp"):
+            sidecar.with_suffix(leftover).unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def create_app(settings: Settings) -> Flask:
     app = Flask("gotg_pacs.hq")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_CHUNK  # one request never fills HQ's memory
     uploads = settings.hq_dir / "uploads"
     uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
     sites = Sites(settings.hq_dir / "sites.json")
     orthanc = Orthanc.from_settings(settings, timeout=120)
+    swept = {"at": 0.0}
 
-    def paths(upload_id: str) -> tuple[Path, Path]:
+    def paths(upload_id: str) -> tuple[Path, Path, Path]:
         if not re.fullmatch(r"[0-9a-f]{32}", upload_id):
             abort(404)
-        return uploads / f"{upload_id}.part", uploads / f"{upload_id}.json"
+        return (uploads / f"{upload_id}.part", uploads / f"{upload_id}.json",
+                uploads / f"{upload_id}.done")
+
+    def outcome(done: Path) -> dict | None:
+        """How a finished upload ended (confirmed or refused), for this site only."""
+        result = _read_json(done)
+        if result is None:
+            return None
+        if result["site"] != g.site:
+            abort(404)  # another site's upload does not exist for this one
+        return result
+
+    def replay(result: dict) -> Response:
+        """The same answer again: a retried last chunk never stores an instance twice."""
+        if "hq_id" not in result:
+            abort(result["status"], result["message"])
+        response = Response(status=204)
+        response.headers["Upload-Offset"] = str(result["length"])
+        response.headers["Gotg-Confirmed"] = result["hq_id"]
+        return response
 
     def load(upload_id: str) -> tuple[Path, Path, dict]:
-        part, sidecar = paths(upload_id)
-        try:
-            meta = json.loads(sidecar.read_text())
-        except FileNotFoundError:
+        part, sidecar, _ = paths(upload_id)
+        meta = _read_json(sidecar)
+        if meta is None or meta["site"] != g.site:
             abort(404)
-        except ValueError:
-            abort(410)  # unreadable: the clinic starts a new upload
-        if meta["site"] != g.site:
-            abort(404)  # another site's upload does not exist for this one
         return part, sidecar, meta
 
     @app.before_request
@@ -116,6 +170,11 @@ def create_app(settings: Settings) -> Flask:
         if site is None:
             abort(401)
         g.site = site
+        if time.time() - swept["at"] > SWEEP_EVERY:
+            swept["at"] = time.time()
+            if removed := sweep(uploads, swept["at"]):
+                log.info("forgot %d uploads idle for over %d days", removed,
+                         UPLOAD_EXPIRY // 86400)
 
     @app.after_request
     def tus_header(response: Response) -> Response:
@@ -134,7 +193,7 @@ def create_app(settings: Settings) -> Flask:
         if missing:
             abort(400, f"Upload-Metadata lacks {', '.join(missing)}")
         upload_id = uuid.uuid4().hex
-        part, sidecar = paths(upload_id)
+        part, sidecar, _ = paths(upload_id)
         part.touch(mode=0o600)
         _write_json(sidecar, {"site": g.site, "length": length, "received": 0,
                               **{k: meta[k] for k in REQUIRED_METADATA}})
@@ -144,71 +203,119 @@ def create_app(settings: Settings) -> Flask:
 
     @app.route("/files/<upload_id>", methods=["HEAD"])
     def offset(upload_id: str) -> Response:
-        part, _, meta = load(upload_id)
         response = Response(status=200)
+        response.headers["Cache-Control"] = "no-store"
+        result = outcome(paths(upload_id)[2])
+        if result is not None:
+            if "hq_id" not in result:
+                abort(410)  # refused: the clinic starts over and hears why
+            response.headers["Upload-Offset"] = response.headers["Upload-Length"] = \
+                str(result["length"])
+            response.headers["Gotg-Confirmed"] = result["hq_id"]
+            return response
+        part, _, meta = load(upload_id)
         response.headers["Upload-Offset"] = str(part.stat().st_size)
         response.headers["Upload-Length"] = str(meta["length"])
-        response.headers["Cache-Control"] = "no-store"
         return response
 
     @app.patch("/files/<upload_id>")
     def append(upload_id: str) -> Response:
         if request.headers.get("Content-Type") != "application/offset+octet-stream":
             abort(415)
+        done = paths(upload_id)[2]
+        if (result := outcome(done)) is not None:
+            return replay(result)
         part, sidecar, meta = load(upload_id)
         with open(part, "ab") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # one writer per upload, whatever the receiver
+            # One writer per upload, whatever the receiver, from the first byte to the
+            # confirmation: a retried last chunk waits here and then gets the same answer.
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            if (result := outcome(done)) is not None:
+                return replay(result)
+            meta = _read_json(sidecar)
+            if meta is None:
+                abort(404)
             current = handle.seek(0, os.SEEK_END)
-            body = request.get_data(cache=False)
-            meta = json.loads(sidecar.read_text())
-            meta["received"] += len(body)  # every byte that crossed the link, even refused ones
-            _write_json(sidecar, meta)
-            if int(request.headers.get("Upload-Offset", -1)) != current:
+            stale = int(request.headers.get("Upload-Offset", -1)) != current
+            written = 0
+            try:
+                while block := request.stream.read(codecs.BLOCK):
+                    written += len(block)
+                    if not stale and current + written <= meta["length"]:
+                        handle.write(block)
+            finally:  # a clinic cut off mid-chunk keeps what arrived: the offset says so
+                meta["received"] += written  # every byte that crossed the link, even refused
+                meta["max_chunk"] = max(meta.get("max_chunk", 0), written)
+                if sys.exc_info()[0] is not None:
+                    handle.flush()
+                    _write_json(sidecar, meta)
+            if stale:
+                _write_json(sidecar, meta)
                 return Response(status=409, headers={"Upload-Offset": str(current)})
-            if current + len(body) > meta["length"]:
+            if current + written > meta["length"]:
+                handle.truncate(current)
+                _write_json(sidecar, meta)
                 abort(400, "more bytes than Upload-Length")
-            handle.write(body)
             handle.flush()
             os.fsync(handle.fileno())
-            new_offset = current + len(body)
+            _write_json(sidecar, meta)
+            new_offset = current + written
+            if new_offset == meta["length"]:
+                return replay(finalize(part, sidecar, done, meta))
         response = Response(status=204)
         response.headers["Upload-Offset"] = str(new_offset)
-        if new_offset == meta["length"]:
-            response.headers["Gotg-Confirmed"] = finalize(part, sidecar, meta)
         return response
 
-    def finalize(part: Path, sidecar: Path, meta: dict) -> str:
-        payload = part.read_bytes()
+    def finish(part: Path, sidecar: Path, done: Path, result: dict) -> dict:
+        """Record the outcome, then drop the upload: a retry finds the outcome, never a gap."""
+        _write_json(done, result)
+        for path in (part, sidecar, part.with_suffix(".dcm")):
+            path.unlink(missing_ok=True)
+        return result
+
+    def refuse(part: Path, sidecar: Path, done: Path, meta: dict, status: int,
+               message: str) -> dict:
+        log.error("site %s: %s refused: %s", meta["site"], meta["sop_uid"], message)
+        return finish(part, sidecar, done, {"site": meta["site"], "length": meta["length"],
+                                            "status": status, "message": message})
+
+    def finalize(part: Path, sidecar: Path, done: Path, meta: dict) -> dict:
+        dicom = part.with_suffix(".dcm")
         try:
-            dicom = codecs.unpack(meta["codec"], payload, meta["payload_md5"],
-                                  meta["original_md5"])
-            header = pydicom.dcmread(io.BytesIO(dicom), stop_before_pixels=True)
+            with open(part, "rb") as payload, open(dicom, "wb") as out:
+                codecs.unpack_to(meta["codec"], payload, out, meta["payload_md5"],
+                                 meta["original_md5"])
+                out.flush()
+                os.fsync(out.fileno())
+            header = pydicom.dcmread(dicom, stop_before_pixels=True)
         except (codecs.CodecError, pydicom.errors.InvalidDicomError) as exc:
-            part.unlink()
-            sidecar.unlink()
-            abort(422, f"refused: {exc}")
-        if str(header.SOPInstanceUID) != meta["sop_uid"]:
-            part.unlink()
-            sidecar.unlink()
-            abort(422, "refused: SOP Instance UID differs from the announced one")
-        try:
-            answer = orthanc.post("/instances", data=dicom,
-                                  headers={"Content-Type": "application/dicom"})
-        except OrthancError as exc:
-            if isinstance(exc, OrthancUnreachable):
-                raise  # HQ's archive is down: a 500, the clinic retries later
-            part.unlink()
-            sidecar.unlink()
-            abort(422, f"refused by HQ's archive: {exc}")
+            return refuse(part, sidecar, done, meta, 422, f"refused: {exc}")
+        if str(header.get("SOPInstanceUID", "")) != meta["sop_uid"]:
+            return refuse(part, sidecar, done, meta, 422,
+                          "refused: SOP Instance UID differs from the announced one")
+        original = hashlib.md5()
+        with open(dicom, "rb") as handle:
+            while block := handle.read(codecs.BLOCK):
+                original.update(block)
+            handle.seek(0)
+            try:
+                answer = orthanc.post("/instances", data=handle,
+                                      headers={"Content-Type": "application/dicom"})
+            except OrthancUnreachable:
+                raise  # HQ's archive is down: a 500, the clinic retries later, nothing lost
+            except OrthancError as exc:
+                return refuse(part, sidecar, done, meta, 422, f"refused by HQ's archive: {exc}")
         instance = answer["ID"]
-        served = hashlib.md5(orthanc.request(
-            "GET", f"/instances/{instance}/attachments/dicom/data").content).hexdigest()
-        if served != hashlib.md5(dicom).hexdigest():
+        served = hashlib.md5()
+        with orthanc.request("GET", f"/instances/{instance}/attachments/dicom/data",
+                             stream=True) as response:
+            for block in response.iter_content(codecs.BLOCK):
+                served.update(block)
+        if served.hexdigest() != original.hexdigest():
             # HQ already holds another version under this UID: never overwritten, never
             # confirmed; the revision and audit handling of conflicts decides (not yet built).
-            log.error("site %s sent %s, HQ holds other content under that UID", meta["site"],
-                      meta["sop_uid"])
-            abort(409, "HQ holds different content under this SOP Instance UID")
+            return refuse(part, sidecar, done, meta, 409,
+                          "HQ holds different content under this SOP Instance UID")
         recorded = {"GotgOriginalMd5": meta["original_md5"], "GotgSite": meta["site"],
                     "GotgCodec": meta["codec"]}
         for name, value in recorded.items():
@@ -217,12 +324,13 @@ def create_app(settings: Settings) -> Flask:
             # Bytes that crossed the link against bytes needed: what outages really cost.
             journal.write(json.dumps({"site": meta["site"], "sop_uid": meta["sop_uid"],
                                       "codec": meta["codec"], "length": meta["length"],
-                                      "received": meta["received"], "hq_id": instance}) + "\n")
-        part.unlink()
-        sidecar.unlink()
+                                      "received": meta["received"],
+                                      "max_chunk": meta.get("max_chunk", 0),
+                                      "hq_id": instance}) + "\n")
         log.info("site %s: %s confirmed as %s (%s)", meta["site"], meta["sop_uid"], instance,
                  meta["codec"])
-        return instance
+        return finish(part, sidecar, done, {"site": meta["site"], "length": meta["length"],
+                                            "hq_id": instance})
 
     @app.post("/api/v1/holdings")
     def holdings() -> Response:

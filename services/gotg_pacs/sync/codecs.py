@@ -18,6 +18,7 @@ import hashlib
 import io
 import logging
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -27,7 +28,10 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 log = logging.getLogger(__name__)
 
 ZSTD_LEVELS = {1: 1, 2: 2, 3: 3, 4: 5, 5: 7, 6: 9, 7: 12, 8: 15, 9: 19}
-MAX_TRANSCODE_BYTES = 128 * 2**20  # decoded pixels held in memory twice while checking
+# Transcoding holds the file, its pixels and each candidate decoded again (~5x the file): above
+# this size an instance is only zstd-compressed, streamed, so a 2 GB Pi never runs short.
+MAX_TRANSCODE_BYTES = 32 * 2**20
+BLOCK = 2**20  # streaming unit for files that are not held in memory
 TRANSCODERS = {"jpegls": JPEGLSLossless, "j2k": JPEG2000Lossless}
 NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
@@ -118,26 +122,86 @@ def pack(original: bytes, level: int) -> Packed:
     return Packed(best_codec, best, len(original), md5, _md5(best))
 
 
-def unpack(codec: str, payload: bytes, payload_md5: str, original_md5: str) -> bytes:
-    """The DICOM file to store at HQ, after checking it is what the clinic sent.
+def pack_stream(source: BinaryIO, out: BinaryIO, level: int) -> tuple[str, str, str]:
+    """zstd (or, at level 0, a plain copy) of a file too large to transcode, streamed in
+    blocks. Returns (codec, original MD5, payload MD5)."""
+    original, payload = hashlib.md5(), hashlib.md5()
+
+    class Hashing:
+        def write(self, data: bytes) -> int:
+            payload.update(data)
+            return out.write(data)
+
+    sink = Hashing()
+    writer = (zstandard.ZstdCompressor(level=ZSTD_LEVELS[level]).stream_writer(
+        sink, closefd=False) if level > 0 else None)
+    while block := source.read(BLOCK):
+        original.update(block)
+        (writer or sink).write(block)
+    if writer:
+        writer.close()
+    return ("zstd" if writer else "identity"), original.hexdigest(), payload.hexdigest()
+
+
+def unpack_to(codec: str, payload: BinaryIO, out: BinaryIO, payload_md5: str,
+              original_md5: str) -> None:
+    """Stream the DICOM file to store at HQ into `out`, checking it is what the clinic sent.
 
     The payload's MD5 proves the transfer; for exact codecs the result's MD5 must also be the
     original's. A transcoded instance was proven pixel- and attribute-identical at the clinic
-    before it left.
+    before it left. Streams in 1 MB blocks: memory stays flat whatever the instance's size.
     """
-    if _md5(payload) != payload_md5:
-        raise CodecError("payload damaged in transit (MD5 differs)")
-    if codec in TRANSCODERS:
-        return payload
-    if codec == "zstd":
-        try:
-            result = zstandard.ZstdDecompressor().decompress(payload)
-        except zstandard.ZstdError as exc:
-            raise CodecError(f"zstd payload does not decompress: {exc}") from None
-    elif codec == "identity":
-        result = payload
-    else:
+    if codec not in ("identity", "zstd", *TRANSCODERS):
         raise CodecError(f"unknown codec {codec!r}")
-    if _md5(result) != original_md5:
+    sent, result = hashlib.md5(), hashlib.md5()
+
+    def payload_blocks():
+        while block := payload.read(BLOCK):
+            sent.update(block)
+            yield block
+
+    if codec == "zstd":
+        blocks = payload_blocks()
+        reader = zstandard.ZstdDecompressor().stream_reader(_Blocks(blocks))
+        try:
+            while block := reader.read(BLOCK):
+                result.update(block)
+                out.write(block)
+        except zstandard.ZstdError as exc:
+            for _ in blocks:  # the whole payload's MD5 says whether the link damaged it
+                pass
+            if sent.hexdigest() != payload_md5:
+                raise CodecError("payload damaged in transit (MD5 differs)") from None
+            raise CodecError(f"zstd payload does not decompress: {exc}") from None
+    else:
+        for block in payload_blocks():
+            result.update(block)
+            out.write(block)
+    if sent.hexdigest() != payload_md5:
+        raise CodecError("payload damaged in transit (MD5 differs)")
+    if codec not in TRANSCODERS and result.hexdigest() != original_md5:
         raise CodecError("unpacked instance differs from the original (MD5)")
-    return result
+
+
+class _Blocks(io.RawIOBase):
+    """A readable file over an iterator of blocks (zstd's stream reader wants one)."""
+
+    def __init__(self, blocks) -> None:
+        self._blocks, self._rest = blocks, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self._rest:
+            self._rest = next(self._blocks, b"")
+        size = min(len(buffer), len(self._rest))
+        buffer[:size], self._rest = self._rest[:size], self._rest[size:]
+        return size
+
+
+def unpack(codec: str, payload: bytes, payload_md5: str, original_md5: str) -> bytes:
+    """`unpack_to` for a payload held in memory."""
+    out = io.BytesIO()
+    unpack_to(codec, io.BytesIO(payload), out, payload_md5, original_md5)
+    return out.getvalue()
