@@ -64,11 +64,8 @@ def _sync(settings: Settings) -> dict[str, Any]:
 
     if not settings.sync_outbox_file.exists():
         return {"name": "sync", "up": False, "error": "has never run (no outbox yet)"}
-    outbox = Outbox(settings.sync_outbox_file)
-    try:
+    with Outbox(settings.sync_outbox_file, readonly=True) as outbox:
         age = outbox.heartbeat_age()
-    finally:
-        outbox.close()
     if age is None or age > SYNC_SILENT_AFTER:
         silent = "never" if age is None else f"{age:.0f}s ago"
         return {"name": "sync", "up": False, "error": f"not running (last heartbeat {silent})"}

@@ -146,3 +146,35 @@ def test_a_study_whose_stable_change_an_orthanc_restart_swallowed_still_goes(app
     assert box.ready() == [] and len(box.arriving_studies()) >= 1
     assert feed.check_stability() == len(box.queue())
     assert len(box.ready()) == len(files)
+
+
+def test_a_rollback_hidden_by_new_images_is_still_noticed(appliance, tmp_path):
+    """After a power cut rolled Orthanc's index back, new images (or re-adopted orphans) can
+    push its changes past our cursor before the sync looks: the change under the cursor's
+    number is then another one, and the feed reads everything again."""
+    files = corpus.renumbered_copies(corpus.representative()[:4], 1, tmp_path / "studies")
+    assert appliance.modality.store(files[:1]).ok
+    box = _catch_up(appliance)
+    cursor = box.cursor
+    # What the outbox recorded under that number is not what Orthanc now shows there.
+    box.record([], [], cursor=cursor, cursor_change="NewInstance not-the-same-instance")
+    assert appliance.modality.store(files[1:]).ok
+    feed = Feed(appliance.orthanc, box)
+    assert feed.step() is False and box.cursor == 0
+    while not feed.step():
+        pass
+    assert _outbox_ids(appliance.settings) == _orthanc_ids(appliance)
+
+
+def test_a_deleted_instance_under_the_cursor_is_no_rollback(appliance, tmp_path):
+    files = corpus.renumbered_copies(corpus.representative()[:2], 1, tmp_path / "studies")
+    assert appliance.modality.store(files[:1]).ok
+    box = _catch_up(appliance)
+    cursor = box.cursor
+    [only] = appliance.orthanc.get("/instances")
+    appliance.orthanc.delete(f"/instances/{only}")  # Orthanc drops its changes too
+    assert appliance.modality.store(files[1:]).ok
+    feed = Feed(appliance.orthanc, box)
+    assert feed.step() is True  # one batch on from the cursor: no restart from change 0
+    assert box.cursor > cursor
+    assert box.db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 2

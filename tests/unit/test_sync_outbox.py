@@ -107,3 +107,53 @@ def test_heartbeat(outbox):
     outbox.beat(NOW)
     assert outbox.heartbeat_age(NOW + 12) == 12
 
+
+
+def test_a_refused_instance_pauses_longer_each_time_and_keeps_its_reason(outbox):
+    outbox.record([_instance(1), _instance(2)], ["study-a"], cursor=2, now=NOW)
+    assert outbox.refused("inst-1", "HQ refused (422): damaged", now=NOW) == 300
+    assert [r["orthanc_id"] for r in outbox.ready(now=NOW + 1)] == ["inst-2"]
+    assert [r["orthanc_id"] for r in outbox.ready(now=NOW + 301)] == ["inst-1", "inst-2"]
+    assert outbox.refused("inst-1", "again", now=NOW + 301) == 1200
+    assert outbox.refused("inst-1", "again", now=NOW + 2000) == 4800
+    for _ in range(5):
+        pause = outbox.refused("inst-1", "again", now=NOW + 2000)
+    assert pause == 86400, "at most a day"
+    [refusal] = outbox.refusals()
+    assert refusal["refusals"] == 8 and refusal["last_error"] == "again"
+    assert outbox.summary(now=NOW)["refused_instances"] == 1
+
+
+def test_backfill_can_be_held_back(outbox):
+    outbox.record([_instance(1, "old", changed_at=NOW - 10 * 86400), _instance(2, "new")],
+                  ["old", "new"], cursor=2, now=NOW)
+    assert [r["orthanc_id"] for r in outbox.ready(now=NOW, include_low=False)] == ["inst-2"]
+    assert len(outbox.ready(now=NOW)) == 2
+
+
+def test_an_outbox_from_before_refusals_gains_the_new_columns(tmp_path):
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE instances (orthanc_id TEXT PRIMARY KEY, study_id TEXT, "
+                     "sop_uid TEXT, size INTEGER, change_seq INTEGER, state TEXT DEFAULT "
+                     "'pending', enqueued_at REAL, upload_url TEXT, codec TEXT, payload_md5 "
+                     "TEXT, original_md5 TEXT, hq_id TEXT, confirmed_at REAL);"
+                     "INSERT INTO instances (orthanc_id, study_id, sop_uid, size, change_seq, "
+                     "enqueued_at) VALUES ('kept', 's', '1.2', 5, 1, 0);")
+    db.commit()
+    db.close()
+    box = Outbox(path)
+    rows = box.db.execute("SELECT orthanc_id, refusals, retry_at FROM instances")
+    assert [tuple(row) for row in rows] == [("kept", 0, 0)]
+    box.close()
+
+
+def test_a_read_only_outbox_never_creates_or_writes(tmp_path, outbox):
+    with pytest.raises(OutboxError, match="has not run"):
+        Outbox(tmp_path / "missing.sqlite", readonly=True)
+    assert not (tmp_path / "missing.sqlite").exists()
+    outbox.record([_instance(1)], [], cursor=1, now=NOW)
+    with Outbox(outbox.path, readonly=True) as reader:
+        assert reader.cursor == 1
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            reader.set_mode("offline")

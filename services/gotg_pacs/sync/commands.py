@@ -10,11 +10,14 @@ import click
 
 from ..clikit import Context, emit, json_option, pass_context
 from ..orthanc import Orthanc, OrthancError
-from .outbox import MODES, Outbox
+from .outbox import MODES, Outbox, OutboxError
 
 
-def _outbox(ctx: Context) -> Outbox:
-    return Outbox(ctx.settings.sync_outbox_file)
+def _outbox(ctx: Context, readonly: bool = False) -> Outbox:
+    try:
+        return Outbox(ctx.settings.sync_outbox_file, readonly=readonly)
+    except OutboxError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _age(seconds: float | None) -> str:
@@ -49,9 +52,11 @@ def sync_run(ctx: Context, as_json: bool) -> None:
 def sync_status(ctx: Context, as_json: bool) -> None:
     """Mode, feed position, what is owed to HQ per priority, the oldest wait."""
     settings = ctx.settings
-    outbox = _outbox(ctx)
-    report = {"mode": outbox.mode(settings.offline_mode), "configured_mode": settings.offline_mode,
-              "hq_url": settings.hq_url or None, **outbox.summary()}
+    with _outbox(ctx, readonly=True) as outbox:
+        report = {"mode": outbox.mode(settings.offline_mode),
+                  "configured_mode": settings.offline_mode, "hq_url": settings.hq_url or None,
+                  "heartbeat_age_s": outbox.heartbeat_age(), "link": outbox.link(),
+                  **outbox.summary(), "refusals": outbox.refusals(5)}
     try:
         last = Orthanc.from_settings(settings, timeout=5).get(
             "/changes", params={"last": ""})["Last"]
@@ -59,15 +64,28 @@ def sync_status(ctx: Context, as_json: bool) -> None:
     except OrthancError as exc:
         report["feed_lag_changes"] = None
         report["orthanc_error"] = str(exc)
+    link = report["link"]
     lines = [f"sync mode {report['mode']}"
              + (" (set here; OFFLINE_MODE says " + settings.offline_mode + ")"
                 if report["mode"] != settings.offline_mode else "")
              + f", HQ {report['hq_url'] or 'not configured (HQ_URL)'}",
+             ("link " + link["tier"]
+              + (f", {link['throughput_mbps']} Mbit/s" if link.get("throughput_mbps") else "")
+              + (f", {link['latency_ms']:.0f} ms" if link.get("latency_ms") else "")
+              + (f", HQ unreachable for {_age(link['outage_s'])}"
+                 if link.get("circuit") == "open" else "")
+              if link.get("tier") else "link not measured yet")
+             + f" (service last seen {_age(report['heartbeat_age_s'])} ago)",
              f"feed at change {report['cursor']}, "
              + (f"{report['feed_lag_changes']} behind Orthanc"
                 if report["feed_lag_changes"] is not None else "Orthanc not answering"),
              f"oldest waiting {_age(report['oldest_pending_age_s'])}, "
-             f"{report['overdue_studies']} studies past their deadline"]
+             f"{report['overdue_studies']} studies past their deadline, "
+             f"{report['refused_instances']} instances refused or failing"]
+    for refusal in report["refusals"]:
+        lines.append(f"  refused {refusal['sop_uid']} ({refusal['refusals']}x, next try in "
+                     f"{_age(max(0.0, refusal['retry_at'] - time.time()))}): "
+                     f"{refusal['last_error']}")
     for priority, counts in report["pending_by_priority"].items():
         lines.append(f"  {priority:<9}{counts['studies']:>6} studies {counts['instances']:>7} "
                      f"instances {counts['bytes'] / 2**20:>10.1f} MB waiting")
@@ -80,7 +98,8 @@ def sync_status(ctx: Context, as_json: bool) -> None:
 @pass_context
 def sync_queue(ctx: Context, limit: int, as_json: bool) -> None:
     """Studies waiting for HQ, in the order they will go."""
-    rows = _outbox(ctx).queue(limit)
+    with _outbox(ctx, readonly=True) as outbox:
+        rows = outbox.queue(limit)
     now = time.time()
 
     def due(row: dict) -> str:
@@ -109,9 +128,11 @@ def sync_prioritize(ctx: Context, study: str, as_json: bool) -> None:
             found = [{"ID": study}]
         except OrthancError:
             raise click.ClickException(f"no study {study!r} in this archive") from None
-    for item in found:  # one UID can name studies of different patients
-        uid = client.get(f"/studies/{item['ID']}")["MainDicomTags"].get("StudyInstanceUID", "")
-        _outbox(ctx).prioritize(item["ID"], uid)
+    with _outbox(ctx) as outbox:
+        for item in found:  # one UID can name studies of different patients
+            uid = client.get(f"/studies/{item['ID']}")["MainDicomTags"].get(
+                "StudyInstanceUID", "")
+            outbox.prioritize(item["ID"], uid)
     emit({"prioritized": [item["ID"] for item in found], "priority": "critical"}, as_json,
          f"{len(found)} study(ies) marked critical: sent first, even before complete")
 
@@ -159,32 +180,37 @@ def sync_now(ctx: Context, as_json: bool) -> None:
     from .transport import HQUnreachable
 
     _hq_configured(ctx)
-    outbox = _outbox(ctx)
-    if outbox.mode(ctx.settings.offline_mode) == "offline":
-        raise click.ClickException("sync mode is offline here: `pacs sync mode auto` first")
-    clinic = Orthanc.from_settings(ctx.settings)
-    feed = Feed(clinic, outbox)
-    while not feed.step():
-        pass
-    sender = Sender(ctx.settings, outbox, clinic, hq_client(ctx.settings))
-    totals = {"confirmed": 0, "already_held": 0, "refused": 0}
-    while True:
+    with _outbox(ctx) as outbox:
+        if outbox.mode(ctx.settings.offline_mode) == "offline":
+            raise click.ClickException("sync mode is offline here: `pacs sync mode auto` first")
+        clinic = Orthanc.from_settings(ctx.settings)
+        feed = Feed(clinic, outbox)
+        while not feed.step():
+            pass
+        sender = Sender(ctx.settings, outbox, clinic, hq_client(ctx.settings))
+        totals = {"confirmed": 0, "already_held": 0, "refused": 0}
         try:
-            sent = sender.send()
-        except HQUnreachable as exc:
-            raise click.ClickException(f"HQ not reachable ({exc}); everything stays queued, "
-                                       "the sync service keeps trying") from None
-        if not (sent.confirmed or sent.already_held):
-            break
-        for key in totals:
-            totals[key] += len(getattr(sent, key))
-        if not as_json:
-            click.echo(f"  {totals['confirmed']} sent, {totals['already_held']} already at HQ",
-                       err=True)
-    totals["still_waiting"] = outbox.summary()["instances"].get("pending", {}).get("instances", 0)
+            while True:
+                try:
+                    sent = sender.send()
+                except HQUnreachable as exc:
+                    raise click.ClickException(
+                        f"HQ not reachable ({exc}); everything stays queued, the sync service "
+                        "keeps trying") from None
+                for key in totals:
+                    totals[key] += len(getattr(sent, key))
+                if not (sent.confirmed or sent.already_held):
+                    break
+                if not as_json:
+                    click.echo(f"  {totals['confirmed']} sent, {totals['already_held']} already "
+                               "at HQ", err=True)
+        finally:
+            sender.close()
+        totals["still_waiting"] = outbox.summary()["instances"].get(
+            "pending", {}).get("instances", 0)
     emit(totals, as_json, f"{totals['confirmed']} sent and confirmed, {totals['already_held']} "
          f"already at HQ, {totals['refused']} refused, {totals['still_waiting']} still waiting "
-         "(studies not yet complete wait for StableAge)")
+         "(studies not yet complete wait for StableAge; refused ones wait for their next try)")
 
 
 @sync.command("mode")
@@ -193,6 +219,7 @@ def sync_now(ctx: Context, as_json: bool) -> None:
 @pass_context
 def sync_mode(ctx: Context, mode: str, as_json: bool) -> None:
     """offline: never reach out to HQ from here; auto: whenever a network exists."""
-    _outbox(ctx).set_mode(mode)
+    with _outbox(ctx) as outbox:
+        outbox.set_mode(mode)
     emit({"mode": mode}, as_json, f"sync mode is now {mode}")
 

@@ -6,9 +6,10 @@ together with the new cursor in one transaction. A crash before that commit mean
 read again; after it, never. No full rescans: the archive is walked only through its changes.
 
 If Orthanc's index went back in time (a power cut rolled back its last transactions, or it was
-restored from a backup), its last change number is below our cursor and new changes would reuse
-numbers we already passed. The feed then starts over from change 0: re-reading costs only time,
-the outbox ignores what it already holds, and nothing is skipped.
+restored from a backup), new changes reuse numbers we already passed. The feed notices (the
+changes end before our cursor, or another change sits under the cursor's number) and starts over
+from change 0: re-reading costs only time, the outbox ignores what it already holds, and nothing
+is skipped.
 """
 
 from __future__ import annotations
@@ -57,17 +58,36 @@ class Feed:
                            size=int(info.get("FileSize", 0)), change_seq=change["Seq"],
                            changed_at=_change_time(change))
 
+    def _went_back(self, answer: dict, cursor: int) -> bool:
+        """Did Orthanc's index go back in time below our cursor?
+
+        Either its changes now end before the cursor, or the change it shows under the cursor's
+        number is not the one we recorded there (new changes reused the numbers: a power cut
+        rolled the index back and images arrived before we looked). A missing change under that
+        number is no sign: Orthanc drops the changes of deleted resources.
+        """
+        if answer["Last"] < cursor:
+            return True
+        changes = answer["Changes"]
+        if cursor and changes and changes[0]["Seq"] == cursor and self.outbox.cursor_change:
+            return f"{changes[0]['ChangeType']} {changes[0]['ID']}" != self.outbox.cursor_change
+        return False
+
     def step(self) -> bool:
         """Read and record one batch; True when the feed is caught up."""
         cursor = self.outbox.cursor
-        answer = self.client.get("/changes", params={"since": cursor, "limit": BATCH})
-        if answer["Last"] < cursor:
-            log.warning("Orthanc's changes end at %d, before our cursor %d: its index went back "
-                        "in time; reading its changes again from the start", answer["Last"], cursor)
+        # From one before the cursor: the cursor's own change comes back as a check.
+        answer = self.client.get("/changes", params={"since": max(0, cursor - 1),
+                                                     "limit": BATCH})
+        if self._went_back(answer, cursor):
+            log.warning("Orthanc's index went back in time (its changes end at %d, our cursor "
+                        "is %d): reading its changes again from the start", answer["Last"],
+                        cursor)
             self.outbox.restart_feed()
             return False
+        changes = [change for change in answer["Changes"] if change["Seq"] > cursor]
         instances, stable = [], []
-        for change in answer["Changes"]:
+        for change in changes:
             kind = change["ChangeType"]
             if kind == "NewInstance":
                 item = self._instance(change)
@@ -75,9 +95,10 @@ class Feed:
                     instances.append(item)
             elif kind == "StableStudy":
                 stable.append(change["ID"])
-        new_cursor = answer["Changes"][-1]["Seq"] if answer["Changes"] else cursor
-        if new_cursor != cursor:
-            self.outbox.record(instances, stable, new_cursor)
+        if changes:
+            last = changes[-1]
+            self.outbox.record(instances, stable, last["Seq"],
+                               f"{last['ChangeType']} {last['ID']}")
         return bool(answer["Done"])
 
     def check_stability(self) -> int:

@@ -13,6 +13,7 @@ comes before a fresh high one: nothing starves.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -24,6 +25,13 @@ from pathlib import Path
 PRIORITIES = {"critical": 0, "high": 3600, "medium": 6 * 3600, "low": 7 * 86400}
 RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 MODES = ("auto", "offline")
+# Columns added after the first release, with their definitions: an older outbox gains them.
+ADDED_COLUMNS = {
+    "refusals": "INTEGER NOT NULL DEFAULT 0",
+    "retry_at": "REAL NOT NULL DEFAULT 0",
+    "last_error": "TEXT",
+}
+REFUSAL_PAUSE = 300.0  # first pause after a refusal; x4 each time, at most a day
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,7 +59,11 @@ CREATE TABLE IF NOT EXISTS instances (
     original_md5 TEXT,
     -- HQ's word that it stored and verified the instance
     hq_id        TEXT,
-    confirmed_at REAL
+    confirmed_at REAL,
+    -- refused by HQ or failing here: retried with a growing pause, the reason kept for staff
+    refusals     INTEGER NOT NULL DEFAULT 0,
+    retry_at     REAL NOT NULL DEFAULT 0,
+    last_error   TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_study ON instances (study_id, state);
 """
@@ -75,14 +87,33 @@ class NewInstance:
 
 
 class Outbox:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        """The outbox at `path`; `readonly` for those who only look (status, queue): they never
+        create it or take a write lock. A missing read-only outbox raises OutboxError."""
         self.path = path
+        if readonly:
+            if not path.exists():
+                raise OutboxError(f"no sync outbox yet at {path} (pacs-sync has not run)")
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30,
+                                      isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            return
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(instances)")}
+        for column, definition in ADDED_COLUMNS.items():
+            if column not in present:
+                self.db.execute(f"ALTER TABLE instances ADD COLUMN {column} {definition}")
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
 
     def close(self) -> None:
         self.db.close()
@@ -112,6 +143,12 @@ class Outbox:
         """The last Orthanc change already in the outbox."""
         return int(self._get("changes_cursor", "0"))
 
+    @property
+    def cursor_change(self) -> str:
+        """What the cursor's change was ("ChangeType ID"): if Orthanc later shows another
+        change under that number, its index went back in time."""
+        return self._get("changes_cursor_change", "")
+
     def mode(self, configured: str) -> str:
         """`offline` if staff switched sync off here, else what OFFLINE_MODE says."""
         return self._get("mode", configured)
@@ -125,7 +162,7 @@ class Outbox:
     # --- fed by Orthanc's changes --------------------------------------------------------------
 
     def record(self, instances: Iterable[NewInstance], stable_studies: Iterable[str],
-               cursor: int, now: float | None = None,
+               cursor: int, cursor_change: str = "", now: float | None = None,
                backfill_age: float = 86400) -> None:
         """One batch of changes and the cursor after it, atomically.
 
@@ -148,11 +185,19 @@ class Outbox:
             for study_id in stable_studies:
                 db.execute("UPDATE studies SET stable = 1 WHERE orthanc_id = ?", (study_id,))
             self._set(db, "changes_cursor", str(cursor))
+            self._set(db, "changes_cursor_change", cursor_change)
 
-    def beat(self, now: float | None = None) -> None:
-        """The service is alive (written every 30 s at most: SD cards wear with every fsync)."""
+    def beat(self, now: float | None = None, link: str | None = None) -> None:
+        """The service is alive, and what it knows of the link to HQ (JSON), for status
+        (written every 30 s at most: SD cards wear with every fsync)."""
         with self._transaction() as db:
             self._set(db, "heartbeat", str(time.time() if now is None else now))
+            if link is not None:
+                self._set(db, "link", link)
+
+    def link(self) -> dict:
+        """The link to HQ as the service last saw it (empty before it first looked)."""
+        return json.loads(self._get("link", "{}"))
 
     def heartbeat_age(self, now: float | None = None) -> float | None:
         value = self._get("heartbeat", "")
@@ -173,6 +218,7 @@ class Outbox:
         """Read Orthanc's changes from the start again (its index went back in time)."""
         with self._transaction() as db:
             self._set(db, "changes_cursor", "0")
+            self._set(db, "changes_cursor_change", "")
 
     # --- the transfer to HQ ----------------------------------------------------------------------
 
@@ -198,6 +244,27 @@ class Outbox:
         with self._transaction() as db:
             db.execute("UPDATE instances SET state = 'gone', upload_url = NULL "
                        "WHERE orthanc_id = ? AND state = 'pending'", (instance_id,))
+
+    def refused(self, instance_id: str, reason: str, now: float | None = None) -> float:
+        """HQ said no, or it could not be packed here: try again after a growing pause (5 min,
+        20 min, 80 min, ... at most a day) so a paid link is not spent on the same refusal every
+        turn, and keep the reason for `pacs sync status`. Returns the pause."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            count = db.execute("SELECT refusals FROM instances WHERE orthanc_id = ?",
+                               (instance_id,)).fetchone()[0] + 1
+            pause = min(86400.0, REFUSAL_PAUSE * 4 ** (count - 1))
+            db.execute("UPDATE instances SET refusals = ?, retry_at = ?, last_error = ?, "
+                       "upload_url = NULL WHERE orthanc_id = ?",
+                       (count, now + pause, reason[:500], instance_id))
+        return pause
+
+    def refusals(self, limit: int = 20) -> list[dict]:
+        """Instances HQ refused or that failed here, still owed, most recent reason first."""
+        return [dict(row) for row in self.db.execute(
+            "SELECT orthanc_id, sop_uid, refusals, retry_at, last_error FROM instances "
+            "WHERE state = 'pending' AND refusals > 0 ORDER BY retry_at DESC LIMIT ?",
+            (limit,))]
 
     def confirm(self, instance_id: str, hq_id: str, now: float | None = None) -> None:
         """HQ stored and verified it: the only way an instance ever counts as at HQ."""
@@ -230,14 +297,22 @@ class Outbox:
                LIMIT ?""", (limit,)).fetchall()
         return [dict(row) for row in rows]
 
-    def ready(self, limit: int = 100) -> list[sqlite3.Row]:
-        """Pending instances that may go now: of stable studies, or of critical ones at once."""
+    def ready(self, limit: int = 100, now: float | None = None,
+              include_low: bool = True) -> list[sqlite3.Row]:
+        """Pending instances that may go now: of stable studies, or of critical ones at once;
+        not those pausing after a refusal; back-fill (low) only if `include_low`."""
         return self.db.execute(
             """SELECT i.*, s.priority, s.due_at FROM instances i
                JOIN studies s ON s.orthanc_id = i.study_id
                WHERE i.state = 'pending' AND (s.stable = 1 OR s.priority = 'critical')
+                     AND i.retry_at <= ? AND (? OR s.priority != 'low')
                ORDER BY s.priority != 'critical', s.due_at, s.enqueued_at, i.change_seq
-               LIMIT ?""", (limit,)).fetchall()
+               LIMIT ?""", (time.time() if now is None else now, include_low, limit)).fetchall()
+
+    def is_pending(self, instance_id: str) -> bool:
+        row = self.db.execute("SELECT state FROM instances WHERE orthanc_id = ?",
+                              (instance_id,)).fetchone()
+        return bool(row) and row[0] == "pending"
 
     def summary(self, now: float | None = None) -> dict:
         now = time.time() if now is None else now
@@ -254,8 +329,11 @@ class Outbox:
             """SELECT COUNT(DISTINCT s.orthanc_id) FROM studies s
                JOIN instances i ON i.study_id = s.orthanc_id
                WHERE i.state = 'pending' AND s.due_at < ?""", (now,)).fetchone()[0]
+        refused = self.db.execute(
+            "SELECT COUNT(*) FROM instances WHERE state = 'pending' AND refusals > 0").fetchone()[0]
         return {
             "cursor": self.cursor,
+            "refused_instances": refused,
             "instances": by_state,
             "pending_by_priority": {p: pending.get(p, {"studies": 0, "instances": 0, "bytes": 0})
                                     for p in PRIORITIES},
