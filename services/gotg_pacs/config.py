@@ -157,6 +157,29 @@ class Duration(Kind):
 
 
 @dataclass(frozen=True)
+class TimeWindow(Kind):
+    """A daily window of local time `HH:MM-HH:MM` (may cross midnight), or empty for none;
+    parsed to (start, end) minutes after midnight."""
+
+    allowed: str = "HH:MM-HH:MM in local time, e.g. 22:00-06:00 (empty: none)"
+
+    def parse(self, text: str) -> tuple[int, int] | None:
+        if not text:
+            return None
+        match = re.fullmatch(r"(\d\d):(\d\d)-(\d\d):(\d\d)", text)
+        if not match:
+            raise ValueError("is not HH:MM-HH:MM")
+        values = [int(v) for v in match.groups()]
+        hours, minutes = values[::2], values[1::2]
+        if any(h > 23 for h in hours) or any(m > 59 for m in minutes):
+            raise ValueError("is not a time of day")
+        start, end = (h * 60 + m for h, m in zip(hours, minutes, strict=True))
+        if start == end:
+            raise ValueError("is empty (start and end are the same)")
+        return start, end
+
+
+@dataclass(frozen=True)
 class PathValue(Kind):
     """A filesystem path; relative paths are taken from the env file's own folder."""
 
@@ -301,6 +324,11 @@ class Settings:
     compression_level: int = setting(
         "COMPRESSION_LEVEL", Integer(minimum=0, maximum=9), "6",
         "Lossless compression effort for transfers, 0 (none) to 9 (smallest, slowest).", "Sync")
+    offpeak_window: tuple[int, int] | None = setting(
+        "SYNC_OFFPEAK_WINDOW", TimeWindow(), "",
+        "When back-fill (studies older than a day when sync first saw them) may be sent, e.g. "
+        "22:00-06:00 where daytime bandwidth is paid or shared. Empty: any time. New and "
+        "urgent studies are never held back.", "Sync")
 
     # HQ (only on the central archive)
     hq_receiver_port: int = setting(

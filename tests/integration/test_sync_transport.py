@@ -6,14 +6,20 @@ already has must cost only a question; a transfer cut anywhere must resume, not 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pydicom
 import pytest
 
+from gotg_pacs.hq.receiver import sweep
 from gotg_pacs.process import wait_until
 from gotg_pacs.sync.outbox import Outbox
 from gotg_pacs.sync.sender import Sender
@@ -49,13 +55,15 @@ def test_every_instance_reaches_hq_verified_and_a_resend_costs_only_the_question
     again = Sender(clinic.settings, fresh, clinic.orthanc, HQClient(hq.url, hq.token))
     result = again.send()
     assert len(result.already_held) == len(files) and not result.confirmed
-    assert again.hq.stats.bytes_sent == 0
+    assert again.hq.bytes_sent == 0
 
 
 def test_a_transfer_killed_mid_upload_resumes_losing_at_most_one_chunk(clinic, hq, tmp_path):
     big = corpus.DATA_DIR / "RG3_UNCR.dcm"  # 6 MB; sent as is to make the upload long
     env = clinic.env_file
-    env.write_text(env.read_text().replace("COMPRESSION_LEVEL=6", "COMPRESSION_LEVEL=0"))
+    # A 4 Mbit/s cap: chunks of about 2 MB (four seconds of the link), three of them.
+    env.write_text(env.read_text().replace("COMPRESSION_LEVEL=6", "COMPRESSION_LEVEL=0")
+                   + "MAX_BANDWIDTH_MBPS=4\n")
     box = owe(clinic, [big])
     box.close()
     argv = [sys.executable, "-m", "gotg_pacs", "--env-file", str(env), "sync", "run"]
@@ -68,20 +76,20 @@ def test_a_transfer_killed_mid_upload_resumes_losing_at_most_one_chunk(clinic, h
     service.wait(10)
     [part] = uploads.glob("*.part")
     assert 0 < part.stat().st_size < big.stat().st_size
-    service = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    service = subprocess.Popen(argv, stderr=open(tmp_path / "sync.log", "w"))  # noqa: SIM115
     try:
-        uid = str(pydicom.dcmread(big, stop_before_pixels=True).SOPInstanceUID)
-        assert wait_until(lambda: hq.orthanc.find_instance(uid), 120, interval=0.5)
+        assert wait_until(lambda: Outbox(clinic.settings.sync_outbox_file).summary()["instances"]
+                          .get("confirmed", {}).get("instances") == 1, 60, interval=0.5)
     finally:
         service.terminate()
         service.wait(30)
     [entry] = [json.loads(line) for line in
                (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()]
     assert entry["codec"] == "identity"
-    assert entry["received"] - entry["length"] <= 256 * 1024, "more than one chunk re-sent"
+    assert entry["max_chunk"] <= 2 * 2**20, "chunks follow the capped rate"
+    assert entry["received"] - entry["length"] <= entry["max_chunk"], "more than a chunk re-sent"
+    uid = str(pydicom.dcmread(big, stop_before_pixels=True).SOPInstanceUID)
     assert same_at_hq(clinic.orthanc, hq.orthanc, uid)
-    assert wait_until(lambda: Outbox(clinic.settings.sync_outbox_file).summary()["instances"]
-                      .get("confirmed", {}).get("instances") == 1, 30)
 
 
 def test_hq_refuses_strangers_revoked_sites_and_damaged_payloads(clinic, hq):
@@ -151,3 +159,100 @@ def test_an_instance_deleted_here_before_hq_had_it_is_never_counted_and_blocks_n
     assert states[victim_id] == "gone"
     assert sorted(states.values()) == ["confirmed", "confirmed", "gone"]
     assert hq.orthanc.find_instance(victim) == []
+
+
+def _upload_whole(client: HQClient, payload: bytes, sop_uid: str) -> str:
+    """An upload at HQ with every byte but the last in place."""
+    url = client.create(len(payload), {"sop_uid": sop_uid, "codec": "identity",
+                                       "payload_md5": hashlib.md5(payload).hexdigest(),
+                                       "original_md5": hashlib.md5(payload).hexdigest()})
+    assert client.append(url, 0, payload[:-1]) == (len(payload) - 1, None)
+    return url
+
+
+def test_a_last_chunk_sent_twice_at_once_stores_once_and_answers_both(hq):
+    """The clinic's timeout can fire while HQ still stores a large instance: the retried last
+    chunk must wait for the first and get the same confirmation, never a second store."""
+    source = corpus.DATA_DIR / "MR2_UNCR.dcm"
+    payload = source.read_bytes()
+    uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+    url = _upload_whole(HQClient(hq.url, hq.token), payload, uid)
+    answers = []
+
+    def last_chunk() -> None:
+        answers.append(HQClient(hq.url, hq.token, timeout=60).append(url, len(payload) - 1,
+                                                                     payload[-1:]))
+
+    threads = [threading.Thread(target=last_chunk) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    [hq_id] = hq.orthanc.find_instance(uid)
+    assert answers == [(len(payload), hq_id)] * 4
+    journal = (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()
+    assert len(journal) == 1, "finalized once"
+    # Asked again later (the answer was lost): HEAD and PATCH both still confirm it.
+    assert HQClient(hq.url, hq.token).offset(url) == (len(payload), hq_id)
+    assert HQClient(hq.url, hq.token).append(url, len(payload), b"") == (len(payload), hq_id)
+    assert list((hq.settings.hq_dir / "uploads").glob("*.part")) == []
+
+
+def test_a_refusal_is_answered_again_the_same_and_another_site_sees_nothing(hq):
+    client = HQClient(hq.url, hq.token)
+    url = _upload_whole(client, b"not dicom at all", "1.2.3")
+    with pytest.raises(HQRefused) as first:
+        client.append(url, 15, b"l")
+    with pytest.raises(HQRefused) as again:
+        client.append(url, 16, b"")
+    assert first.value.status == again.value.status == 422
+    assert client.offset(url) is None, "a refused upload is gone: the clinic starts over"
+    other = json.loads(run_pacs("hq", "site", "add", "other-site", "--json",
+                                env_file=hq.env_file).stdout)["hq_token"]
+    with pytest.raises(HQRefused) as stranger:
+        HQClient(hq.url, other).append(url, 16, b"")
+    assert stranger.value.status == 404
+
+
+def test_uploads_idle_for_a_week_are_forgotten(tmp_path):
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    now = time.time()
+    for name, age_days in (("a" * 32, 8), ("b" * 32, 1)):
+        for suffix in (".part", ".json"):
+            (uploads / f"{name}{suffix}").write_bytes(b"x")
+        os.utime(uploads / f"{name}.json", (now - age_days * 86400,) * 2)
+    (uploads / f"{'c' * 32}.done").write_text("{}")
+    os.utime(uploads / f"{'c' * 32}.done", (now - 9 * 86400,) * 2)
+    assert sweep(uploads, now) == 2
+    assert sorted(p.name for p in uploads.iterdir()) == [f"{'b' * 32}.json", f"{'b' * 32}.part"]
+
+
+def test_an_instance_hq_refuses_waits_before_it_is_tried_again_and_staff_see_why(clinic, hq):
+    """HQ holds other content under the same SOP Instance UID: refused (never overwritten),
+    and not re-packed and re-sent on every turn of a paid link."""
+    [source] = corpus.representative()[:1]
+    dataset = pydicom.dcmread(source)
+    dataset.PatientName = "Other^Version"
+    other = io.BytesIO()
+    dataset.save_as(other)
+    hq.orthanc.post("/instances", data=other.getvalue())
+    box = owe(clinic, [source])
+    sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
+    first = sender.send()
+    assert len(first.refused) == 1 and not first.confirmed
+    sent_before = sender.hq.bytes_sent
+    assert sender.send().refused == [], "paused: not tried again at once"
+    assert sender.hq.bytes_sent == sent_before
+    [refusal] = box.refusals()
+    assert refusal["refusals"] == 1 and "different content" in refusal["last_error"]
+    assert refusal["retry_at"] > time.time() + 200
+    sender.close()
+    box.close()
+    status = run_pacs("sync", "status", "--json", env_file=clinic.env_file)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["refused_instances"] == 1
+    assert "different content" in report["refusals"][0]["last_error"]
+    text = run_pacs("sync", "status", env_file=clinic.env_file).stdout
+    assert "1 instances refused" in text and "different content" in text

@@ -1,17 +1,22 @@
-"""Sending what the outbox owes HQ: ask first, pack, upload resumably, count only confirmations.
+"""Sending what the outbox owes HQ: ask first, pack ahead, upload resumably, count confirmations.
 
 For each batch of ready instances (in the outbox's order): HQ is asked which it already holds
 (SOP Instance UID and original MD5), and those are confirmed without a byte of image sent. Each
-other instance is packed (the smallest verified lossless form), the payload kept on disk until
-HQ confirms, and uploaded in chunks. The upload's address is durable in the outbox, so after a
-disconnect, a kill -9 or a power cut the transfer resumes at HQ's offset: an outage costs at most
-the chunk in flight. Nothing here ever deletes an image.
+other instance is packed (the smallest verified lossless form) into a payload file, by a packer
+thread working a few instances ahead so the link never waits for the CPU, and uploaded in chunks
+sized to the link. The upload's address is durable in the outbox and the payload stays on disk
+until HQ confirms, so after a disconnect, a kill -9 or a power cut the transfer resumes at HQ's
+offset: an outage costs at most the chunk in flight. Nothing here ever deletes an image.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
+import os
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +28,22 @@ from .transport import HQClient, HQRefused, HQUnreachable
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256 * 1024
+LOOKAHEAD = 3  # instances packed ahead of the one being sent
+
+
+class DamagedHere(Exception):
+    """The stored file no longer matches the MD5 Orthanc took at ingest."""
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One packed instance on disk, as it travels."""
+
+    path: Path
+    codec: str
+    size: int
+    original_md5: str
+    payload_md5: str
 
 
 @dataclass
@@ -33,76 +53,164 @@ class Sent:
     refused: list[str] = field(default_factory=list)        # HQ said no; retried later
 
 
+class Packer:
+    """Packs instances into payload files, on its own thread and Orthanc connection.
+
+    A payload and its `.json` sidecar are written under temporary names and renamed, so one
+    found on disk after a crash is whole and is reused rather than packed again.
+    """
+
+    def __init__(self, settings: Settings, directory: Path) -> None:
+        self.settings = settings
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="packer")
+
+    def _clinic(self) -> Orthanc:
+        if not hasattr(self._local, "clinic"):
+            self._local.clinic = Orthanc.from_settings(self.settings, timeout=120)
+        return self._local.clinic
+
+    def path(self, instance_id: str) -> Path:
+        return self.directory / instance_id
+
+    def submit(self, instance_id: str, original_md5: str, level: int) -> Future:
+        return self._pool.submit(self.pack, instance_id, original_md5, level)
+
+    def existing(self, instance_id: str, original_md5: str) -> Payload | None:
+        path = self.path(instance_id)
+        try:
+            meta = json.loads(path.with_suffix(".json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        if meta["original_md5"] != original_md5 or not path.exists():
+            return None  # the clinic's instance changed since: pack again
+        return Payload(path, meta["codec"], path.stat().st_size, meta["original_md5"],
+                       meta["payload_md5"])
+
+    def pack(self, instance_id: str, original_md5: str, level: int) -> Payload:
+        if found := self.existing(instance_id, original_md5):
+            return found
+        path = self.path(instance_id)
+        original = path.with_suffix(".dcm")
+        with self._clinic().request("GET", f"/instances/{instance_id}/file",
+                                    stream=True) as response, open(original, "wb") as out:
+            for block in response.iter_content(codecs.BLOCK):
+                out.write(block)
+        try:
+            tmp = path.with_suffix(".tmp")
+            if original.stat().st_size <= codecs.MAX_TRANSCODE_BYTES:
+                packed = codecs.pack(original.read_bytes(), level)
+                tmp.write_bytes(packed.payload)
+                codec, md5, payload_md5 = packed.codec, packed.original_md5, packed.payload_md5
+            else:
+                with open(original, "rb") as source, open(tmp, "wb") as out:
+                    codec, md5, payload_md5 = codecs.pack_stream(source, out, level)
+        finally:
+            original.unlink(missing_ok=True)
+        if md5 != original_md5:
+            tmp.unlink(missing_ok=True)
+            raise DamagedHere("the stored file no longer matches the MD5 Orthanc took at "
+                              "ingest (disk damage?): not sent, left for the integrity check")
+        os.replace(tmp, path)
+        meta = {"codec": codec, "original_md5": md5, "payload_md5": payload_md5}
+        path.with_suffix(".json.tmp").write_text(json.dumps(meta))
+        os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))
+        return Payload(path, codec, path.stat().st_size, md5, payload_md5)
+
+    def discard(self, instance_id: str) -> None:
+        path = self.path(instance_id)
+        for leftover in (path, path.with_suffix(".json"), path.with_suffix(".tmp"),
+                         path.with_suffix(".dcm")):
+            leftover.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class Sender:
     def __init__(self, settings: Settings, outbox: Outbox, clinic: Orthanc, hq: HQClient,
-                 chunk: int = CHUNK) -> None:
+                 chunk: int | None = None) -> None:
+        """`chunk` fixes the chunk size (tests); by default it follows the link estimate."""
         self.settings = settings
         self.outbox = outbox
         self.clinic = clinic
         self.hq = hq
-        self.chunk = chunk
-        self.payloads = settings.state_path / "sync" / "payloads"
+        self.fixed_chunk = chunk
+        self.packer = Packer(settings, settings.state_path / "sync" / "payloads")
+        for sidecar in self.packer.directory.glob("*.json"):  # left by instances since settled
+            if not outbox.is_pending(sidecar.stem):
+                self.packer.discard(sidecar.stem)
+
+    def close(self) -> None:
+        self.packer.close()
+
+    @property
+    def chunk(self) -> int:
+        return self.fixed_chunk or self.hq.link.chunk_size()
+
+    @property
+    def level(self) -> int:
+        """COMPRESSION_LEVEL, but no JPEG 2000 on an excellent link: the CPU would be the
+        bottleneck, for a few percent of bytes."""
+        level = self.settings.compression_level
+        return min(level, 6) if self.hq.link.tier == "excellent" else level
 
     def _original_md5(self, instance_id: str) -> str:
         return self.clinic.request(
             "GET", f"/instances/{instance_id}/attachments/dicom/md5").text.strip()
 
-    def _payload_path(self, instance_id: str) -> Path:
-        return self.payloads / instance_id
-
-    def _prepared(self, row, original_md5: str) -> tuple[str, bytes]:
-        """The upload to continue, or a new one: (upload URL, payload)."""
-        instance_id = row["orthanc_id"]
-        upload = self.outbox.upload(instance_id)
-        path = self._payload_path(instance_id)
-        if upload and path.exists():
-            payload = path.read_bytes()
-            if hashlib.md5(payload).hexdigest() == upload["payload_md5"]:
-                return upload["upload_url"], payload
-        dicom = self.clinic.request("GET", f"/instances/{instance_id}/file").content
-        packed = codecs.pack(dicom, self.settings.compression_level)
-        if packed.original_md5 != original_md5:
-            raise ValueError("the stored file no longer matches the MD5 Orthanc took at ingest "
-                             "(disk damage?): not sent, left for the integrity check")
-        self.payloads.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path.write_bytes(packed.payload)
-        url = self.hq.create(len(packed.payload), {
-            "sop_uid": row["sop_uid"], "codec": packed.codec,
-            "payload_md5": packed.payload_md5, "original_md5": packed.original_md5})
-        self.outbox.start_upload(instance_id, url, packed.codec, packed.payload_md5,
-                                 packed.original_md5)
-        return url, packed.payload
-
-    def _upload(self, row, original_md5: str) -> str | None:
+    def _upload(self, row, payload: Payload) -> str | None:
         """HQ's instance ID once confirmed; None if the confirmation must be asked for again."""
         instance_id = row["orthanc_id"]
-        url, payload = self._prepared(row, original_md5)
-        offset = self.hq.offset(url)
-        if offset is None:  # HQ no longer has it (finished, refused or expired): a new upload
-            self._forget(instance_id)
-            url, payload = self._prepared(row, original_md5)
-            offset = 0
-        while True:
-            offset, confirmed = self.hq.append(url, offset, payload[offset:offset + self.chunk])
-            if confirmed:
-                return confirmed
-            if offset >= len(payload):  # every byte in, the answer lost: holdings will tell
-                return None
-
-    def _forget(self, instance_id: str) -> None:
-        self.outbox.forget_upload(instance_id)
-        self._payload_path(instance_id).unlink(missing_ok=True)
+        upload = self.outbox.upload(instance_id)
+        url, offset = None, 0
+        if upload and upload["payload_md5"] == payload.payload_md5:
+            state = self.hq.offset(upload["upload_url"])
+            if state is not None:
+                url, (offset, confirmed) = upload["upload_url"], state
+                if confirmed:  # it finished at HQ; only the answer was lost
+                    return confirmed
+        if url is None:  # new, or HQ no longer knows it (expired or refused): start over
+            url = self.hq.create(payload.size, {
+                "sop_uid": row["sop_uid"], "codec": payload.codec,
+                "payload_md5": payload.payload_md5, "original_md5": payload.original_md5})
+            self.outbox.start_upload(instance_id, url, payload.codec, payload.payload_md5,
+                                     payload.original_md5)
+        with open(payload.path, "rb") as handle:
+            while True:
+                handle.seek(offset)
+                offset, confirmed = self.hq.append(url, offset, handle.read(self.chunk))
+                if confirmed:
+                    return confirmed
+                if offset >= payload.size:  # every byte in, the answer lost: holdings will tell
+                    return None
 
     def _confirm(self, instance_id: str, hq_id: str) -> None:
         self.outbox.confirm(instance_id, hq_id)
-        self._payload_path(instance_id).unlink(missing_ok=True)
+        self.packer.discard(instance_id)
 
-    def send(self, limit: int = 50) -> Sent:
+    def _refuse(self, row, reason: str, report: Sent) -> None:
+        pause = self.outbox.refused(row["orthanc_id"], reason)
+        self.packer.discard(row["orthanc_id"])
+        log.error("%s not sent: %s (next try in %.0f min)", row["sop_uid"], reason, pause / 60)
+        report.refused.append(row["orthanc_id"])
+
+    def _ready(self, limit: int, now_window: bool) -> list:
+        """What goes now. Back-fill (low) waits outside the off-peak window and, on a poor link,
+        until nothing else is owed."""
+        rows = self.outbox.ready(limit, include_low=now_window and self.hq.link.tier != "poor")
+        if not rows and now_window:
+            rows = self.outbox.ready(limit)
+        return rows
+
+    def send(self, limit: int = 50, low_allowed: bool = True) -> Sent:
         """One batch. Raises HQUnreachable when the link fails (everything stays owed); any
-        other trouble with one instance is logged and leaves it owed, the rest goes on."""
+        other trouble with one instance is recorded and leaves it owed, the rest goes on."""
         report = Sent()
         rows, md5s = [], {}
-        for row in self.outbox.ready(limit):
+        for row in self._ready(limit, low_allowed):
             try:
                 md5s[row["orthanc_id"]] = self._original_md5(row["orthanc_id"])
                 rows.append(row)
@@ -110,35 +218,51 @@ class Sender:
                 if exc.status == 404:
                     log.error("%s was deleted here before HQ had it", row["sop_uid"])
                     self.outbox.gone(row["orthanc_id"])
+                    self.packer.discard(row["orthanc_id"])
                 else:
                     raise
         if not rows:
             return report
         held = self.hq.holdings([{"sop_uid": row["sop_uid"],
                                   "original_md5": md5s[row["orthanc_id"]]} for row in rows])
+        to_send = []
         for row, hq_id in zip(rows, held, strict=True):
-            instance_id = row["orthanc_id"]
             if hq_id:
-                self._confirm(instance_id, hq_id)
-                report.already_held.append(instance_id)
-                continue
+                self._confirm(row["orthanc_id"], hq_id)
+                report.already_held.append(row["orthanc_id"])
+            else:
+                to_send.append(row)
+        level = self.level
+        packing: deque[Future] = deque()
+        for index, row in enumerate(to_send):
+            while len(packing) < LOOKAHEAD + 1 and index + len(packing) < len(to_send):
+                ahead = to_send[index + len(packing)]["orthanc_id"]
+                packing.append(self.packer.submit(ahead, md5s[ahead], level))
+            instance_id = row["orthanc_id"]
             try:
-                hq_id = self._upload(row, md5s[instance_id])
+                payload = packing.popleft().result()
+                hq_id = self._upload(row, payload)
             except HQUnreachable:
                 raise
             except HQRefused as exc:
-                log.error("HQ refused %s: %s", row["sop_uid"], exc)
-                self._forget(instance_id)
-                report.refused.append(instance_id)
+                self._refuse(row, str(exc), report)
                 continue
+            except DamagedHere as exc:
+                self._refuse(row, str(exc), report)
+                continue
+            except OrthancError as exc:
+                if exc.status == 404:
+                    self.outbox.gone(instance_id)
+                    continue
+                raise
             except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the rest
-                log.error("could not send %s: %s", row["sop_uid"], exc)
-                report.refused.append(instance_id)
+                self._refuse(row, f"{exc.__class__.__name__}: {exc}", report)
                 continue
             if hq_id:
                 self._confirm(instance_id, hq_id)
                 report.confirmed.append(instance_id)
         if report.confirmed or report.already_held:
-            log.info("%d sent and confirmed, %d already at HQ, %d refused",
-                     len(report.confirmed), len(report.already_held), len(report.refused))
+            log.info("%d sent and confirmed, %d already at HQ, %d refused (link %s)",
+                     len(report.confirmed), len(report.already_held), len(report.refused),
+                     self.hq.link.tier)
         return report

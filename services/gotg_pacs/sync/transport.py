@@ -1,17 +1,19 @@
 """The clinic's side of the wire: tus 1.0 uploads and the holdings question, to the HQ receiver.
 
 Deliberately small: the protocol is the open tus standard (create, ask the offset, append), the
-site proves itself with its own bearer token, every call has a timeout, and bytes are counted so
-the sync can measure the real link rather than ping it.
+site proves itself with its own bearer token, and every call both feeds and obeys the link
+estimate (`network.LinkEstimate`): chunks are timed to measure the real link rather than ping it,
+and timeouts follow what the link can do (seconds on a LAN, longer on 2G).
 """
 
 from __future__ import annotations
 
 import base64
 import time
-from dataclasses import dataclass, field
 
 import requests
+
+from .network import LinkEstimate
 
 TUS = {"Tus-Resumable": "1.0.0"}
 
@@ -26,17 +28,6 @@ class HQRefused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"HQ refused ({status}): {message}")
         self.status = status
-
-
-@dataclass
-class LinkStats:
-    """What the real transfers showed: the raw material of the network estimate."""
-
-    bytes_sent: int = 0
-    seconds_sending: float = 0.0
-    requests: int = 0
-    failures: int = 0
-    latencies: list[float] = field(default_factory=list)
 
 
 class RateCap:
@@ -64,27 +55,37 @@ class RateCap:
 
 
 class HQClient:
-    def __init__(self, url: str, token: str, timeout: float = 30.0,
-                 max_mbps: float = 0.0) -> None:
+    def __init__(self, url: str, token: str, timeout: float | None = None,
+                 max_mbps: float = 0.0, link: LinkEstimate | None = None) -> None:
+        """`timeout` fixes every call's timeout (tests); by default the link estimate sets it."""
         self.url = url.rstrip("/")
-        self.timeout = timeout
+        self.fixed_timeout = timeout
         self.session = requests.Session()
         self.session.headers.update({"Authorization": f"Bearer {token}", **TUS})
-        self.stats = LinkStats()
+        self.link = link or LinkEstimate(max_mbps)
         self.cap = RateCap(max_mbps)
+        self.bytes_sent = 0  # payload bytes HQ accepted from this client
 
-    def _call(self, method: str, url: str, **kwargs) -> requests.Response:
+    def _timeout(self, size: int) -> tuple[float, float]:
+        if self.fixed_timeout:
+            return self.fixed_timeout, self.fixed_timeout
+        # A short connect timeout notices a dead link fast and a returning one soon after.
+        return min(10.0, 3.0 + 4 * (self.link.latency or 0.5)), self.link.timeout(size)
+
+    def _call(self, method: str, url: str, size: int = 0, **kwargs) -> requests.Response:
         started = time.monotonic()
-        self.stats.requests += 1
         try:
-            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            response = self.session.request(method, url, timeout=self._timeout(size), **kwargs)
         except requests.RequestException as exc:
-            self.stats.failures += 1
+            self.link.failed()
             raise HQUnreachable(f"HQ at {self.url}: {exc.__class__.__name__}") from exc
-        self.stats.latencies = (self.stats.latencies + [time.monotonic() - started])[-50:]
         if response.status_code >= 500:
-            self.stats.failures += 1
+            self.link.failed()
             raise HQUnreachable(f"HQ at {self.url} answered {response.status_code}")
+        if size:
+            self.link.sent(size, time.monotonic() - started)
+        else:
+            self.link.answered(time.monotonic() - started)
         return response
 
     def _absolute(self, location: str) -> str:
@@ -114,25 +115,24 @@ class HQClient:
             raise HQRefused(response.status_code, response.text[:200])
         return self._absolute(response.headers["Location"])
 
-    def offset(self, upload_url: str) -> int | None:
-        """Where the upload stands at HQ; None when HQ no longer knows it (start over)."""
+    def offset(self, upload_url: str) -> tuple[int, str | None] | None:
+        """Where the upload stands at HQ, and HQ's instance if it already finished; None when
+        HQ no longer knows it (expired or refused: start over)."""
         response = self._call("HEAD", upload_url)
         if response.status_code in (404, 410):
             return None
         if response.status_code != 200:
             raise HQRefused(response.status_code, "cannot read the upload's offset")
-        return int(response.headers["Upload-Offset"])
+        return int(response.headers["Upload-Offset"]), response.headers.get("Gotg-Confirmed")
 
     def append(self, upload_url: str, offset: int, chunk: bytes) -> tuple[int, str | None]:
         """Send one chunk at offset; (new offset, HQ instance once the last byte is confirmed)."""
         self.cap.wait_for(len(chunk))
-        started = time.monotonic()
-        response = self._call("PATCH", upload_url, data=chunk, headers={
+        response = self._call("PATCH", upload_url, size=len(chunk), data=chunk, headers={
             "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"})
-        self.stats.seconds_sending += time.monotonic() - started
         if response.status_code == 409 and "Upload-Offset" in response.headers:
             return int(response.headers["Upload-Offset"]), None  # stale offset: HQ says where
         if response.status_code != 204:
             raise HQRefused(response.status_code, response.text[:200])
-        self.stats.bytes_sent += len(chunk)
+        self.bytes_sent += len(chunk)
         return int(response.headers["Upload-Offset"]), response.headers.get("Gotg-Confirmed")
