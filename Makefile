@@ -5,8 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 ENV_FILE ?= pacs.dev.env
 # Debian packages the appliance and its tests need (Debian 12 for development, 13 on the image);
-# iproute2 builds the bad networks of the sync tests (namespaces, veth, tbf).
-DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm dcmtk python3-venv python3-dev gcc iproute2
+# iproute2 builds the bad networks of the sync tests (namespaces, veth, tbf); HQ's Orthanc keeps
+# its index in PostgreSQL (orthanc-postgresql), and the tests run a throw-away server of their own.
+DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgresql dcmtk \
+	python3-venv python3-dev gcc iproute2
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test deps system-deps bench-ingest bench-sync bench-report reference constraints clean
@@ -23,6 +25,10 @@ system-deps:
 	  if echo " $$missing " | grep -q " orthanc " && [ -d /run/systemd/system ]; then \
 	    echo "Disabling the Debian orthanc service: the appliance runs its own Orthanc on 4242/8042"; \
 	    $(SUDO) systemctl disable --now orthanc || true; \
+	  fi; \
+	  if echo " $$missing " | grep -q " postgresql " && [ -d /run/systemd/system ]; then \
+	    echo "Disabling the Debian postgresql service: the tests start their own PostgreSQL"; \
+	    $(SUDO) systemctl disable --now postgresql || true; \
 	  fi; \
 	fi
 

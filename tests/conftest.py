@@ -16,6 +16,7 @@ from gotg_pacs import config
 from gotg_pacs.orthanc import Orthanc
 from gotg_pacs.process import start_orthanc
 from tests.support.dcmtk import Modality
+from tests.support.postgres import PostgresServer
 from tests.support.site import free_port, write_env  # noqa: F401 (tests import them from here)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,6 +61,14 @@ def appliance_factory(tmp_path):
 @pytest.fixture
 def appliance(appliance_factory) -> Appliance:
     return appliance_factory()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the run (started on first use); each HQ gets a database."""
+    server = PostgresServer().start()
+    yield server
+    server.stop()
 
 
 def run_pacs(*args: str, env_file: Path | None = None, timeout: float = 120,

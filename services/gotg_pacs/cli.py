@@ -93,6 +93,9 @@ def config_orthanc(ctx: Context, out: Path | None, as_json: bool) -> None:
     else:  # for reading: the password only ever goes into the 0600 file written by --out
         rendered = orthanc_conf.render(ctx.settings)
         rendered["RegisteredUsers"] = {user: "(hidden)" for user in rendered["RegisteredUsers"]}
+        if "PostgreSQL" in rendered:
+            rendered["PostgreSQL"]["ConnectionUri"] = orthanc_conf.postgresql_uri(
+                ctx.settings, hide_password=True)
         click.echo(json.dumps(rendered, indent=2))
 
 

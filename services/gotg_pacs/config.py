@@ -336,6 +336,39 @@ class Settings:
         "Port of the HQ receiver the clinics sync to (behind the HTTPS origin), on loopback.",
         "HQ")
 
+    # Index database: which database Orthanc keeps its index in (images stay files either way)
+    orthanc_index: str = setting(
+        "ORTHANC_INDEX", Choice(allowed="sqlite or postgresql", values=("sqlite", "postgresql")),
+        "sqlite",
+        "Where Orthanc keeps its index (patients, studies, instances, changes): `sqlite`, a file "
+        "in STORAGE_PATH (clinics); `postgresql`, the PostgreSQL database below (HQ; Debian "
+        "package orthanc-postgresql). Image files stay in STORAGE_PATH either way, where the "
+        "backups read them. Orthanc refuses to start if PostgreSQL is chosen but unreachable.",
+        "Index database")
+    postgresql_host: str = setting(
+        "POSTGRESQL_HOST", Text(allowed="a host name, IP address or unix socket folder",
+                                max_length=255, pattern=r"[A-Za-z0-9._:/\-]+", optional=False),
+        "localhost",
+        "PostgreSQL server of Orthanc's index; a folder such as /run/postgresql connects "
+        "through the local socket.", "Index database")
+    postgresql_port: int = setting(
+        "POSTGRESQL_PORT", Port(), "5432", "PostgreSQL server port.", "Index database")
+    postgresql_database: str = setting(
+        "POSTGRESQL_DATABASE", Text(allowed="1-63 characters a-z 0-9 _ (a PostgreSQL name)",
+                                    max_length=63, pattern=r"[a-z_][a-z0-9_]*", optional=False),
+        "orthanc",
+        "Database holding Orthanc's index; it must exist, owned by POSTGRESQL_USER (Orthanc "
+        "creates its tables).", "Index database")
+    postgresql_user: str = setting(
+        "POSTGRESQL_USER", Text(allowed="1-63 characters a-z 0-9 _ (a PostgreSQL name)",
+                                max_length=63, pattern=r"[a-z_][a-z0-9_]*", optional=False),
+        "orthanc", "PostgreSQL role Orthanc logs in as.", "Index database")
+    postgresql_password: str = setting(
+        "POSTGRESQL_PASSWORD", Text(max_length=128), "",
+        "Password of POSTGRESQL_USER. Required with ORTHANC_INDEX=postgresql unless "
+        "POSTGRESQL_HOST is a socket folder (peer login); there is no default.",
+        "Index database", secret=True)
+
     # RIS
     ris_url: str = setting(
         "RIS_URL", Url(), "", "GOTG RIS REST API (empty: no RIS).", "RIS")
@@ -450,6 +483,11 @@ def _cross_checks(settings: Settings) -> list[tuple[str, str]]:
     if settings.hq_url and settings.site_code == "dev":
         problems.append(("SITE_CODE", "must be this site's own code when HQ_URL is set "
                                       "(HQ keeps each site's studies and credentials under it)"))
+    if (settings.orthanc_index == "postgresql" and not settings.postgresql_password
+            and not settings.postgresql_host.startswith("/")):
+        problems.append(("POSTGRESQL_PASSWORD", "must be set when ORTHANC_INDEX is postgresql "
+                                                "(or log in through the server's socket folder, "
+                                                "e.g. POSTGRESQL_HOST=/run/postgresql)"))
     if settings.http_port == settings.dicom_port:
         problems.append(("HTTP_PORT", f"is the same port as DICOM_PORT ({settings.dicom_port})"))
     return problems

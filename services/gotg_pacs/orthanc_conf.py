@@ -11,6 +11,23 @@ chosen for a Raspberry Pi 4 with 2 GB that must never lose an image:
 * recycling is pinned off: `MaximumStorageSize`/`MaximumPatientCount` are written as 0 so no
   included file or default can ever turn deletion on (invariant 2);
 * threads and malloc arenas are bounded to keep Orthanc's resident memory small.
+
+HQ keeps Orthanc's index in PostgreSQL (`ORTHANC_INDEX=postgresql`, Debian's orthanc-postgresql):
+the index plugin only, so image files stay in the storage folder like a clinic's, where the
+backups read them. A PostgreSQL commit is durable when Orthanc answers (fsync and
+synchronous_commit at their defaults), so SQLite's power-cut gap, and the recovery scan for it,
+do not apply. Choices, for Orthanc 1.10 with plugin 4.0 (Debian 12) and later:
+
+* `Lock` stays on: exactly one Orthanc writes to one index database. Its files live in a local
+  folder, so a second Orthanc on the same database (a restored copy, a test box pointed at the
+  wrong server) would index images it cannot read; with the lock it refuses to start instead.
+  Several writers (Orthanc 1.9.2+ with plugin 4.0+, `Lock` off, one `DatabaseServerIdentifier`
+  each) first need a storage folder every one of them shares.
+* the connection is a URI with every part percent-encoded: the plugin pastes separate
+  Host/Password options into a libpq string unquoted, so a space in a password would cut it.
+* connection attempts are bounded (`POSTGRES_CONNECT`): PostgreSQL down or a wrong password
+  makes Orthanc exit after about 20 s with PostgreSQL's own words in its log, never a silent
+  start on SQLite; `process.start_orthanc` turns that into one line.
 """
 
 from __future__ import annotations
@@ -20,12 +37,23 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .config import Settings
 
 PLUGINS_DIR = Path("/usr/share/orthanc/plugins")
 # Debian's plugin packages: orthanc (worklists), orthanc-dicomweb, orthanc-gdcm.
 PLUGIN_FILES = ("libOrthancDicomWeb.so", "libOrthancGdcm.so", "libModalityWorklists.so")
+# From orthanc-postgresql, loaded when ORTHANC_INDEX=postgresql (its storage plugin never is).
+POSTGRESQL_INDEX_PLUGIN = "libOrthancPostgreSQLIndex.so"
+# Connection attempts at start-up (10 x 2 s, each at most 10 s): long enough for a PostgreSQL
+# that starts beside Orthanc, short enough that a wrong address is reported while someone waits.
+# The plugin also uses the retry count for transactions that collide between its connections.
+POSTGRES_CONNECT = {"MaximumConnectionRetries": 10, "ConnectionRetryInterval": 2}
+POSTGRES_CONNECT_TIMEOUT = 10
+# Index connections: a few stores (receivers, several clinics at once) and reads run in
+# parallel instead of queuing behind one; far below PostgreSQL's default of 100 connections.
+POSTGRES_INDEX_CONNECTIONS = 5
 
 # Settings that must hold whatever else changes; tests assert every one of them.
 DURABILITY = {
@@ -115,7 +143,39 @@ def render(settings: Settings) -> dict[str, Any]:
         "Gdcm": {"Enable": True, "Throttling": 2},
         "Worklists": {"Enable": True, "Database": str(settings.worklists_dir)},
     }
+    if settings.orthanc_index == "postgresql":
+        config["Plugins"].append(str(PLUGINS_DIR / POSTGRESQL_INDEX_PLUGIN))
+        config["PostgreSQL"] = {
+            "EnableIndex": True,
+            "EnableStorage": False,  # files stay on disk: the storage folder is what backups copy
+            "ConnectionUri": postgresql_uri(settings),
+            "Lock": True,
+            **POSTGRES_CONNECT,
+            "IndexConnectionsCount": POSTGRES_INDEX_CONNECTIONS,
+        }
     return config
+
+
+def postgresql_uri(settings: Settings, hide_password: bool = False) -> str:
+    """libpq URI of the index database; a host starting with / is the server's socket folder."""
+    host = settings.postgresql_host
+    if host.startswith("/"):
+        host = quote(host, safe="")
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address
+    login = quote(settings.postgresql_user, safe="")
+    if settings.postgresql_password:
+        login += ":" + ("(hidden)" if hide_password else quote(settings.postgresql_password,
+                                                                 safe=""))
+    return (f"postgresql://{login}@{host}:{settings.postgresql_port}/"
+            f"{quote(settings.postgresql_database, safe='')}"
+            f"?connect_timeout={POSTGRES_CONNECT_TIMEOUT}")
+
+
+def postgresql_place(settings: Settings) -> str:
+    """Where the index lives, as people read it (no password)."""
+    return (f"database {settings.postgresql_database} on {settings.postgresql_host}:"
+            f"{settings.postgresql_port} as {settings.postgresql_user}")
 
 
 def private_dir(directory: Path) -> None:

@@ -219,8 +219,13 @@ def start_orthanc(settings: Settings, echo: TextIO | None = None, timeout: float
                   cancelled: Callable[[], bool] = lambda: False) -> Child:
     """Lock the storage, recover what a power cut hid, start real Orthanc, wait until it answers.
 
-    The storage lock is handed to Orthanc and lives as long as it does.
+    The storage lock is handed to Orthanc and lives as long as it does. With its index in
+    PostgreSQL, Orthanc either runs on that database or `pacs` says why it could not: it never
+    comes up on a SQLite index instead.
     """
+    postgresql = settings.orthanc_index == "postgresql"
+    if postgresql:
+        check_postgresql_plugin()
     try:
         orthanc_conf.prepare_directories(settings)
         lock = orphans.lock_storage(settings)
@@ -228,7 +233,8 @@ def start_orthanc(settings: Settings, echo: TextIO | None = None, timeout: float
         raise StartError(str(exc)) from exc
     try:
         config_file = orthanc_conf.write(settings)
-        orphans.collect(settings)
+        if not postgresql:  # SQLite's power-cut gap; a PostgreSQL commit is durable
+            orphans.collect(settings)
         child = OrthancChild(settings, config_file, lock, echo)
         child.start()
     except OSError as exc:
@@ -248,10 +254,43 @@ def start_orthanc(settings: Settings, echo: TextIO | None = None, timeout: float
         if cancelled():
             raise StartCancelled()
         if not child.running():
+            reason = postgresql_failure(settings, child.last_lines(200)) if postgresql else None
+            if reason:
+                raise StartError(f"{reason} (log: {child.log_path})")
             raise StartError(f"Orthanc exited at start-up (code {child.process.returncode}); "
                              f"last log lines:\n{child.last_lines()}")
+        if postgresql:
+            backend = Orthanc.from_settings(settings, timeout=30).system().get(
+                "DatabaseBackendPlugin")
+            if not backend:
+                raise StartError("Orthanc started without its PostgreSQL index "
+                                 f"(ORTHANC_INDEX=postgresql): stopped it; see {child.log_path}")
         orphans.readopt(settings, Orthanc.from_settings(settings, timeout=120))
     except BaseException:
         child.stop()
         raise
     return child
+
+
+def check_postgresql_plugin() -> None:
+    """Orthanc skips a plugin file that is missing and starts on SQLite: refuse before that."""
+    plugin = orthanc_conf.PLUGINS_DIR / orthanc_conf.POSTGRESQL_INDEX_PLUGIN
+    if not plugin.exists():
+        raise StartError(f"ORTHANC_INDEX=postgresql needs Orthanc's PostgreSQL plugin ({plugin} "
+                         "is missing): run `make deps` or `apt-get install orthanc-postgresql`")
+
+
+def postgresql_failure(settings: Settings, log: str) -> str | None:
+    """One line saying why Orthanc gave up on its PostgreSQL index, from what it logged."""
+    place = orthanc_conf.postgresql_place(settings)
+    if "locked by another instance" in log:
+        return (f"the PostgreSQL index ({place}) is in use by another Orthanc: one Orthanc per "
+                "index database")
+    errors = [" ".join(line.split("PostgreSQL error:", 1)[1].split())
+              for line in log.splitlines() if "PostgreSQL error:" in line]
+    if errors or "connecting to the database" in log:
+        detail = f": {errors[-1]}" if errors else ""
+        return (f"Orthanc could not open its index in PostgreSQL ({place}){detail}; check "
+                "that PostgreSQL runs and POSTGRESQL_HOST, POSTGRESQL_PORT, POSTGRESQL_DATABASE, "
+                "POSTGRESQL_USER and POSTGRESQL_PASSWORD")
+    return None

@@ -20,12 +20,14 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture
-def hq(appliance_factory, tmp_path):
-    """HQ's Orthanc and a receiver in front of it, with one site's credential."""
+def hq(appliance_factory, tmp_path, postgres):
+    """HQ's Orthanc (its index in a PostgreSQL database of its own) and a receiver in front of
+    it, with one site's credential."""
     port = free_port()
     home = tmp_path / "hq"
     home.mkdir()
-    write_env(home / "pacs.env", SITE_CODE="hq", HQ_RECEIVER_PORT=str(port))
+    write_env(home / "pacs.env", SITE_CODE="hq", HQ_RECEIVER_PORT=str(port),
+              **postgres.env(postgres.create_database()))
     archive = appliance_factory("hq")
     added = run_pacs("hq", "site", "add", "test-site", "--json", env_file=archive.env_file)
     assert added.returncode == 0, added.stderr

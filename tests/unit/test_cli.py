@@ -49,3 +49,17 @@ def test_reference_json_lists_every_key():
     result = run_pacs("config", "reference", "--json")
     keys = [entry["key"] for entry in json.loads(result.stdout)]
     assert "PACS_AET" in keys and "ADMIN_PASSWORD" in keys and len(keys) == len(set(keys))
+
+
+def test_config_shows_no_postgresql_password(tmp_path):
+    env = tmp_path / "pacs.env"
+    env.write_text("ADMIN_PASSWORD=very-secret-pw\nORTHANC_INDEX=postgresql\n"
+                   "POSTGRESQL_PASSWORD=db-secret-pw\n")
+    checked = run_pacs("config", "check", "--json", env_file=env)
+    assert json.loads(checked.stdout)["settings"]["POSTGRESQL_PASSWORD"] == "(hidden)"
+    rendered = run_pacs("config", "orthanc", env_file=env)
+    assert rendered.returncode == 0, rendered.stderr
+    uri = json.loads(rendered.stdout)["PostgreSQL"]["ConnectionUri"]
+    assert uri.startswith("postgresql://orthanc:(hidden)@localhost:5432/orthanc")
+    for result in (checked, rendered):
+        assert "db-secret-pw" not in result.stdout + result.stderr

@@ -188,3 +188,55 @@ def test_parse_values_accepts_the_documented_defaults_verbatim():
     values["ADMIN_PASSWORD"] = "long-enough-password"
     settings = parse_values(values, base_dir=Path("/"))
     assert settings == Settings(admin_password="long-enough-password")
+
+
+def test_clinics_keep_sqlite_and_hq_names_its_postgresql(tmp_path):
+    assert Settings().orthanc_index == "sqlite"
+    env = _env(tmp_path, "ENABLE_AUTH=false\nORTHANC_INDEX=PostgreSQL\nPOSTGRESQL_HOST=db.hq\n"
+                         "POSTGRESQL_PORT=5433\nPOSTGRESQL_DATABASE=orthanc_hq\n"
+                         "POSTGRESQL_USER=orthanc\nPOSTGRESQL_PASSWORD='pass with spaces'\n")
+    settings = load(env)
+    assert (settings.orthanc_index, settings.postgresql_host, settings.postgresql_port,
+            settings.postgresql_database, settings.postgresql_password) == \
+        ("postgresql", "db.hq", 5433, "orthanc_hq", "pass with spaces")
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("ORTHANC_INDEX=mysql", "ORTHANC_INDEX='mysql' is not one of the allowed values; "
+                            "allowed: sqlite or postgresql"),
+    ("POSTGRESQL_PORT=0", "POSTGRESQL_PORT='0' is outside 1..65535"),
+    ("POSTGRESQL_DATABASE=Orthanc DB", "POSTGRESQL_DATABASE='Orthanc DB' has characters that "
+                                       "are not allowed"),
+    ("POSTGRESQL_USER=", "POSTGRESQL_USER='' must not be empty"),
+    ("POSTGRESQL_HOST=db host", "POSTGRESQL_HOST='db host' has characters"),
+])
+def test_a_bad_index_setting_names_its_line_and_key(tmp_path, line, expected):
+    env = _env(tmp_path, f"ENABLE_AUTH=false\n{line}\n")
+    with pytest.raises(ConfigError) as exc:
+        load(env)
+    message = _one_line(exc)
+    assert message.startswith(f"{env}:2: ") and expected in message
+
+
+def test_postgresql_needs_a_password_unless_it_logs_in_through_the_socket(tmp_path):
+    env = _env(tmp_path, "ENABLE_AUTH=false\nORTHANC_INDEX=postgresql\n")
+    with pytest.raises(ConfigError) as exc:
+        load(env)
+    assert _one_line(exc) == (f"{env}: POSTGRESQL_PASSWORD must be set when ORTHANC_INDEX is "
+                              "postgresql (or log in through the server's socket folder, e.g. "
+                              "POSTGRESQL_HOST=/run/postgresql)")
+    env = _env(tmp_path, "ENABLE_AUTH=false\nORTHANC_INDEX=postgresql\nPOSTGRESQL_PASSWORD=\n")
+    with pytest.raises(ConfigError, match=f"^{env}:3: POSTGRESQL_PASSWORD must be set"):
+        load(env)
+    env = _env(tmp_path, "ENABLE_AUTH=false\nORTHANC_INDEX=postgresql\n"
+                         "POSTGRESQL_HOST=/run/postgresql\n")
+    assert load(env).postgresql_host == "/run/postgresql"
+
+
+def test_the_postgresql_password_is_a_secret_never_echoed(tmp_path):
+    [info] = [i for i in schema() if i.env == "POSTGRESQL_PASSWORD"]
+    assert info.secret
+    env = _env(tmp_path, "POSTGRESQL_PASSWORD=" + "p" * 200 + "\n")
+    with pytest.raises(ConfigError) as exc:
+        load(env)
+    assert "pppp" not in str(exc.value) and "POSTGRESQL_PASSWORD=(hidden)" in str(exc.value)

@@ -81,3 +81,58 @@ def test_written_atomically_and_private(settings, tmp_path):
     assert json.loads(path.read_text()) == orthanc_conf.render(settings)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600, "it holds the admin password"
     assert [p.name for p in path.parent.iterdir()] == ["orthanc.json"]
+
+
+@pytest.fixture
+def hq_settings(settings) -> Settings:
+    from dataclasses import replace
+
+    return replace(settings, orthanc_index="postgresql", postgresql_host="db.hq.example",
+                   postgresql_port=5433, postgresql_database="orthanc_hq",
+                   postgresql_user="orthanc", postgresql_password="p@ss w:rd/%")
+
+
+def test_a_clinic_keeps_its_sqlite_index(settings):
+    rendered = orthanc_conf.render(settings)
+    assert "PostgreSQL" not in rendered
+    assert not any("PostgreSQL" in plugin for plugin in rendered["Plugins"])
+
+
+def test_hq_keeps_the_index_in_postgresql_and_the_files_on_disk(hq_settings):
+    rendered = orthanc_conf.render(hq_settings)
+    assert rendered["Plugins"][-1] == "/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so"
+    assert not any("Storage" in Path(plugin).name for plugin in rendered["Plugins"])
+    postgresql = rendered["PostgreSQL"]
+    assert postgresql["EnableIndex"] is True
+    assert postgresql["EnableStorage"] is False, "the storage folder is what backups copy"
+    assert rendered["StorageDirectory"] == str(hq_settings.orthanc_storage_dir)
+    assert postgresql["Lock"] is True, "one Orthanc per index database"
+    assert 1 < postgresql["IndexConnectionsCount"] <= 10
+    # Bounded start-up: PostgreSQL down is reported within about 20 s, not retried for ever.
+    assert postgresql["MaximumConnectionRetries"] * postgresql["ConnectionRetryInterval"] <= 30
+    # Nothing else about the archive's safety changes at HQ.
+    for key, value in orthanc_conf.DURABILITY.items():
+        assert rendered[key] == value
+
+
+def test_the_connection_survives_any_password_characters(hq_settings):
+    from urllib.parse import unquote, urlsplit
+
+    uri = orthanc_conf.render(hq_settings)["PostgreSQL"]["ConnectionUri"]
+    for key in ("Host", "Port", "Database", "Username", "Password"):
+        assert key not in orthanc_conf.render(hq_settings)["PostgreSQL"]
+    parts = urlsplit(uri)
+    assert parts.scheme == "postgresql" and " " not in uri
+    assert (unquote(parts.username), unquote(parts.password)) == ("orthanc", "p@ss w:rd/%")
+    assert (parts.hostname, parts.port, parts.path) == ("db.hq.example", 5433, "/orthanc_hq")
+    assert parts.query == "connect_timeout=10"
+
+
+def test_a_socket_folder_or_ipv6_host_is_written_as_libpq_reads_it(hq_settings):
+    from dataclasses import replace
+
+    socket = orthanc_conf.postgresql_uri(replace(hq_settings, postgresql_host="/run/postgresql",
+                                                 postgresql_password=""))
+    assert socket == "postgresql://orthanc@%2Frun%2Fpostgresql:5433/orthanc_hq?connect_timeout=10"
+    ipv6 = orthanc_conf.postgresql_uri(replace(hq_settings, postgresql_host="::1"))
+    assert "@[::1]:5433/" in ipv6
