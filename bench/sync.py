@@ -112,7 +112,7 @@ def run_ours(files: list[Path], rate: str, work: Path) -> dict:
             started = time.monotonic()
             service = subprocess.Popen([sys.executable, "-m", "gotg_pacs", "--env-file",
                                         str(clinic.env_file), "sync", "run"],
-                                       stderr=subprocess.DEVNULL)
+                                       stderr=open(work / "sync.log", "w"))  # noqa: SIM115
             done = wait_until(lambda: _confirmed(clinic) == len(files), 3600, interval=0.5)
             seconds = time.monotonic() - started
             count, down = outages.count, outages.down_seconds

@@ -62,9 +62,9 @@ def test_the_breaker_probes_often_in_a_short_outage_and_rarely_in_a_long_one():
     breaker = CircuitBreaker()
     delays = [breaker.failed(now=float(t)) for t in range(20)]
     assert breaker.is_open
-    assert max(delays) <= 8.0 and delays[0] <= 1.0
+    assert max(delays) <= 3.0 and delays[0] <= 1.0
     late = [breaker.failed(now=700.0 + t) for t in range(10)]
-    assert max(late) > 8.0 and max(late) <= 300.0
+    assert max(late) > 3.0 and max(late) <= 300.0
     assert not breaker.ready(now=700.0 + 9) and breaker.outage_seconds(now=709.0) == 709.0
     breaker.succeeded()
     assert not breaker.is_open and breaker.ready(now=0.0)

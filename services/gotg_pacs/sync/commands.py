@@ -42,7 +42,8 @@ def sync_run(ctx: Context, as_json: bool) -> None:
     from .service import run
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format='{"sync": "%(message)s"}' if as_json else "[sync] %(message)s")
+                        format='{"sync": "%(message)s"}' if as_json
+                        else "%(asctime)s [sync] %(message)s")
     sys.exit(run(ctx.settings))
 
 

@@ -2,7 +2,7 @@
 
 Each turn: bring the outbox level with Orthanc's changes, then, when a HQ is configured and the
 mode allows, send what is ready. HQ out of reach opens a circuit breaker: no sending, only a tiny
-probe (the empty holdings question) after a pause with jitter that grows from 1 s to 8 s during
+probe (the empty holdings question) after a pause with jitter that grows from 1 s to 3 s during
 the first ten minutes of an outage (a link that comes back is used within seconds) and up to
 5 minutes after that (a site offline for days is not hammered). SIGTERM and SIGINT end it between
 two steps; a kill -9 at any instant costs at most the chunk in flight.
@@ -36,7 +36,7 @@ class CircuitBreaker:
 
     SHORT_OUTAGE = 600.0
 
-    def __init__(self, first: float = 1.0, short_cap: float = 8.0, cap: float = 300.0) -> None:
+    def __init__(self, first: float = 1.0, short_cap: float = 3.0, cap: float = 300.0) -> None:
         self.first, self.short_cap, self.cap = first, short_cap, cap
         self.failures = 0
         self.opened_at: float | None = None
