@@ -3,9 +3,9 @@
 Stateless apart from a shared folder: an upload in progress is a `.part` file (its size is the
 tus offset) and a `.json` sidecar, so several receivers can serve one HQ behind the proxy and a
 receiver killed mid-upload loses at most the chunk in flight. When the last byte arrives the
-receiver unpacks the payload (streamed: memory stays flat), checks it against the hashes the
-clinic sent, stores it in HQ's Orthanc, reads back what Orthanc serves, and only then answers
-with the confirmation header. The clinic counts an instance as "at HQ" on that header alone.
+upload goes to `archive.Archive` (unpack, verify, store in HQ's Orthanc, read back), and only
+then does the receiver answer with the confirmation header. The clinic counts an instance as "at
+HQ" on that header alone (or, for a batch of small instances, on its per-instance outcome).
 
 An upload is locked (flock on its `.part`) from its first byte to its outcome, and the outcome
 (HQ's instance, or why it was refused) is kept for a week as `.done`: a last chunk retried
@@ -16,6 +16,8 @@ Routes (all need `Authorization: Bearer <site token>`):
   POST  /files              create an upload (Upload-Length, Upload-Metadata)
   HEAD  /files/<id>         its offset, to resume
   PATCH /files/<id>         append at Upload-Offset; the last one answers Gotg-Confirmed
+                            (HQ's instance ID, or "batch")
+  GET   /files/<id>/outcome how a finished upload ended, per instance for a batch
   POST  /api/v1/holdings    which of these (SOP Instance UID, original MD5) HQ already holds
 """
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -33,12 +34,12 @@ import time
 import uuid
 from pathlib import Path
 
-import pydicom
 from flask import Flask, Response, abort, g, jsonify, request
 
 from ..config import Settings
-from ..orthanc import Orthanc, OrthancError, OrthancUnreachable
+from ..orthanc import Orthanc, OrthancError
 from ..sync import codecs
+from .archive import BATCH_CODEC, Archive, Refused
 from .sites import Sites
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ MAX_CHUNK = 64 * 2**20
 UPLOAD_EXPIRY = 7 * 86400  # an upload idle this long is forgotten (the clinic starts it again)
 SWEEP_EVERY = 3600.0
 REQUIRED_METADATA = ("sop_uid", "codec", "payload_md5", "original_md5")
+BATCH_METADATA = ("codec", "payload_md5")
 
 
 def _tus(response: Response) -> Response:
@@ -130,6 +132,7 @@ def create_app(settings: Settings) -> Flask:
     uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
     sites = Sites(settings.hq_dir / "sites.json")
     orthanc = Orthanc.from_settings(settings, timeout=120)
+    archive = Archive(orthanc, settings.hq_dir / "transfers.jsonl")
     swept = {"at": 0.0}
 
     def paths(upload_id: str) -> tuple[Path, Path, Path]:
@@ -147,13 +150,17 @@ def create_app(settings: Settings) -> Flask:
             abort(404)  # another site's upload does not exist for this one
         return result
 
+    def confirmation(result: dict) -> str:
+        """HQ's instance, or "batch": the per-instance answers are at /files/<id>/outcome."""
+        return result["hq_id"] if "hq_id" in result else BATCH_CODEC
+
     def replay(result: dict) -> Response:
         """The same answer again: a retried last chunk never stores an instance twice."""
-        if "hq_id" not in result:
+        if "status" in result:
             abort(result["status"], result["message"])
         response = Response(status=204)
         response.headers["Upload-Offset"] = str(result["length"])
-        response.headers["Gotg-Confirmed"] = result["hq_id"]
+        response.headers["Gotg-Confirmed"] = confirmation(result)
         return response
 
     def load(upload_id: str) -> tuple[Path, Path, dict]:
@@ -189,14 +196,15 @@ def create_app(settings: Settings) -> Flask:
         if not 0 < length <= MAX_UPLOAD:
             abort(413)
         meta = _metadata(request.headers.get("Upload-Metadata", ""))
-        missing = [key for key in REQUIRED_METADATA if key not in meta]
+        required = BATCH_METADATA if meta.get("codec") == BATCH_CODEC else REQUIRED_METADATA
+        missing = [key for key in required if key not in meta]
         if missing:
             abort(400, f"Upload-Metadata lacks {', '.join(missing)}")
         upload_id = uuid.uuid4().hex
         part, sidecar, _ = paths(upload_id)
         part.touch(mode=0o600)
         _write_json(sidecar, {"site": g.site, "length": length, "received": 0,
-                              **{k: meta[k] for k in REQUIRED_METADATA}})
+                              "sop_uid": None, **{k: meta[k] for k in required}})
         response = Response(status=201)
         response.headers["Location"] = f"/files/{upload_id}"
         return response
@@ -207,11 +215,11 @@ def create_app(settings: Settings) -> Flask:
         response.headers["Cache-Control"] = "no-store"
         result = outcome(paths(upload_id)[2])
         if result is not None:
-            if "hq_id" not in result:
+            if "status" in result:
                 abort(410)  # refused: the clinic starts over and hears why
             response.headers["Upload-Offset"] = response.headers["Upload-Length"] = \
                 str(result["length"])
-            response.headers["Gotg-Confirmed"] = result["hq_id"]
+            response.headers["Gotg-Confirmed"] = confirmation(result)
             return response
         part, _, meta = load(upload_id)
         response.headers["Upload-Offset"] = str(part.stat().st_size)
@@ -261,76 +269,27 @@ def create_app(settings: Settings) -> Flask:
             _write_json(sidecar, meta)
             new_offset = current + written
             if new_offset == meta["length"]:
-                return replay(finalize(part, sidecar, done, meta))
+                started = time.monotonic()
+                response = replay(finalize(part, sidecar, done, meta))
+                # The clinic measures its link by chunk times: tell it what was HQ's own work.
+                response.headers["Gotg-Store-Seconds"] = f"{time.monotonic() - started:.3f}"
+                return response
         response = Response(status=204)
         response.headers["Upload-Offset"] = str(new_offset)
         return response
 
-    def finish(part: Path, sidecar: Path, done: Path, result: dict) -> dict:
-        """Record the outcome, then drop the upload: a retry finds the outcome, never a gap."""
+    def finalize(part: Path, sidecar: Path, done: Path, meta: dict) -> dict:
+        """Store what arrived, then record the outcome and drop the upload: a retry finds the
+        outcome, never a gap. HQ's Orthanc down raises (a 500): the upload stays for later."""
+        try:
+            result = archive.store_upload(part, meta)
+        except Refused as exc:
+            result = {"status": exc.status, "message": str(exc)}
+        result = {"site": meta["site"], "length": meta["length"], **result}
         _write_json(done, result)
         for path in (part, sidecar, part.with_suffix(".dcm")):
             path.unlink(missing_ok=True)
         return result
-
-    def refuse(part: Path, sidecar: Path, done: Path, meta: dict, status: int,
-               message: str) -> dict:
-        log.error("site %s: %s refused: %s", meta["site"], meta["sop_uid"], message)
-        return finish(part, sidecar, done, {"site": meta["site"], "length": meta["length"],
-                                            "status": status, "message": message})
-
-    def finalize(part: Path, sidecar: Path, done: Path, meta: dict) -> dict:
-        dicom = part.with_suffix(".dcm")
-        try:
-            with open(part, "rb") as payload, open(dicom, "wb") as out:
-                codecs.unpack_to(meta["codec"], payload, out, meta["payload_md5"],
-                                 meta["original_md5"])
-                out.flush()
-                os.fsync(out.fileno())
-            header = pydicom.dcmread(dicom, stop_before_pixels=True)
-        except (codecs.CodecError, pydicom.errors.InvalidDicomError) as exc:
-            return refuse(part, sidecar, done, meta, 422, f"refused: {exc}")
-        if str(header.get("SOPInstanceUID", "")) != meta["sop_uid"]:
-            return refuse(part, sidecar, done, meta, 422,
-                          "refused: SOP Instance UID differs from the announced one")
-        original = hashlib.md5()
-        with open(dicom, "rb") as handle:
-            while block := handle.read(codecs.BLOCK):
-                original.update(block)
-            handle.seek(0)
-            try:
-                answer = orthanc.post("/instances", data=handle,
-                                      headers={"Content-Type": "application/dicom"})
-            except OrthancUnreachable:
-                raise  # HQ's archive is down: a 500, the clinic retries later, nothing lost
-            except OrthancError as exc:
-                return refuse(part, sidecar, done, meta, 422, f"refused by HQ's archive: {exc}")
-        instance = answer["ID"]
-        served = hashlib.md5()
-        with orthanc.request("GET", f"/instances/{instance}/attachments/dicom/data",
-                             stream=True) as response:
-            for block in response.iter_content(codecs.BLOCK):
-                served.update(block)
-        if served.hexdigest() != original.hexdigest():
-            # HQ already holds another version under this UID: never overwritten, never
-            # confirmed; the revision and audit handling of conflicts decides (not yet built).
-            return refuse(part, sidecar, done, meta, 409,
-                          "HQ holds different content under this SOP Instance UID")
-        recorded = {"GotgOriginalMd5": meta["original_md5"], "GotgSite": meta["site"],
-                    "GotgCodec": meta["codec"]}
-        for name, value in recorded.items():
-            orthanc.request("PUT", f"/instances/{instance}/metadata/{name}", data=value.encode())
-        with open(settings.hq_dir / "transfers.jsonl", "a") as journal:
-            # Bytes that crossed the link against bytes needed: what outages really cost.
-            journal.write(json.dumps({"site": meta["site"], "sop_uid": meta["sop_uid"],
-                                      "codec": meta["codec"], "length": meta["length"],
-                                      "received": meta["received"],
-                                      "max_chunk": meta.get("max_chunk", 0),
-                                      "hq_id": instance}) + "\n")
-        log.info("site %s: %s confirmed as %s (%s)", meta["site"], meta["sop_uid"], instance,
-                 meta["codec"])
-        return finish(part, sidecar, done, {"site": meta["site"], "length": meta["length"],
-                                            "hq_id": instance})
 
     @app.post("/api/v1/holdings")
     def holdings() -> Response:
@@ -342,6 +301,14 @@ def create_app(settings: Settings) -> Flask:
         return jsonify({"held": [held_instance(orthanc, str(item.get("sop_uid", "")),
                                                str(item.get("original_md5", "")), g.site)
                                  for item in asked]})
+
+    @app.get("/files/<upload_id>/outcome")
+    def upload_outcome(upload_id: str) -> Response:
+        """How a finished upload ended, per instance for a batch (kept a week)."""
+        result = outcome(paths(upload_id)[2])
+        if result is None:
+            abort(404)
+        return jsonify(result)
 
     @app.get("/api/v1/uploads/<upload_id>")
     def upload_info(upload_id: str) -> Response:

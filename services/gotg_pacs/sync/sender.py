@@ -181,7 +181,8 @@ class Sender:
         with open(payload.path, "rb") as handle:
             while True:
                 handle.seek(offset)
-                offset, confirmed = self.hq.append(url, offset, handle.read(self.chunk))
+                offset, confirmed = self.hq.append(url, offset, handle.read(self.chunk),
+                                                   total=payload.size)
                 if confirmed:
                     return confirmed
                 if offset >= payload.size:  # every byte in, the answer lost: holdings will tell

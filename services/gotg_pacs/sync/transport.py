@@ -66,24 +66,27 @@ class HQClient:
         self.cap = RateCap(max_mbps)
         self.bytes_sent = 0  # payload bytes HQ accepted from this client
 
-    def _timeout(self, size: int) -> tuple[float, float]:
+    def _timeout(self, size: int, extra: float = 0.0) -> tuple[float, float]:
         if self.fixed_timeout:
-            return self.fixed_timeout, self.fixed_timeout
+            return self.fixed_timeout, self.fixed_timeout + extra
         # A short connect timeout notices a dead link fast and a returning one soon after.
-        return min(10.0, 3.0 + 4 * (self.link.latency or 0.5)), self.link.timeout(size)
+        return min(10.0, 3.0 + 4 * (self.link.latency or 0.5)), self.link.timeout(size) + extra
 
-    def _call(self, method: str, url: str, size: int = 0, **kwargs) -> requests.Response:
+    def _call(self, method: str, url: str, size: int = 0, extra_wait: float = 0.0,
+              **kwargs) -> requests.Response:
         started = time.monotonic()
         try:
-            response = self.session.request(method, url, timeout=self._timeout(size), **kwargs)
+            response = self.session.request(method, url, timeout=self._timeout(size, extra_wait),
+                                            **kwargs)
         except requests.RequestException as exc:
             self.link.failed()
             raise HQUnreachable(f"HQ at {self.url}: {exc.__class__.__name__}") from exc
         if response.status_code >= 500:
             self.link.failed()
             raise HQUnreachable(f"HQ at {self.url} answered {response.status_code}")
-        if size:
-            self.link.sent(size, time.monotonic() - started)
+        if size:  # the link's time only: not the time HQ took to store a finished instance
+            busy_at_hq = float(response.headers.get("Gotg-Store-Seconds", 0) or 0)
+            self.link.sent(size, max(0.001, time.monotonic() - started - busy_at_hq))
         else:
             self.link.answered(time.monotonic() - started)
         return response
@@ -125,10 +128,15 @@ class HQClient:
             raise HQRefused(response.status_code, "cannot read the upload's offset")
         return int(response.headers["Upload-Offset"]), response.headers.get("Gotg-Confirmed")
 
-    def append(self, upload_url: str, offset: int, chunk: bytes) -> tuple[int, str | None]:
-        """Send one chunk at offset; (new offset, HQ instance once the last byte is confirmed)."""
+    def append(self, upload_url: str, offset: int, chunk: bytes,
+               total: int | None = None) -> tuple[int, str | None]:
+        """Send one chunk at offset; (new offset, HQ instance once the last byte is confirmed).
+        With `total` (the upload's length), the last chunk also waits for HQ to unpack, store and
+        read back the instance: 30 s plus a second per 10 MB."""
         self.cap.wait_for(len(chunk))
-        response = self._call("PATCH", upload_url, size=len(chunk), data=chunk, headers={
+        last = total is not None and offset + len(chunk) >= total
+        response = self._call("PATCH", upload_url, size=len(chunk), data=chunk,
+                              extra_wait=30.0 + total / 10e6 if last else 0.0, headers={
             "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"})
         if response.status_code == 409 and "Upload-Offset" in response.headers:
             return int(response.headers["Upload-Offset"]), None  # stale offset: HQ says where
