@@ -31,17 +31,24 @@ def hq(appliance_factory, tmp_path, postgres):
     archive = appliance_factory("hq")
     added = run_pacs("hq", "site", "add", "test-site", "--json", env_file=archive.env_file)
     assert added.returncode == 0, added.stderr
-    receiver = subprocess.Popen([sys.executable, "-m", "gotg_pacs", "--env-file",
-                                 str(archive.env_file), "hq", "run"],
-                                stdout=subprocess.DEVNULL,
-                                stderr=open(tmp_path / "receiver.log", "w"))  # noqa: SIM115
     archive.url = f"http://127.0.0.1:{port}"
     archive.token = json.loads(added.stdout)["hq_token"]
     client = HQClient(archive.url, archive.token, timeout=5)
-    assert wait_until(lambda: _answers(client), 30)
+
+    def start_receiver() -> subprocess.Popen:
+        """The receiver as its own process (tests may kill -9 it and start another)."""
+        archive.receiver = subprocess.Popen(
+            [sys.executable, "-m", "gotg_pacs", "--env-file", str(archive.env_file), "hq", "run"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "receiver.log", "a"))  # noqa: SIM115
+        assert wait_until(lambda: _answers(client), 30)
+        return archive.receiver
+
+    archive.start_receiver = start_receiver
+    start_receiver()
     yield archive
-    receiver.terminate()
-    receiver.wait(30)
+    archive.receiver.terminate()
+    archive.receiver.wait(30)
 
 
 def _answers(client: HQClient) -> bool:

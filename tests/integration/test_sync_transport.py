@@ -256,3 +256,40 @@ def test_an_instance_hq_refuses_waits_before_it_is_tried_again_and_staff_see_why
     assert "different content" in report["refusals"][0]["last_error"]
     text = run_pacs("sync", "status", env_file=clinic.env_file).stdout
     assert "1 instances refused" in text and "different content" in text
+
+
+def test_kill_9_of_the_hq_receiver_mid_upload_loses_and_duplicates_nothing(clinic, hq, tmp_path):
+    """HQ's receiver dies hard while a chunk streams in, and again later: a new receiver
+    continues from what reached the disk; every instance is stored once and verified."""
+    files = [corpus.DATA_DIR / "RG3_UNCR.dcm", *corpus.representative()[:3]]
+    env = clinic.env_file
+    env.write_text(env.read_text().replace("COMPRESSION_LEVEL=6", "COMPRESSION_LEVEL=0")
+                   + "MAX_BANDWIDTH_MBPS=8\n")  # chunks of about 4 MB
+    owe(clinic, files).close()
+    uploads = hq.settings.hq_dir / "uploads"
+    service = subprocess.Popen([sys.executable, "-m", "gotg_pacs", "--env-file", str(env),
+                                "sync", "run"], stderr=open(tmp_path / "sync.log", "w"))  # noqa: SIM115
+    try:
+        for _ in range(2):
+            assert wait_until(lambda: any(p.stat().st_size > 0 for p in uploads.glob("*.part")),
+                              60, interval=0.01)
+            hq.receiver.send_signal(signal.SIGKILL)
+            hq.receiver.wait(10)
+            time.sleep(2)  # the clinic meets a dead receiver, then a new one
+            hq.start_receiver()
+        box = Outbox(clinic.settings.sync_outbox_file, readonly=True)
+        assert wait_until(lambda: box.summary()["instances"].get("confirmed", {})
+                          .get("instances") == len(files), 120, interval=0.5)
+        box.close()
+    finally:
+        service.terminate()
+        service.wait(30)
+    for source in files:
+        uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+        assert len(hq.orthanc.find_instance(uid)) == 1
+        assert same_at_hq(clinic.orthanc, hq.orthanc, uid), source.name
+    assert hq.instance_count() == len(files)
+    journal = [json.loads(line) for line in
+               (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()]
+    assert sorted(entry["sop_uid"] for entry in journal) == sorted(
+        str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files)
