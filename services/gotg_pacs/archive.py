@@ -79,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import requests
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.fileset import DIRECTORY_RECORDERS, FileSet
 from pydicom.uid import (
@@ -90,7 +91,7 @@ from pydicom.uid import (
 
 from . import __version__
 from .config import Settings
-from .orthanc import Orthanc, OrthancError
+from .orthanc import Orthanc, OrthancError, OrthancUnreachable
 
 DICOMDIR = "DICOMDIR"
 MANIFEST = "GOTG_MANIFEST.json"
@@ -698,6 +699,11 @@ def export(settings: Settings, target: Path, study_uids: Iterable[str] = (),
     """Copy the studies to `target` as described in the module docstring; the report."""
     started, clock = _utc_now(), time.monotonic()
     root = check_target(target)
+    for own in (settings.storage_path, settings.state_path):
+        own = own.resolve()
+        if root == own or own in root.parents or root in own.parents:
+            raise ArchiveError(f"{root} is (or holds) the archive's own storage ({own}); give "
+                               "the folder where the USB disk is mounted")
     client = client or Orthanc.from_settings(settings, timeout=60)
     with locked(root):
         state = load_on_disk(root)
@@ -753,6 +759,9 @@ def export(settings: Settings, target: Path, study_uids: Iterable[str] = (),
         try:
             written = _write_export(client, root, export_id, todo, state, settings, started,
                                     progress, report)
+        except OrthancError as exc:
+            raise ArchiveError(f"the archive stopped answering while copying ({exc}); nothing "
+                               f"was put in place on {root}, run the export again") from None
         except OSError as exc:  # cleaned up already: say what happened in the user's words
             what = ("the disk filled up" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
                     else f"writing failed: {exc.strerror or exc}")
@@ -891,6 +900,9 @@ def _copy_instance(client: Orthanc, item: Planned, path: Path) -> tuple[str, int
                 size += len(block)
             handle.flush()
             os.fsync(handle.fileno())
+    except requests.RequestException as exc:  # the stream broke off after it started
+        raise OrthancUnreachable(f"download of instance {item.orthanc_id} broke off ({exc})"
+                                 ) from None
     finally:
         response.close()
     expected = orthanc_md5(client, item.orthanc_id)

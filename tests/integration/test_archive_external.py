@@ -269,6 +269,8 @@ def test_bad_targets_are_refused_with_a_clear_message(appliance, tmp_path):
     missing = _pacs_archive(appliance, tmp_path / "not-mounted")
     assert missing.returncode == 1 and "does not exist" in missing.stderr
     assert not (tmp_path / "not-mounted").exists()
+    inside = _pacs_archive(appliance, appliance.settings.storage_path)
+    assert inside.returncode == 1 and "the archive's own storage" in inside.stderr
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     assert "is not a folder" in _pacs_archive(appliance, a_file).stderr
@@ -388,3 +390,22 @@ def test_a_damaged_original_in_orthanc_is_never_copied_as_good(appliance_factory
     assert "pacs integrity check" in result.stderr and instance_id in result.stderr
     assert list(usb.iterdir()) == []
     assert appliance.instance_count() == 2  # nothing deleted from the archive
+
+
+def test_the_archive_stopping_mid_copy_puts_nothing_in_place(appliance, tmp_path, monkeypatch):
+    assert appliance.modality.store(_files(CT, MR)).ok
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    copy_instance, copied = archive._copy_instance, []
+
+    def then_orthanc_stops(client, item, path):
+        result = copy_instance(client, item, path)
+        if not copied:
+            appliance.stop()  # the real Orthanc goes away after the first file
+        copied.append(item)
+        return result
+
+    monkeypatch.setattr(archive, "_copy_instance", then_orthanc_stops)
+    with pytest.raises(archive.ArchiveError, match="stopped answering.*nothing was put in place"):
+        archive.export(appliance.settings, usb)
+    assert len(copied) == 1 and list(usb.iterdir()) == []
