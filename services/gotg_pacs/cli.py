@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
 import click
@@ -171,6 +173,72 @@ def modality_remove(ctx: Context, name: str, as_json: bool) -> None:
     """Forget a declared modality (its images stay)."""
     Orthanc.from_settings(ctx.settings).delete_modality(name)
     emit({"removed": name}, as_json, f"removed {name}")
+
+
+# --- external media -------------------------------------------------------------------------------
+
+
+@cli.command("archive")
+@click.option("--external", "target", required=True, metavar="PATH",
+              type=click.Path(file_okay=True, path_type=Path),
+              help="Folder where the USB disk is mounted (empty, or a disk made by this command).")
+@click.option("--study", "studies", multiple=True, metavar="UID",
+              help="Study Instance UID to copy (repeatable) [default: every study].")
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
+              metavar="YYYY-MM-DD",
+              help="Only studies this archive received images for on or after that day.")
+@click.option("--verify", "verify_only", is_flag=True,
+              help="Copy nothing: re-read a disk made earlier against its manifest.")
+@json_option
+@pass_context
+def archive_command(ctx: Context, target: Path, studies: tuple[str, ...],
+                    since: datetime | None, verify_only: bool, as_json: bool) -> None:
+    """Copy studies to a USB disk as a DICOM File-set (DICOMDIR) with a manifest, verified.
+
+    Exit 1 with one message if anything does not verify; a disk is never left with a DICOMDIR
+    that points to missing or different files, and nothing is deleted from the archive.
+    """
+    from . import archive as media
+
+    last = [0.0]
+
+    def progress(phase: str, done: int, total: int, done_bytes: int, total_bytes: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= 1.0:
+            last[0] = now
+            size = (f", {done_bytes / 1e6:.1f} of {total_bytes / 1e6:.1f} MB" if total_bytes
+                    else "")
+            click.echo(f"  {phase} {done}/{total} instances{size}", err=True)
+
+    try:
+        if verify_only:
+            report = media.verify_only(target, progress=None if as_json else progress)
+        else:
+            report = media.export(ctx.settings, target, studies, since.date() if since else None,
+                                  progress=None if as_json else progress)
+    except (media.ArchiveError, OrthancError) as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "target": str(target), "error": str(exc)},
+                                  indent=2))
+        click.echo(f"pacs archive: {exc}", err=True)
+        sys.exit(1)
+    notes = [f"note: {media.printable(note, 300)}" for note in report.get("notes", [])]
+    if verify_only:
+        problems = [f"  {media.printable(problem, 300)}" for problem in report["problems"]]
+        text = (f"{report['target']}: all {report['instances']} instances read back and match "
+                "the manifest; the DICOMDIR references each one" if report["ok"] else
+                f"{report['target']}: {len(problems)} problem(s):\n" + "\n".join(problems))
+    elif report["instances_written"]:
+        text = (f"copied {report['instances_written']} instances "
+                f"({report['bytes_written'] / 1e6:.1f} MB) of {report['studies']} studies to "
+                f"{report['target']} as {report['export']}, read back from the disk and "
+                f"verified; {report['instances_already_there']} were already there. "
+                "Eject the disk before unplugging it.")
+    else:
+        text = (f"nothing to copy: all {report['instances_already_there']} instances of "
+                f"{report['studies']} studies are already on {report['target']}")
+    emit(report, as_json, "\n".join(notes + [text]))
+    sys.exit(0 if report["ok"] else 1)
 
 
 cli.add_command(sync_commands.sync)

@@ -39,7 +39,8 @@ def test_config_check_json_hides_secrets(tmp_path):
 def test_config_error_is_exit_2_and_one_line_for_every_command(tmp_path):
     env = tmp_path / "pacs.env"
     env.write_text("DICOM_PORT=http\n")
-    for args in (["status"], ["config", "check"], ["config", "orthanc"], ["modality", "list"]):
+    for args in (["status"], ["config", "check"], ["config", "orthanc"], ["modality", "list"],
+                 ["archive", "--external", str(tmp_path)]):
         result = run_pacs(*args, env_file=env)
         assert result.returncode == 2, args
         assert result.stderr.count("\n") == 1 and "DICOM_PORT='http'" in result.stderr
