@@ -15,9 +15,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from gotg_pacs.hq.receiver import sweep
 from gotg_pacs.process import wait_until
@@ -291,5 +293,37 @@ def test_kill_9_of_the_hq_receiver_mid_upload_loses_and_duplicates_nothing(clini
     assert hq.instance_count() == len(files)
     journal = [json.loads(line) for line in
                (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()]
-    assert sorted(entry["sop_uid"] for entry in journal) == sorted(
+    assert sorted(entry["sop_uid"] for entry in journal if entry["sop_uid"]) == sorted(
         str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files)
+
+
+def test_small_instances_travel_in_batches_and_one_refusal_spares_the_rest(clinic, hq, tmp_path):
+    """Thirty small CT slices: a few uploads instead of thirty round trips each; HQ holding
+    other content under one of their UIDs refuses that one only."""
+    ct_small = Path(get_testdata_file("CT_small.dcm"))  # 39 KB, as a small CT slice travels
+    files = corpus.renumbered_copies([ct_small], 30, tmp_path / "ct")
+    victim = pydicom.dcmread(files[7])
+    victim.PatientName = "Other^Version"
+    other = io.BytesIO()
+    victim.save_as(other)
+    hq.orthanc.post("/instances", data=other.getvalue())
+    box = owe(clinic, files)
+    sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
+    try:
+        sent = sender.send()
+    finally:
+        sender.close()
+    assert len(sent.confirmed) == 29 and len(sent.refused) == 1
+    [refusal] = box.refusals()
+    assert refusal["sop_uid"] == str(victim.SOPInstanceUID)
+    assert "different content" in refusal["last_error"]
+    journal = [json.loads(line) for line in
+               (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()]
+    batches = [entry for entry in journal if entry["codec"] == "batch"]
+    assert batches and sum(entry["members"] for entry in batches) == 30
+    assert len(batches) <= 3, "a few uploads, not thirty"
+    for source in files:
+        uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+        if uid != refusal["sop_uid"]:
+            assert same_at_hq(clinic.orthanc, hq.orthanc, uid)
+    box.close()

@@ -26,9 +26,8 @@ from ..sync import codecs
 
 log = logging.getLogger(__name__)
 
-BATCH_CODEC = "batch"
+BATCH_CODEC = codecs.BATCH
 MAX_BATCH_MEMBERS = 1000
-MANIFEST = "manifest.json"
 
 
 class Refused(Exception):
@@ -117,7 +116,7 @@ class Archive:
         results, member_bytes = [], 0
         try:
             with tarfile.open(part, "r:") as batch:
-                manifest = json.load(batch.extractfile(MANIFEST))
+                manifest = json.load(batch.extractfile(codecs.BATCH_MANIFEST))
                 if not isinstance(manifest, list) or len(manifest) > MAX_BATCH_MEMBERS:
                     raise Refused(422, "refused: a batch manifest lists 1-1000 instances")
                 for member in manifest:

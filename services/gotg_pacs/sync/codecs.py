@@ -32,6 +32,9 @@ ZSTD_LEVELS = {1: 1, 2: 2, 3: 3, 4: 5, 5: 7, 6: 9, 7: 12, 8: 15, 9: 19}
 # this size an instance is only zstd-compressed, streamed, so a 2 GB Pi never runs short.
 MAX_TRANSCODE_BYTES = 32 * 2**20
 BLOCK = 2**20  # streaming unit for files that are not held in memory
+# Small instances travel together: a tar of their payloads named 0, 1, ... and a JSON manifest
+# (name, sop_uid, codec, payload_md5, original_md5 per member), read by HQ member by member.
+BATCH, BATCH_MANIFEST = "batch", "manifest.json"
 TRANSCODERS = {"jpegls": JPEGLSLossless, "j2k": JPEG2000Lossless}
 NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 

@@ -11,9 +11,13 @@ offset: an outage costs at most the chunk in flight. Nothing here ever deletes a
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
+import sqlite3
+import tarfile
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +33,8 @@ from .transport import HQClient, HQRefused, HQUnreachable
 log = logging.getLogger(__name__)
 
 LOOKAHEAD = 3  # instances packed ahead of the one being sent
+SMALL_MIN = 64 * 1024  # payloads up to this (or a quarter chunk) travel in batches
+BATCH_MEMBERS = 100
 
 
 class DamagedHere(Exception):
@@ -188,6 +194,81 @@ class Sender:
                 if offset >= payload.size:  # every byte in, the answer lost: holdings will tell
                     return None
 
+    def _packed(self, row, packing: Future, report: Sent) -> Payload | None:
+        """The payload the packer made, or None (refusal recorded, or the instance is gone)."""
+        try:
+            return packing.result()
+        except DamagedHere as exc:
+            self._refuse(row, str(exc), report)
+        except OrthancError as exc:
+            if exc.status != 404:
+                raise
+            log.error("%s was deleted here before HQ had it", row["sop_uid"])
+            self.outbox.gone(row["orthanc_id"])
+        except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the rest
+            self._refuse(row, f"{exc.__class__.__name__}: {exc}", report)
+        return None
+
+    def _send_one(self, row, payload: Payload, report: Sent) -> None:
+        try:
+            hq_id = self._upload(row, payload)
+        except HQUnreachable:
+            raise
+        except HQRefused as exc:
+            self._refuse(row, str(exc), report)
+            return
+        except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the rest
+            self._refuse(row, f"{exc.__class__.__name__}: {exc}", report)
+            return
+        if hq_id:
+            self._confirm(row["orthanc_id"], hq_id)
+            report.confirmed.append(row["orthanc_id"])
+
+    def _send_batch(self, batch: list, report: Sent) -> None:
+        """Small instances in one upload: a tar of their payloads and a manifest. Not resumed
+        across restarts (it is at most one chunk); the holdings question settles any doubt."""
+        if len(batch) == 1:
+            self._send_one(*batch[0], report)
+            return
+        manifest = [{"name": str(n), "sop_uid": row["sop_uid"], "codec": payload.codec,
+                     "payload_md5": payload.payload_md5, "original_md5": payload.original_md5}
+                    for n, (row, payload) in enumerate(batch)]
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            listing = json.dumps(manifest).encode()
+            info = tarfile.TarInfo(codecs.BATCH_MANIFEST)
+            info.size = len(listing)
+            tar.addfile(info, io.BytesIO(listing))
+            for entry, (_, payload) in zip(manifest, batch, strict=True):
+                tar.add(payload.path, arcname=entry["name"])
+        data = buffer.getvalue()
+        try:
+            url = self.hq.create(len(data), {"codec": codecs.BATCH, "count": str(len(batch)),
+                                             "payload_md5": hashlib.md5(data).hexdigest()})
+            offset = 0
+            while offset < len(data):
+                offset, confirmed = self.hq.append(url, offset, data[offset:offset + self.chunk],
+                                                   total=len(data))
+                if confirmed:
+                    break
+            outcome = self.hq.outcome(url)
+        except HQRefused as exc:
+            for row, _ in batch:
+                self._refuse(row, str(exc), report)
+            return
+        if outcome is None:
+            return  # the answer was lost: the next holdings question confirms what arrived
+        for (row, _), result in zip(batch, outcome.get("batch", []), strict=False):
+            if result.get("sop_uid") != row["sop_uid"]:
+                log.error("HQ's batch answer does not match what was sent; asking again later")
+                return
+            if result.get("hq_id"):
+                self._confirm(row["orthanc_id"], result["hq_id"])
+                report.confirmed.append(row["orthanc_id"])
+            else:
+                self._refuse(row, f"HQ refused ({result.get('status')}): "
+                                  f"{result.get('message')}", report)
+
     def _confirm(self, instance_id: str, hq_id: str) -> None:
         self.outbox.confirm(instance_id, hq_id)
         self.packer.discard(instance_id)
@@ -235,33 +316,26 @@ class Sender:
                 to_send.append(row)
         level = self.level
         packing: deque[Future] = deque()
+        batch: list[tuple[sqlite3.Row, Payload]] = []
         for index, row in enumerate(to_send):
             while len(packing) < LOOKAHEAD + 1 and index + len(packing) < len(to_send):
                 ahead = to_send[index + len(packing)]["orthanc_id"]
                 packing.append(self.packer.submit(ahead, md5s[ahead], level))
-            instance_id = row["orthanc_id"]
-            try:
-                payload = packing.popleft().result()
-                hq_id = self._upload(row, payload)
-            except HQUnreachable:
-                raise
-            except HQRefused as exc:
-                self._refuse(row, str(exc), report)
+            payload = self._packed(row, packing.popleft(), report)
+            if payload is None:
                 continue
-            except DamagedHere as exc:
-                self._refuse(row, str(exc), report)
-                continue
-            except OrthancError as exc:
-                if exc.status == 404:
-                    self.outbox.gone(instance_id)
-                    continue
-                raise
-            except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the rest
-                self._refuse(row, f"{exc.__class__.__name__}: {exc}", report)
-                continue
-            if hq_id:
-                self._confirm(instance_id, hq_id)
-                report.confirmed.append(instance_id)
+            chunk = self.chunk
+            small = payload.size <= max(SMALL_MIN, chunk // 4)
+            if batch and (not small or len(batch) >= BATCH_MEMBERS
+                          or sum(p.size for _, p in batch) + payload.size > chunk):
+                self._send_batch(batch, report)
+                batch = []
+            if small:
+                batch.append((row, payload))
+            else:
+                self._send_one(row, payload, report)
+        if batch:
+            self._send_batch(batch, report)
         if report.confirmed or report.already_held:
             log.info("%d sent and confirmed, %d already at HQ, %d refused (link %s)",
                      len(report.confirmed), len(report.already_held), len(report.refused),

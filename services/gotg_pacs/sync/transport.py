@@ -128,6 +128,19 @@ class HQClient:
             raise HQRefused(response.status_code, "cannot read the upload's offset")
         return int(response.headers["Upload-Offset"]), response.headers.get("Gotg-Confirmed")
 
+    def outcome(self, upload_url: str) -> dict | None:
+        """How a finished upload ended at HQ (per instance for a batch); None if HQ no longer
+        knows (the holdings question will tell)."""
+        response = self._call("GET", f"{upload_url}/outcome")
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise HQRefused(response.status_code, response.text[:200])
+        try:
+            return response.json()
+        except ValueError:
+            raise HQUnreachable(f"HQ at {self.url} answered something that is not HQ") from None
+
     def append(self, upload_url: str, offset: int, chunk: bytes,
                total: int | None = None) -> tuple[int, str | None]:
         """Send one chunk at offset; (new offset, HQ instance once the last byte is confirmed).
