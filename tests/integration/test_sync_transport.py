@@ -24,7 +24,7 @@ from pydicom.data import get_testdata_file
 from gotg_pacs.hq.receiver import sweep
 from gotg_pacs.process import wait_until
 from gotg_pacs.sync.outbox import Outbox
-from gotg_pacs.sync.sender import Sender
+from gotg_pacs.sync.sender import Sender, SenderBusy
 from gotg_pacs.sync.transport import HQClient, HQRefused
 from tests.conftest import run_pacs
 from tests.support import corpus
@@ -51,6 +51,7 @@ def test_every_instance_reaches_hq_verified_and_a_resend_costs_only_the_question
     assert sum(entry["length"] for entry in journal) < sum(f.stat().st_size for f in files)
 
     # The clinic forgets everything (a fresh outbox): HQ's answer confirms it all, no upload.
+    sender.close()
     box.close()
     clinic.settings.sync_outbox_file.unlink()
     fresh = owe(clinic, [])
@@ -90,6 +91,7 @@ def test_a_transfer_killed_mid_upload_resumes_losing_at_most_one_chunk(clinic, h
     assert entry["codec"] == "identity"
     assert entry["max_chunk"] <= 2 * 2**20, "chunks follow the capped rate"
     assert entry["received"] - entry["length"] <= entry["max_chunk"], "more than a chunk re-sent"
+    assert list(uploads.glob("*.part")) == [], "resumed the same upload, none left behind"
     uid = str(pydicom.dcmread(big, stop_before_pixels=True).SOPInstanceUID)
     assert same_at_hq(clinic.orthanc, hq.orthanc, uid)
 
@@ -326,4 +328,30 @@ def test_small_instances_travel_in_batches_and_one_refusal_spares_the_rest(clini
         uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
         if uid != refusal["sop_uid"]:
             assert same_at_hq(clinic.orthanc, hq.orthanc, uid)
+    box.close()
+
+
+def test_a_payload_cut_short_on_disk_is_packed_again_and_one_sender_works_at_a_time(clinic, hq):
+    """After a power cut a payload file may be shorter than its sidecar says: it is never
+    sent as is (HQ would refuse it and the instance would pause for minutes); and two senders
+    at one site (the service and `pacs sync now`) would overwrite each other's payloads."""
+    box = owe(clinic, corpus.representative()[1:2])
+    sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
+    try:
+        with pytest.raises(SenderBusy):
+            Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
+        [row] = box.ready()
+        md5 = sender._original_md5(row["orthanc_id"])
+        payload = sender.packer.pack(row["orthanc_id"], md5, 6)
+        with open(payload.path, "r+b") as handle:
+            handle.truncate(payload.size // 2)
+        assert sender.packer.existing(row["orthanc_id"], md5) is None
+        sent = sender.send()
+        assert len(sent.confirmed) == 1 and not sent.refused
+    finally:
+        sender.close()
+    assert same_at_hq(clinic.orthanc, hq.orthanc, row["sop_uid"])
+    busy = subprocess.run([sys.executable, "-m", "gotg_pacs", "--env-file",
+                           str(clinic.env_file), "sync", "now"], capture_output=True, text=True)
+    assert busy.returncode == 0, "the lock is released when a sender closes"
     box.close()

@@ -77,3 +77,33 @@ def test_the_breaker_probes_often_in_a_short_outage_and_rarely_in_a_long_one():
 ])
 def test_the_off_peak_window_may_cross_midnight(window, hour, inside):
     assert in_window(window, datetime(2026, 11, 25, hour, 0)) is inside
+
+
+def test_days_offline_never_overflow_the_backoff():
+    breaker = CircuitBreaker()
+    for t in range(5000):  # far more failures than 60 hours of probing
+        delay = breaker.failed(now=float(t * 60))
+    assert delay <= 300.0
+
+
+def test_an_answered_probe_does_not_reset_the_backoff():
+    breaker = CircuitBreaker()
+    for t in range(10):
+        breaker.failed(now=t * 100.0)  # open for over ten minutes now
+    breaker.probed()
+    assert breaker.ready(now=910.0) and breaker.is_open, "half-open: one send may try"
+    assert breaker.failed(now=911.0) > 3.0, "a send failing after the probe keeps the long pause"
+
+
+def test_a_chunk_that_timed_out_makes_the_next_smaller_and_more_patient():
+    link = LinkEstimate()
+    first = link.chunk_size()
+    link.failed(timed_out_size=first)  # GPRS: 256 KB did not get through in time
+    assert link.chunk_size() < first
+    assert link.timeout(link.chunk_size()) >= 3 * link.chunk_size() * 8 / 32e3
+    measured = _measured(2)
+    before = measured.chunk_size()
+    measured.failed(timed_out_size=before)
+    assert measured.chunk_size() <= before // 2 + MIN_CHUNK
+    measured.failed()  # a refused connection says nothing about the rate
+    assert measured.bps == pytest.approx(1e6)

@@ -56,7 +56,10 @@ class Archive:
                                  announced["original_md5"])
                 out.flush()
                 os.fsync(out.fileno())
-            header = pydicom.dcmread(scratch, stop_before_pixels=True)
+            try:
+                header = pydicom.dcmread(scratch, stop_before_pixels=True)
+            except Exception as exc:  # noqa: BLE001 - any unreadable header is a refusal
+                raise Refused(422, f"refused: not a readable DICOM file ({exc})") from None
             if str(header.get("SOPInstanceUID", "")) != announced["sop_uid"]:
                 raise Refused(422, "refused: SOP Instance UID differs from the announced one")
             original = hashlib.md5()

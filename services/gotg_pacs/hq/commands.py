@@ -7,6 +7,7 @@ import re
 import sys
 
 import click
+from werkzeug.serving import WSGIRequestHandler, run_simple
 
 from ..clikit import Context, emit, json_option, pass_context
 from .sites import Sites
@@ -17,13 +18,19 @@ def hq() -> None:
     """The HQ archive's receiver and site credentials."""
 
 
+class _StallingClientsTimeOut(WSGIRequestHandler):
+    """A clinic that lost its link mid-chunk sends no FIN: without a socket timeout its
+    request would hold the upload's lock forever. A minute without a byte ends it (what
+    arrived is kept; the clinic resumes from there)."""
+
+    timeout = 60
+
+
 @hq.command("run")
 @json_option
 @pass_context
 def hq_run(ctx: Context, as_json: bool) -> None:
     """Run the receiver in the foreground on HQ_RECEIVER_PORT (loopback)."""
-    from werkzeug.serving import run_simple
-
     from .receiver import create_app
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="[hq] %(message)s")
@@ -31,7 +38,8 @@ def hq_run(ctx: Context, as_json: bool) -> None:
     emit({"listening": f"http://127.0.0.1:{settings.hq_receiver_port}"}, as_json,
          f"HQ receiver on http://127.0.0.1:{settings.hq_receiver_port}")
     sys.stdout.flush()
-    run_simple("127.0.0.1", settings.hq_receiver_port, create_app(settings), threaded=True)
+    run_simple("127.0.0.1", settings.hq_receiver_port, create_app(settings), threaded=True,
+               request_handler=_StallingClientsTimeOut)
 
 
 @hq.group("site")

@@ -163,12 +163,20 @@ def create_app(settings: Settings) -> Flask:
         response.headers["Gotg-Confirmed"] = confirmation(result)
         return response
 
-    def load(upload_id: str) -> tuple[Path, Path, dict]:
-        part, sidecar, _ = paths(upload_id)
+    def load(upload_id: str, answer) -> tuple[Path, Path, dict]:
+        """The upload in progress; if it finished meanwhile, `answer(outcome)` is the reply."""
+        part, sidecar, done = paths(upload_id)
         meta = _read_json(sidecar)
-        if meta is None or meta["site"] != g.site:
+        if meta is None:
+            finished(done, answer)
+        if meta["site"] != g.site:
             abort(404)
         return part, sidecar, meta
+
+    def finished(done: Path, answer) -> None:
+        """Reply with how the upload ended (it finished while we looked), or 404."""
+        result = outcome(done)
+        abort(404 if result is None else answer(result))
 
     @app.before_request
     def authenticate() -> None:
@@ -211,18 +219,26 @@ def create_app(settings: Settings) -> Flask:
 
     @app.route("/files/<upload_id>", methods=["HEAD"])
     def offset(upload_id: str) -> Response:
-        response = Response(status=200)
-        response.headers["Cache-Control"] = "no-store"
-        result = outcome(paths(upload_id)[2])
-        if result is not None:
+        def ended(result: dict) -> Response:
             if "status" in result:
                 abort(410)  # refused: the clinic starts over and hears why
+            response = Response(status=200)
+            response.headers["Cache-Control"] = "no-store"
             response.headers["Upload-Offset"] = response.headers["Upload-Length"] = \
                 str(result["length"])
             response.headers["Gotg-Confirmed"] = confirmation(result)
             return response
-        part, _, meta = load(upload_id)
-        response.headers["Upload-Offset"] = str(part.stat().st_size)
+
+        if (result := outcome(paths(upload_id)[2])) is not None:
+            return ended(result)
+        part, _, meta = load(upload_id, ended)
+        try:
+            size = part.stat().st_size
+        except FileNotFoundError:
+            finished(paths(upload_id)[2], ended)
+        response = Response(status=200)
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["Upload-Offset"] = str(size)
         response.headers["Upload-Length"] = str(meta["length"])
         return response
 
@@ -233,8 +249,12 @@ def create_app(settings: Settings) -> Flask:
         done = paths(upload_id)[2]
         if (result := outcome(done)) is not None:
             return replay(result)
-        part, sidecar, meta = load(upload_id)
-        with open(part, "ab") as handle:
+        part, sidecar, meta = load(upload_id, replay)
+        try:
+            handle = open(part, "r+b")  # noqa: SIM115 - never created here: see below
+        except FileNotFoundError:  # finished (and removed) since we looked
+            finished(done, replay)
+        with handle:
             # One writer per upload, whatever the receiver, from the first byte to the
             # confirmation: a retried last chunk waits here and then gets the same answer.
             fcntl.flock(handle, fcntl.LOCK_EX)

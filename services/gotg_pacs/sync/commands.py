@@ -176,7 +176,7 @@ def sync_test_connection(ctx: Context, as_json: bool) -> None:
 def sync_now(ctx: Context, as_json: bool) -> None:
     """Send everything that is ready, now, showing progress (waits for nothing else)."""
     from .feed import Feed
-    from .sender import Sender
+    from .sender import Sender, SenderBusy
     from .service import hq_client
     from .transport import HQUnreachable
 
@@ -188,7 +188,10 @@ def sync_now(ctx: Context, as_json: bool) -> None:
         feed = Feed(clinic, outbox)
         while not feed.step():
             pass
-        sender = Sender(ctx.settings, outbox, clinic, hq_client(ctx.settings))
+        try:
+            sender = Sender(ctx.settings, outbox, clinic, hq_client(ctx.settings))
+        except SenderBusy as exc:
+            raise click.ClickException(str(exc)) from None
         totals = {"confirmed": 0, "already_held": 0, "refused": 0}
         try:
             while True:

@@ -5,7 +5,7 @@ every failure counts. From these: a throughput estimate (a moving average weight
 recent), the tier staff see (excellent > 10 Mbit/s, good 1-10, poor < 1, offline), and the
 choices that follow from it:
 
-* chunk size: about four seconds of the link (64 KB on 2G, megabytes on a LAN), so an outage
+* chunk size: about four seconds of the link (16 KB on GPRS, megabytes on a LAN), so an outage
   costs at most a few seconds of sending and a fast link is not slowed by round trips;
 * timeouts: a few times what a chunk should take, so a dead link is noticed in seconds on a LAN
   and a slow one is not mistaken for dead;
@@ -22,7 +22,8 @@ from dataclasses import dataclass
 MBIT = 1e6
 TIERS = ("offline", "poor", "good", "excellent")
 CHUNK_SECONDS = 4.0
-MIN_CHUNK, MAX_CHUNK, FIRST_CHUNK = 64 * 1024, 8 * 2**20, 256 * 1024
+MIN_CHUNK, MAX_CHUNK, FIRST_CHUNK = 16 * 1024, 8 * 2**20, 256 * 1024
+SLOWEST_GUESS = 32e3  # bits/s assumed after a chunk timed out with nothing measured (GPRS)
 MIN_SAMPLE = 16 * 1024  # smaller transfers measure latency, not throughput
 OFFLINE_AFTER = 3       # consecutive failures
 
@@ -67,9 +68,14 @@ class LinkEstimate:
             self._outcome(False)
             self.latency = self._average(self.latency, seconds)
 
-    def failed(self) -> None:
+    def failed(self, timed_out_size: int = 0) -> None:
+        """A request failed; if it was a chunk that timed out, the link is slower than planned:
+        halve the estimate (so the next chunk is half as big and waited for twice as long)."""
         with self._lock:
             self._outcome(True)
+            if timed_out_size:
+                self.bps = SLOWEST_GUESS if self.bps is None else max(SLOWEST_GUESS / 4,
+                                                                      self.bps / 2)
 
     def _outcome(self, failed: bool) -> None:
         self.outcomes = (self.outcomes + [failed])[-50:]

@@ -177,9 +177,17 @@ class Outbox:
                     "INSERT INTO studies (orthanc_id, study_uid, priority, enqueued_at, due_at) "
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (orthanc_id) DO NOTHING",
                     (item.study_id, item.study_uid, priority, now, now + PRIORITIES[priority]))
+                # Seen again under another change: stored anew after it was deleted here (or
+                # after HQ confirmed and cleanup removed it), maybe with other content. It is
+                # owed again; if HQ already holds exactly it, the holdings question says so.
                 db.execute(
                     "INSERT INTO instances (orthanc_id, study_id, sop_uid, size, change_seq, "
-                    "enqueued_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (orthanc_id) DO NOTHING",
+                    "enqueued_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (orthanc_id) DO UPDATE "
+                    "SET state = 'pending', size = excluded.size, change_seq = "
+                    "excluded.change_seq, enqueued_at = excluded.enqueued_at, upload_url = NULL, "
+                    "refusals = 0, retry_at = 0, last_error = NULL "
+                    "WHERE instances.state != 'pending' "
+                    "AND instances.change_seq != excluded.change_seq",
                     (item.orthanc_id, item.study_id, item.sop_uid, item.size, item.change_seq,
                      now))
             for study_id in stable_studies:
@@ -266,12 +274,14 @@ class Outbox:
             "WHERE state = 'pending' AND refusals > 0 ORDER BY retry_at DESC LIMIT ?",
             (limit,))]
 
-    def confirm(self, instance_id: str, hq_id: str, now: float | None = None) -> None:
-        """HQ stored and verified it: the only way an instance ever counts as at HQ."""
+    def confirm(self, instance_id: str, hq_id: str, original_md5: str,
+                now: float | None = None) -> None:
+        """HQ stored and verified exactly this content (the MD5 Orthanc took here at ingest):
+        the only way an instance ever counts as at HQ."""
         with self._transaction() as db:
             db.execute("UPDATE instances SET state = 'confirmed', hq_id = ?, confirmed_at = ?, "
-                       "upload_url = NULL WHERE orthanc_id = ?",
-                       (hq_id, time.time() if now is None else now, instance_id))
+                       "original_md5 = ?, upload_url = NULL WHERE orthanc_id = ?",
+                       (hq_id, time.time() if now is None else now, original_md5, instance_id))
 
     # --- staff and scheduling ------------------------------------------------------------------
 

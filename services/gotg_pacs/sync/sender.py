@@ -11,6 +11,7 @@ offset: an outage costs at most the chunk in flight. Nothing here ever deletes a
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -39,6 +40,21 @@ BATCH_MEMBERS = 100
 
 class DamagedHere(Exception):
     """The stored file no longer matches the MD5 Orthanc took at ingest."""
+
+
+class PayloadLost(Exception):
+    """A payload on disk is not whole: packed again on the next turn, nobody is refused."""
+
+
+class SenderBusy(Exception):
+    """Another sender (the pacs-sync service, or `pacs sync now`) works from this site."""
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 @dataclass(frozen=True)
@@ -70,8 +86,26 @@ class Packer:
         self.settings = settings
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # One sender per site: two packers writing the same payload names would corrupt them.
+        self._lock = open(self.directory / ".lock", "w")  # noqa: SIM115 - held while alive
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise SenderBusy("another sender is at work here (the pacs-sync service sends "
+                             "everything itself; see `pacs sync status`)") from None
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="packer")
+
+    def tidy(self, keep) -> None:
+        """Remove what no owed instance needs: payloads of instances since settled, and the
+        scratch files of a run that died (`keep(instance_id)` says which are still owed)."""
+        for path in self.directory.iterdir():
+            if path.name == ".lock":
+                continue
+            stem, _, suffix = path.name.partition(".")
+            if suffix in ("dcm", "tmp", "json.tmp") or not keep(stem):
+                path.unlink(missing_ok=True)
 
     def _clinic(self) -> Orthanc:
         if not hasattr(self._local, "clinic"):
@@ -85,15 +119,16 @@ class Packer:
         return self._pool.submit(self.pack, instance_id, original_md5, level)
 
     def existing(self, instance_id: str, original_md5: str) -> Payload | None:
+        """A payload packed before (by a run that died, say), if it is whole and current."""
         path = self.path(instance_id)
         try:
             meta = json.loads(path.with_suffix(".json").read_text())
+            size = path.stat().st_size
         except (FileNotFoundError, ValueError):
             return None
-        if meta["original_md5"] != original_md5 or not path.exists():
-            return None  # the clinic's instance changed since: pack again
-        return Payload(path, meta["codec"], path.stat().st_size, meta["original_md5"],
-                       meta["payload_md5"])
+        if meta.get("original_md5") != original_md5 or meta.get("size") != size:
+            return None  # the clinic's instance changed, or a power cut cut the file: again
+        return Payload(path, meta["codec"], size, meta["original_md5"], meta["payload_md5"])
 
     def pack(self, instance_id: str, original_md5: str, level: int) -> Payload:
         if found := self.existing(instance_id, original_md5):
@@ -108,22 +143,32 @@ class Packer:
             tmp = path.with_suffix(".tmp")
             if original.stat().st_size <= codecs.MAX_TRANSCODE_BYTES:
                 packed = codecs.pack(original.read_bytes(), level)
-                tmp.write_bytes(packed.payload)
+                _fsync_write(tmp, packed.payload)
                 codec, md5, payload_md5 = packed.codec, packed.original_md5, packed.payload_md5
             else:
                 with open(original, "rb") as source, open(tmp, "wb") as out:
                     codec, md5, payload_md5 = codecs.pack_stream(source, out, level)
+                    out.flush()
+                    os.fsync(out.fileno())
         finally:
             original.unlink(missing_ok=True)
         if md5 != original_md5:
             tmp.unlink(missing_ok=True)
             raise DamagedHere("the stored file no longer matches the MD5 Orthanc took at "
                               "ingest (disk damage?): not sent, left for the integrity check")
+        # Payload, then its sidecar, each on disk before it is named: after a power cut a
+        # sidecar never describes a payload that is not whole (and the size is checked too).
         os.replace(tmp, path)
-        meta = {"codec": codec, "original_md5": md5, "payload_md5": payload_md5}
-        path.with_suffix(".json.tmp").write_text(json.dumps(meta))
+        size = path.stat().st_size
+        meta = {"codec": codec, "original_md5": md5, "payload_md5": payload_md5, "size": size}
+        _fsync_write(path.with_suffix(".json.tmp"), json.dumps(meta).encode())
         os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))
-        return Payload(path, codec, path.stat().st_size, md5, payload_md5)
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return Payload(path, codec, size, md5, payload_md5)
 
     def discard(self, instance_id: str) -> None:
         path = self.path(instance_id)
@@ -133,6 +178,7 @@ class Packer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._lock.close()
 
 
 class Sender:
@@ -145,9 +191,7 @@ class Sender:
         self.hq = hq
         self.fixed_chunk = chunk
         self.packer = Packer(settings, settings.state_path / "sync" / "payloads")
-        for sidecar in self.packer.directory.glob("*.json"):  # left by instances since settled
-            if not outbox.is_pending(sidecar.stem):
-                self.packer.discard(sidecar.stem)
+        self.packer.tidy(outbox.is_pending)
 
     def close(self) -> None:
         self.packer.close()
@@ -187,8 +231,14 @@ class Sender:
         with open(payload.path, "rb") as handle:
             while True:
                 handle.seek(offset)
-                offset, confirmed = self.hq.append(url, offset, handle.read(self.chunk),
-                                                   total=payload.size)
+                chunk = handle.read(self.chunk)
+                if offset > payload.size or (not chunk and offset < payload.size):
+                    # The payload file is not what was announced (cut short on disk): pack
+                    # it again, in a new upload.
+                    self.outbox.forget_upload(instance_id)
+                    self.packer.discard(instance_id)
+                    raise PayloadLost(f"payload of {row['sop_uid']} cut short; packing again")
+                offset, confirmed = self.hq.append(url, offset, chunk, total=payload.size)
                 if confirmed:
                     return confirmed
                 if offset >= payload.size:  # every byte in, the answer lost: holdings will tell
@@ -214,6 +264,9 @@ class Sender:
             hq_id = self._upload(row, payload)
         except HQUnreachable:
             raise
+        except PayloadLost as exc:
+            log.warning("%s", exc)
+            return
         except HQRefused as exc:
             self._refuse(row, str(exc), report)
             return
@@ -221,7 +274,7 @@ class Sender:
             self._refuse(row, f"{exc.__class__.__name__}: {exc}", report)
             return
         if hq_id:
-            self._confirm(row["orthanc_id"], hq_id)
+            self._confirm(row["orthanc_id"], hq_id, payload.original_md5)
             report.confirmed.append(row["orthanc_id"])
 
     def _send_batch(self, batch: list, report: Sent) -> None:
@@ -258,19 +311,19 @@ class Sender:
             return
         if outcome is None:
             return  # the answer was lost: the next holdings question confirms what arrived
-        for (row, _), result in zip(batch, outcome.get("batch", []), strict=False):
+        for (row, payload), result in zip(batch, outcome.get("batch", []), strict=False):
             if result.get("sop_uid") != row["sop_uid"]:
                 log.error("HQ's batch answer does not match what was sent; asking again later")
                 return
             if result.get("hq_id"):
-                self._confirm(row["orthanc_id"], result["hq_id"])
+                self._confirm(row["orthanc_id"], result["hq_id"], payload.original_md5)
                 report.confirmed.append(row["orthanc_id"])
             else:
                 self._refuse(row, f"HQ refused ({result.get('status')}): "
                                   f"{result.get('message')}", report)
 
-    def _confirm(self, instance_id: str, hq_id: str) -> None:
-        self.outbox.confirm(instance_id, hq_id)
+    def _confirm(self, instance_id: str, hq_id: str, original_md5: str) -> None:
+        self.outbox.confirm(instance_id, hq_id, original_md5)
         self.packer.discard(instance_id)
 
     def _refuse(self, row, reason: str, report: Sent) -> None:
@@ -310,7 +363,7 @@ class Sender:
         to_send = []
         for row, hq_id in zip(rows, held, strict=True):
             if hq_id:
-                self._confirm(row["orthanc_id"], hq_id)
+                self._confirm(row["orthanc_id"], hq_id, md5s[row["orthanc_id"]])
                 report.already_held.append(row["orthanc_id"])
             else:
                 to_send.append(row)

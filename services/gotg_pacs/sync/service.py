@@ -52,10 +52,15 @@ class CircuitBreaker:
             self.opened_at = now
         self.failures += 1
         cap = self.short_cap if now - self.opened_at < self.SHORT_OUTAGE else self.cap
-        delay = min(cap, self.first * 2 ** (self.failures - 1))
+        delay = min(cap, self.first * 2 ** min(self.failures - 1, 20))  # days offline: no overflow
         delay *= random.uniform(0.5, 1.0)  # jitter: many sites must not retry in step
         self.not_before = now + delay
         return delay
+
+    def probed(self) -> None:
+        """A probe was answered: half-open. Only a real send closes the breaker, so a failure
+        that shows only when sending keeps backing off instead of spinning every second."""
+        self.not_before = 0.0
 
     def succeeded(self) -> None:
         self.failures, self.opened_at, self.not_before = 0, None, 0.0
@@ -112,13 +117,19 @@ def run(settings: Settings, idle: float = 1.0) -> int:
                     last_stability = time.monotonic()
             except OrthancError as exc:
                 log.warning("changes feed paused: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - a full disk, a locked outbox: wait, retry
+                log.error("changes feed paused (%s: %s)", exc.__class__.__name__, exc)
+                stop.wait(5)
             if sender and outbox.mode(settings.offline_mode) == "auto" and breaker.ready():
                 try:
+                    outage = breaker.outage_seconds()
                     if breaker.is_open:
                         hq.holdings([])  # a probe: a few hundred bytes
-                        log.info("HQ reachable again after %.0fs", breaker.outage_seconds())
-                        breaker.succeeded()
+                        breaker.probed()
                     sent = sender.send(low_allowed=in_window(settings.offpeak_window))
+                    if breaker.is_open:
+                        log.info("sending to HQ again after %.0fs", outage)
+                    breaker.succeeded()
                     busy = busy or bool(sent.confirmed or sent.already_held)
                 except HQUnreachable as exc:
                     delay = breaker.failed()

@@ -69,6 +69,9 @@ class HQClient:
     def _timeout(self, size: int, extra: float = 0.0) -> tuple[float, float]:
         if self.fixed_timeout:
             return self.fixed_timeout, self.fixed_timeout + extra
+        if size:  # urllib3 applies the connect timeout to sending the body too
+            timeout = self.link.timeout(size)
+            return timeout, timeout + extra
         # A short connect timeout notices a dead link fast and a returning one soon after.
         return min(10.0, 3.0 + 4 * (self.link.latency or 0.5)), self.link.timeout(size) + extra
 
@@ -79,7 +82,7 @@ class HQClient:
             response = self.session.request(method, url, timeout=self._timeout(size, extra_wait),
                                             **kwargs)
         except requests.RequestException as exc:
-            self.link.failed()
+            self.link.failed(size if isinstance(exc, requests.Timeout) else 0)
             raise HQUnreachable(f"HQ at {self.url}: {exc.__class__.__name__}") from exc
         if response.status_code >= 500:
             self.link.failed()
