@@ -10,13 +10,12 @@ description that says "not for diagnosis").
 Policy: lossy JPEG 2000 only for grey CR, DX, CT and MR images, at a compression ratio no higher
 than the ceiling published for that modality (`LIMITS`). The ceilings are those of the German
 Radiological Society's consensus conference of February 2008 (Loose et al., RoeFo 2009): CT 8:1
-(brain 5:1), CR/DR 10:1 (mammography excepted), MR 7:1. They are the strictest of the widely cited
-national figures: the Canadian Association of Radiologists' 2008 standard allows more (CR/DR
-30:1, CT 15:1, MR 24:1) and the Royal College of Radiologists' guidance refers to the same body of
-evidence. Everything else gets no preview: ultrasound, nuclear medicine, segmentations, colour
-images, mammography (MG, or any breast image: stricter rules), "for processing" X-ray, enhanced
-multi-frame objects, and any source that is already lossy (compressing twice is what the
-consensus warns against) or that cannot be decoded here.
+(brain 5:1), CR/DR 10:1 (mammography excepted), MR 7:1. The Canadian Association of
+Radiologists' standard of the same year allows more (CR/DR 30:1, CT 15:1, MR 24:1); the stricter
+German figures are taken. Everything else gets no preview: ultrasound, nuclear medicine,
+segmentations, colour images, mammography (MG, or any breast image: stricter rules), "for
+processing" X-ray, enhanced multi-frame objects, and any source that is already lossy (the same
+group's review warns against compressing twice) or that cannot be decoded here.
 
 The ratio is counted the conservative way: uncompressed bytes as stored (Bits Allocated) over
 the bytes of the JPEG 2000 codestreams. OpenJPEG's target ratio counts Bits Stored instead and
@@ -71,7 +70,7 @@ ATTEMPTS = 3
 # makes one encoding enough for most images (each costs ~0.5 s for a 7 MB CR here, more on a Pi).
 HEADROOM = 0.98
 # Not a quality judgement (the ratio ceiling is that): a floor that catches a broken encoding,
-# e.g. signed values wrapped round. Measured on pydicom-data at the ceilings: 42-75 dB.
+# e.g. signed values wrapped round. Measured on pydicom-data at the ceilings: 34-76 dB.
 MIN_PSNR_DB = 30.0
 POLICY_VERSION = "gotg-preview-1"   # part of each preview's UID: a new policy, a new instance
 SERIES_SALT = "gotg-preview"        # one preview series per source series
