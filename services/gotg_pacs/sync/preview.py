@@ -72,6 +72,7 @@ HEADROOM = 0.98
 # Not a quality judgement (the ratio ceiling is that): a floor that catches a broken encoding,
 # e.g. signed values wrapped round. Measured on pydicom-data at the ceilings: 34-76 dB.
 MIN_PSNR_DB = 30.0
+PSNR_BLOCK = 2**18  # pixels compared at a time
 POLICY_VERSION = "gotg-preview-1"   # part of each preview's UID: a new policy, a new instance
 SERIES_SALT = "gotg-preview"        # one preview series per source series
 DESCRIPTION = "PREVIEW (lossy, not for diagnosis)"
@@ -257,8 +258,13 @@ def _psnr(original: np.ndarray, decoded: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB, the peak being the original's range of values."""
     if original.shape != decoded.shape:
         return 0.0
-    error = original.astype(np.float64) - decoded.astype(np.float64)
-    mse = float(np.mean(error * error))
+    first, second = original.reshape(-1), decoded.reshape(-1)
+    squared = 0.0
+    for start in range(0, first.size, PSNR_BLOCK):  # float64 temporaries stay small on a Pi
+        error = (first[start:start + PSNR_BLOCK].astype(np.float64)
+                 - second[start:start + PSNR_BLOCK])
+        squared += float(np.dot(error, error))
+    mse = squared / first.size
     if mse == 0:
         return float("inf")
     peak = max(float(original.max()) - float(original.min()), 1.0)
