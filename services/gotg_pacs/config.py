@@ -324,6 +324,11 @@ class Settings:
     compression_level: int = setting(
         "COMPRESSION_LEVEL", Integer(minimum=0, maximum=9), "6",
         "Lossless compression effort for transfers, 0 (none) to 9 (smallest, slowest).", "Sync")
+    lossy_previews: bool = setting(
+        "SYNC_LOSSY_PREVIEWS", Boolean(), "true",
+        "On a poor link (under 1 Mbit/s), send a lossy preview of each new or urgent CR, DX, CT "
+        "and MR image first (a new derived instance, within the published ratio ceilings) so "
+        "HQ can triage; the lossless original always follows. false: originals only.", "Sync")
     offpeak_window: tuple[int, int] | None = setting(
         "SYNC_OFFPEAK_WINDOW", TimeWindow(), "",
         "When back-fill (studies older than a day when sync first saw them) may be sent, e.g. "

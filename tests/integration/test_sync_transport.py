@@ -355,3 +355,39 @@ def test_a_payload_cut_short_on_disk_is_packed_again_and_one_sender_works_at_a_t
                            str(clinic.env_file), "sync", "now"], capture_output=True, text=True)
     assert busy.returncode == 0, "the lock is released when a sender closes"
     box.close()
+
+
+def test_on_a_poor_link_lossy_previews_go_first_and_never_count_for_the_originals(clinic, hq):
+    """Under 1 Mbit/s (here a real 0.8 Mbit/s cap), HQ gets a lossy preview of each CT and MR
+    image ahead of the lossless originals, none for ultrasound; only originals are confirmed."""
+    files = [corpus.DATA_DIR / name for name in ("693_UNCR.dcm", "MR2_UNCR.dcm", "US1_UNCR.dcm")]
+    originals = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    box = owe(clinic, files)
+    sender = Sender(clinic.settings, box, clinic.orthanc,
+                    HQClient(hq.url, hq.token, max_mbps=0.8))
+    try:
+        assert sender.hq.link.tier == "poor"
+        sent = sender.send()
+        assert len(sent.confirmed) == 3 and not sent.refused
+        again = sender.send()
+        assert not again.confirmed and not again.already_held
+    finally:
+        sender.close()
+    journal = [json.loads(line) for line in
+               (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()]
+    order = [entry["sop_uid"] for entry in journal if entry["sop_uid"]]
+    previews = [uid for uid in order if uid not in originals]
+    assert len(previews) == 2, "CT and MR get one, ultrasound none"
+    assert order.index(previews[-1]) < min(order.index(uid) for uid in originals)
+    assert len(order) == 5, "previews sent once"
+    for uid in previews:
+        [there] = hq.orthanc.find_instance(uid)
+        tags = hq.orthanc.get(f"/instances/{there}/simplified-tags")
+        assert tags["LossyImageCompression"] == "01"
+        assert tags["ImageType"].startswith("DERIVED")
+    for uid in originals:
+        assert same_at_hq(clinic.orthanc, hq.orthanc, uid)
+    confirmed = {row["sop_uid"] for row in box.db.execute(
+        "SELECT sop_uid FROM instances WHERE state = 'confirmed'")}
+    assert confirmed == originals
+    box.close()

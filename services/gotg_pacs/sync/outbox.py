@@ -27,9 +27,12 @@ RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 MODES = ("auto", "offline")
 # Columns added after the first release, with their definitions: an older outbox gains them.
 ADDED_COLUMNS = {
-    "refusals": "INTEGER NOT NULL DEFAULT 0",
-    "retry_at": "REAL NOT NULL DEFAULT 0",
-    "last_error": "TEXT",
+    "instances": {
+        "refusals": "INTEGER NOT NULL DEFAULT 0",
+        "retry_at": "REAL NOT NULL DEFAULT 0",
+        "last_error": "TEXT",
+    },
+    "studies": {"previewed": "INTEGER NOT NULL DEFAULT 0"},
 }
 REFUSAL_PAUSE = 300.0  # first pause after a refusal; x4 each time, at most a day
 
@@ -41,7 +44,8 @@ CREATE TABLE IF NOT EXISTS studies (
     priority    TEXT NOT NULL,
     stable      INTEGER NOT NULL DEFAULT 0,
     enqueued_at REAL NOT NULL,
-    due_at      REAL NOT NULL
+    due_at      REAL NOT NULL,
+    previewed   INTEGER NOT NULL DEFAULT 0  -- lossy previews sent ahead (poor links)
 );
 CREATE INDEX IF NOT EXISTS studies_due ON studies (due_at, enqueued_at);
 CREATE TABLE IF NOT EXISTS instances (
@@ -104,10 +108,11 @@ class Outbox:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
-        present = {row[1] for row in self.db.execute("PRAGMA table_info(instances)")}
-        for column, definition in ADDED_COLUMNS.items():
-            if column not in present:
-                self.db.execute(f"ALTER TABLE instances ADD COLUMN {column} {definition}")
+        for table, columns in ADDED_COLUMNS.items():
+            present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            for column, definition in columns.items():
+                if column not in present:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def __enter__(self) -> Outbox:
         return self
@@ -307,12 +312,22 @@ class Outbox:
                LIMIT ?""", (limit,)).fetchall()
         return [dict(row) for row in rows]
 
+    def pending_of(self, study_id: str) -> list[sqlite3.Row]:
+        """The study's instances still owed to HQ, in arrival order."""
+        return self.db.execute(
+            "SELECT * FROM instances WHERE study_id = ? AND state = 'pending' "
+            "ORDER BY change_seq", (study_id,)).fetchall()
+
+    def mark_previewed(self, study_id: str) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE studies SET previewed = 1 WHERE orthanc_id = ?", (study_id,))
+
     def ready(self, limit: int = 100, now: float | None = None,
               include_low: bool = True) -> list[sqlite3.Row]:
         """Pending instances that may go now: of stable studies, or of critical ones at once;
         not those pausing after a refusal; back-fill (low) only if `include_low`."""
         return self.db.execute(
-            """SELECT i.*, s.priority, s.due_at FROM instances i
+            """SELECT i.*, s.priority, s.due_at, s.previewed FROM instances i
                JOIN studies s ON s.orthanc_id = i.study_id
                WHERE i.state = 'pending' AND (s.stable = 1 OR s.priority = 'critical')
                      AND i.retry_at <= ? AND (? OR s.priority != 'low')

@@ -66,6 +66,7 @@ class Payload:
     size: int
     original_md5: str
     payload_md5: str
+    sop_uid: str = ""  # set for previews, which are no instance of the outbox
 
 
 @dataclass
@@ -169,6 +170,23 @@ class Packer:
         finally:
             os.close(directory)
         return Payload(path, codec, size, md5, payload_md5)
+
+    def preview_of(self, instance_id: str) -> Payload | None:
+        """A lossy preview of the instance as a payload file (`preview.make_preview`), or None
+        where the policy allows none. Deterministic: made again, it is the same instance."""
+        from . import preview
+
+        data = self._clinic().request("GET", f"/instances/{instance_id}/file").content
+        made = preview.make_preview(data)
+        if made is None:
+            return None
+        path = self.directory / f"preview-{instance_id}"
+        _fsync_write(path, made.payload)
+        md5 = hashlib.md5(made.payload).hexdigest()
+        return Payload(path, "identity", len(made.payload), md5, md5, made.sop_uid)
+
+    def submit_preview(self, instance_id: str) -> Future:
+        return self._pool.submit(self.preview_of, instance_id)
 
     def discard(self, instance_id: str) -> None:
         path = self.path(instance_id)
@@ -277,40 +295,88 @@ class Sender:
             self._confirm(row["orthanc_id"], hq_id, payload.original_md5)
             report.confirmed.append(row["orthanc_id"])
 
-    def _send_batch(self, batch: list, report: Sent) -> None:
-        """Small instances in one upload: a tar of their payloads and a manifest. Not resumed
-        across restarts (it is at most one chunk); the holdings question settles any doubt."""
-        if len(batch) == 1:
-            self._send_one(*batch[0], report)
-            return
-        manifest = [{"name": str(n), "sop_uid": row["sop_uid"], "codec": payload.codec,
+    def _send_previews(self, to_send: list) -> None:
+        """Poor link: lossy previews of new and urgent studies go first, so HQ can triage
+        while the originals follow. A preview is its own derived instance; it never counts for
+        its original. Sent once per study (a failed try is simply made again: deterministic)."""
+        studies = list(dict.fromkeys(
+            row["study_id"] for row in to_send
+            if row["priority"] in ("critical", "high") and not row["previewed"]))
+        for study_id in studies:
+            rows = [row for row in self.outbox.pending_of(study_id)
+                    if row["size"] <= codecs.MAX_TRANSCODE_BYTES]
+            futures = [self.packer.submit_preview(row["orthanc_id"]) for row in rows]
+            previews = []
+            for future in futures:
+                try:
+                    if (made := future.result()) is not None:
+                        previews.append(made)
+                except Exception as exc:  # noqa: BLE001 - no preview is no loss: originals go
+                    log.info("no preview: %s", exc)
+            try:
+                while previews:
+                    group, size = [], 0
+                    while previews and (not group or size + previews[0].size <= self.chunk):
+                        size += previews[0].size
+                        group.append(previews.pop(0))
+                    outcome = self._upload_batch([(p.sop_uid, p) for p in group])
+                    refused = [r for r in (outcome or {}).get("batch", []) if not r.get("hq_id")]
+                    if refused:
+                        log.warning("HQ refused %d previews: %s", len(refused),
+                                    refused[0].get("message"))
+                    for made in group:
+                        made.path.unlink(missing_ok=True)
+            except HQRefused as exc:
+                log.warning("previews of study %s refused: %s", study_id, exc)
+            finally:
+                for made in previews:
+                    made.path.unlink(missing_ok=True)
+            self.outbox.mark_previewed(study_id)
+            log.info("sent lossy previews of study %s ahead of its originals", study_id)
+
+    def _upload_batch(self, members: list[tuple[str, Payload]]) -> dict | None:
+        """One tar upload of (SOP Instance UID, payload) members; HQ's per-member outcome, or
+        None when the answer was lost. Raises HQRefused (whole batch) and HQUnreachable."""
+        manifest = [{"name": str(n), "sop_uid": sop_uid, "codec": payload.codec,
                      "payload_md5": payload.payload_md5, "original_md5": payload.original_md5}
-                    for n, (row, payload) in enumerate(batch)]
+                    for n, (sop_uid, payload) in enumerate(members)]
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
             listing = json.dumps(manifest).encode()
             info = tarfile.TarInfo(codecs.BATCH_MANIFEST)
             info.size = len(listing)
             tar.addfile(info, io.BytesIO(listing))
-            for entry, (_, payload) in zip(manifest, batch, strict=True):
+            for entry, (_, payload) in zip(manifest, members, strict=True):
                 tar.add(payload.path, arcname=entry["name"])
         data = buffer.getvalue()
+        url = self.hq.create(len(data), {"codec": codecs.BATCH, "count": str(len(members)),
+                                         "payload_md5": hashlib.md5(data).hexdigest()})
+        offset = 0
+        while offset < len(data):
+            offset, confirmed = self.hq.append(url, offset, data[offset:offset + self.chunk],
+                                               total=len(data))
+            if confirmed:
+                break
+        return self.hq.outcome(url)
+
+    def _send_batch(self, batch: list, report: Sent) -> None:
+        """Small instances in one upload: a tar of their payloads and a manifest. Not resumed
+        across restarts (it is at most one chunk); the holdings question settles any doubt."""
+        if len(batch) == 1:
+            self._send_one(*batch[0], report)
+            return
         try:
-            url = self.hq.create(len(data), {"codec": codecs.BATCH, "count": str(len(batch)),
-                                             "payload_md5": hashlib.md5(data).hexdigest()})
-            offset = 0
-            while offset < len(data):
-                offset, confirmed = self.hq.append(url, offset, data[offset:offset + self.chunk],
-                                                   total=len(data))
-                if confirmed:
-                    break
-            outcome = self.hq.outcome(url)
+            outcome = self._upload_batch([(row["sop_uid"], payload) for row, payload in batch])
         except HQRefused as exc:
             for row, _ in batch:
                 self._refuse(row, str(exc), report)
             return
         if outcome is None:
             return  # the answer was lost: the next holdings question confirms what arrived
+        self._settle_batch(batch, outcome, report)
+
+    def _settle_batch(self, batch: list, outcome: dict, report: Sent) -> None:
+        """HQ's answer per member: confirmed ones count as at HQ, refused ones pause."""
         for (row, payload), result in zip(batch, outcome.get("batch", []), strict=False):
             if result.get("sop_uid") != row["sop_uid"]:
                 log.error("HQ's batch answer does not match what was sent; asking again later")
@@ -367,6 +433,8 @@ class Sender:
                 report.already_held.append(row["orthanc_id"])
             else:
                 to_send.append(row)
+        if self.settings.lossy_previews and self.hq.link.tier == "poor":
+            self._send_previews(to_send)
         level = self.level
         packing: deque[Future] = deque()
         batch: list[tuple[sqlite3.Row, Payload]] = []
