@@ -24,11 +24,11 @@ from pydicom.data import get_testdata_file
 from gotg_pacs.hq.receiver import sweep
 from gotg_pacs.process import wait_until
 from gotg_pacs.sync.outbox import Outbox
-from gotg_pacs.sync.sender import Sender, SenderBusy
+from gotg_pacs.sync.sender import LocalTrouble, Sender, SenderBusy
 from gotg_pacs.sync.transport import HQClient, HQRefused
 from tests.conftest import run_pacs
 from tests.support import corpus
-from tests.support.site import owe, same_at_hq
+from tests.support.site import free_port, owe, same_at_hq
 
 
 def test_every_instance_reaches_hq_verified_and_a_resend_costs_only_the_question(clinic, hq):
@@ -391,3 +391,76 @@ def test_on_a_poor_link_lossy_previews_go_first_and_never_count_for_the_original
         "SELECT sop_uid FROM instances WHERE state = 'confirmed'")}
     assert confirmed == originals
     box.close()
+
+
+def test_a_full_disk_here_pauses_sending_without_blaming_the_instance(clinic, hq):
+    """Packing needs room for the payload; a full state disk must not count as a refusal
+    (which would pause the instance for up to a day once the disk is freed)."""
+    box = owe(clinic, corpus.representative()[1:2])  # MR 2 MB: its payload needs ~600 KB
+    payloads = clinic.settings.state_path / "sync" / "payloads"
+    payloads.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(payloads)],
+                   check=True)
+    try:
+        sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
+        try:
+            with pytest.raises(LocalTrouble):
+                sender.send()
+        finally:
+            sender.close()
+    finally:
+        subprocess.run(["umount", str(payloads)], check=True)
+    assert box.refusals() == [] and len(box.ready()) == 1
+    sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
+    try:
+        assert len(sender.send().confirmed) == 1
+    finally:
+        sender.close()
+    box.close()
+
+
+def test_two_receivers_share_one_hq_and_an_upload_moves_between_them(hq, tmp_path):
+    """Stateless but for the shared upload folder: behind a proxy, each chunk of one upload
+    may reach another receiver process, and both answer alike."""
+    port = free_port()
+    second_env = hq.env_file.with_name("second.env")
+    second_env.write_text(hq.env_file.read_text().replace(
+        f"HQ_RECEIVER_PORT={hq.settings.hq_receiver_port}", f"HQ_RECEIVER_PORT={port}"))
+    second = subprocess.Popen([sys.executable, "-m", "gotg_pacs", "--env-file", str(second_env),
+                               "hq", "run"], stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "second.log", "w"))  # noqa: SIM115
+    try:
+        other = HQClient(f"http://127.0.0.1:{port}", hq.token, timeout=30)
+        assert wait_until(lambda: _answers(other), 30)
+        source = corpus.DATA_DIR / "MR2_UNCR.dcm"
+        payload = source.read_bytes()
+        uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+        first = HQClient(hq.url, hq.token, timeout=30)
+        md5 = hashlib.md5(payload).hexdigest()
+        url = first.create(len(payload), {"sop_uid": uid, "codec": "identity",
+                                          "payload_md5": md5, "original_md5": md5})
+        there = url.replace(hq.url, other.url)
+        half = len(payload) // 2
+        assert first.append(url, 0, payload[:half]) == (half, None)
+        assert other.offset(there) == (half, None)
+        assert other.append(there, 0, payload[:10])[0] == half, "a stale offset: 409, told where"
+        offset, hq_id = other.append(there, half, payload[half:])
+        assert offset == len(payload) and hq_id == hq.orthanc.find_instance(uid)[0]
+        assert first.offset(url) == (len(payload), hq_id), "the other receiver knows the outcome"
+    finally:
+        second.terminate()
+        second.wait(30)
+    assert same_bytes_at_hq(hq, uid, payload)
+
+
+def _answers(client: HQClient) -> bool:
+    try:
+        client.holdings([])
+        return True
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
+
+
+def same_bytes_at_hq(hq, uid: str, payload: bytes) -> bool:
+    [there] = hq.orthanc.find_instance(uid)
+    return hq.orthanc.request("GET", f"/instances/{there}/file").content == payload

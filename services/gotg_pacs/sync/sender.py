@@ -46,6 +46,10 @@ class PayloadLost(Exception):
     """A payload on disk is not whole: packed again on the next turn, nobody is refused."""
 
 
+class LocalTrouble(Exception):
+    """This box cannot pack right now (disk full, say): the turn ends, no instance is blamed."""
+
+
 class SenderBusy(Exception):
     """Another sender (the pacs-sync service, or `pacs sync now`) works from this site."""
 
@@ -268,6 +272,9 @@ class Sender:
             return packing.result()
         except DamagedHere as exc:
             self._refuse(row, str(exc), report)
+        except OSError as exc:  # a full or failing disk here: no fault of the instance's
+            log.error("cannot pack %s here (%s); trying again next turn", row["sop_uid"], exc)
+            raise LocalTrouble(str(exc)) from exc
         except OrthancError as exc:
             if exc.status != 404:
                 raise
