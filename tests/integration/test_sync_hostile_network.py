@@ -19,6 +19,7 @@ import pytest
 
 from gotg_pacs.process import wait_until
 from gotg_pacs.sync.outbox import Outbox
+from tests.conftest import run_pacs
 from tests.support import corpus
 from tests.support.netns import Link
 from tests.support.site import owe
@@ -77,3 +78,42 @@ def test_offline_then_shaped_with_an_outage_everything_arrives_verified(hq, make
     chunk = max(entry["max_chunk"] for entry in journal)
     assert chunk <= 1_100_000, "chunks of about four seconds of a 2 Mbit/s link"
     assert resent <= chunk, f"{resent} bytes re-sent for one outage"
+
+
+def test_work_piled_up_offline_goes_urgent_first_soon_after_the_link_returns(hq, make_clinic,
+                                                                            link, tmp_path):
+    """Offline while studies arrive and staff mark one urgent: when the link returns it is
+    used within seconds, and the urgent study reaches HQ before the earlier routine one."""
+    link.shape("1mbit")
+    clinic = make_clinic(link.expose(hq.settings.hq_receiver_port))
+    routine = corpus.renumbered_copies(corpus.representative()[1:2], 3, tmp_path / "r")
+    urgent = corpus.renumbered_copies(corpus.representative()[:1], 1, tmp_path / "u")
+    link.down()
+    service = subprocess.Popen([sys.executable, "-m", "gotg_pacs", "--env-file",
+                                str(clinic.env_file), "sync", "run"],
+                               stderr=open(tmp_path / "sync.log", "w"))  # noqa: SIM115
+    try:
+        assert clinic.modality.store(routine).ok
+        assert clinic.modality.store(urgent).ok
+        study = str(pydicom.dcmread(urgent[0], stop_before_pixels=True).StudyInstanceUID)
+        assert run_pacs("sync", "prioritize", study, env_file=clinic.env_file).returncode == 0
+        # Routine studies are ready once Orthanc calls them stable; all of it waits offline.
+        box = Outbox(clinic.settings.sync_outbox_file, readonly=True)
+        assert wait_until(lambda: len(box.ready()) == len(routine) + len(urgent), 60)
+        time.sleep(5)
+        assert _confirmed(clinic.settings) == 0
+        link.up()
+        back = time.monotonic()
+        assert wait_until(lambda: _confirmed(clinic.settings) >= 1, 60, interval=0.2)
+        assert time.monotonic() - back < 15, "a returning link is used within seconds"
+        assert wait_until(lambda: _confirmed(clinic.settings) == len(routine) + len(urgent),
+                          300, interval=1)
+        box.close()
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(60)
+    journal = [json.loads(line) for line in
+               (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()]
+    order = [entry["sop_uid"] for entry in journal if entry["sop_uid"]]
+    urgent_uid = str(pydicom.dcmread(urgent[0], stop_before_pixels=True).SOPInstanceUID)
+    assert order[0] == urgent_uid, "the urgent study first"

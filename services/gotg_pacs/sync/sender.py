@@ -306,9 +306,11 @@ class Sender:
         """Poor link: lossy previews of new and urgent studies go first, so HQ can triage
         while the originals follow. A preview is its own derived instance; it never counts for
         its original. Sent once per study (a failed try is simply made again: deterministic)."""
+        # Only the most urgent class now: routine previews never delay an urgent original.
+        top = to_send[0]["priority"] if to_send else "low"
         studies = list(dict.fromkeys(
             row["study_id"] for row in to_send
-            if row["priority"] in ("critical", "high") and not row["previewed"]))
+            if row["priority"] == top and top in ("critical", "high") and not row["previewed"]))
         for study_id in studies:
             rows = [row for row in self.outbox.pending_of(study_id)
                     if row["size"] <= codecs.MAX_TRANSCODE_BYTES]
