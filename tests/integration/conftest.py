@@ -8,7 +8,7 @@ import pytest
 from gotg_pacs.process import wait_until
 from gotg_pacs.sync.transport import HQClient
 from tests.conftest import run_pacs
-from tests.support.site import free_port, write_env
+from tests.support.site import free_port, hq_answers, write_env
 
 
 def pytest_collection_modifyitems(items):
@@ -41,7 +41,7 @@ def hq(appliance_factory, tmp_path, postgres):
             [sys.executable, "-m", "gotg_pacs", "--env-file", str(archive.env_file), "hq", "run"],
             stdout=subprocess.DEVNULL,
             stderr=open(tmp_path / "receiver.log", "a"))  # noqa: SIM115
-        assert wait_until(lambda: _answers(client), 30)
+        assert wait_until(lambda: hq_answers(client), 30)
         return archive.receiver
 
     archive.start_receiver = start_receiver
@@ -51,12 +51,6 @@ def hq(appliance_factory, tmp_path, postgres):
     archive.receiver.wait(30)
 
 
-def _answers(client: HQClient) -> bool:
-    try:
-        client.holdings([])
-        return True
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
 
 
 @pytest.fixture

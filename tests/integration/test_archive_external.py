@@ -20,7 +20,6 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.fileset import FileSet, is_conformant_file_id
-from pydicom.uid import generate_uid
 
 from gotg_pacs import archive
 from tests.conftest import run_pacs
@@ -71,24 +70,6 @@ def _manifest_instances(root: Path) -> dict[str, dict]:
     manifest = json.loads((root / "GOTG_MANIFEST.json").read_text(encoding="utf-8"))
     return {instance["sop_instance_uid"]: instance for study in manifest["studies"]
             for series in study["series"] for instance in series["instances"]}
-
-
-def _renumbered(sources: list[Path], out: Path, **tags: str) -> list[Path]:
-    """Copies of the sources as one new study with fresh UIDs and these header values."""
-    out.mkdir(parents=True, exist_ok=True)
-    study_uid, written = generate_uid(), []
-    for index, source in enumerate(sources):
-        dataset = pydicom.dcmread(source)
-        dataset.StudyInstanceUID = study_uid
-        dataset.SeriesInstanceUID = generate_uid()
-        dataset.SOPInstanceUID = generate_uid()
-        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-        for keyword, value in tags.items():
-            setattr(dataset, keyword, value)
-        target = out / f"{index:02d}-{source.name}"
-        dataset.save_as(target, enforce_file_format=True)
-        written.append(target)
-    return written
 
 
 @contextlib.contextmanager
@@ -169,7 +150,7 @@ def test_second_export_adds_only_what_is_new_and_never_touches_the_first(applian
     before = _tree(usb / "EX000001")
     inodes = {p: p.stat().st_ino for p in (usb / "EX000001").rglob("*") if p.is_file()}
 
-    assert appliance.modality.store(_renumbered(_files(CR, CT), tmp_path / "new")).ok
+    assert appliance.modality.store(corpus.renumbered_study(_files(CR, CT), tmp_path / "new")).ok
     second = json.loads(_pacs_archive(appliance, usb).stdout)
     assert second["ok"] and second["export"] == "EX000002"
     assert second["instances_written"] == 2 and second["instances_already_there"] == 2
@@ -219,13 +200,15 @@ def test_study_selection_and_a_study_not_in_the_archive(appliance, tmp_path):
 
 
 def test_hostile_and_missing_header_values_stay_data(appliance, tmp_path):
-    hostile = _renumbered(_files(CT, MR), tmp_path / "hostile",
+    hostile = corpus.renumbered_study(_files(CT, MR), tmp_path / "hostile",
                           PatientID="../../../../../tmp/evil<script>",
                           PatientName="<img src=x onerror=alert(1)>^../..",
                           StudyDescription="\x1b[2J\x1b[31mred/../../x",
                           StudyID="..")
-    nameless = _renumbered(_files(CT), tmp_path / "noid-a", PatientID="", PatientName="")
-    nameless += _renumbered(_files(CT), tmp_path / "noid-b", PatientID="", PatientName="")
+    nameless = [*corpus.renumbered_study(_files(CT), tmp_path / "noid-a", PatientID="",
+                                         PatientName=""),
+                *corpus.renumbered_study(_files(CT), tmp_path / "noid-b", PatientID="",
+                                         PatientName="")]
     assert appliance.modality.store(hostile + nameless).ok
     usb = tmp_path / "box" / "usb"
     usb.mkdir(parents=True)

@@ -28,7 +28,7 @@ from gotg_pacs.sync.sender import LocalTrouble, Sender, SenderBusy
 from gotg_pacs.sync.transport import HQClient, HQRefused
 from tests.conftest import run_pacs
 from tests.support import corpus
-from tests.support.site import free_port, owe, same_at_hq
+from tests.support.site import free_port, hq_answers, owe, same_at_hq
 
 
 def test_every_instance_reaches_hq_verified_and_a_resend_costs_only_the_question(clinic, hq):
@@ -431,7 +431,7 @@ def test_two_receivers_share_one_hq_and_an_upload_moves_between_them(hq, tmp_pat
                               stderr=open(tmp_path / "second.log", "w"))  # noqa: SIM115
     try:
         other = HQClient(f"http://127.0.0.1:{port}", hq.token, timeout=30)
-        assert wait_until(lambda: _answers(other), 30)
+        assert wait_until(lambda: hq_answers(other), 30)
         source = corpus.DATA_DIR / "MR2_UNCR.dcm"
         payload = source.read_bytes()
         uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
@@ -453,12 +453,6 @@ def test_two_receivers_share_one_hq_and_an_upload_moves_between_them(hq, tmp_pat
     assert same_bytes_at_hq(hq, uid, payload)
 
 
-def _answers(client: HQClient) -> bool:
-    try:
-        client.holdings([])
-        return True
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
 
 
 def same_bytes_at_hq(hq, uid: str, payload: bytes) -> bool:

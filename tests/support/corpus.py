@@ -43,20 +43,10 @@ def renumbered_copies(sources: list[Path], copies: int, out_dir: Path) -> list[P
     For measurements that must store new instances every time (Orthanc ignores an instance it
     already holds, which would flatter the numbers).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for copy in range(copies):
-        study_uid = generate_uid()
-        for index, source in enumerate(sources):
-            dataset = pydicom.dcmread(source)
-            dataset.StudyInstanceUID = study_uid
-            dataset.SeriesInstanceUID = generate_uid()
-            dataset.SOPInstanceUID = generate_uid()
-            dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-            dataset.PatientID = f"BENCH-{copy:04d}"
-            target = out_dir / f"{copy:04d}-{index:02d}-{source.name}"
-            dataset.save_as(target, enforce_file_format=True)
-            written.append(target)
+        written += renumbered_study(sources, out_dir, prefix=f"{copy:04d}-",
+                                    PatientID=f"BENCH-{copy:04d}")
     return written
 
 
@@ -68,3 +58,22 @@ def content(dataset: pydicom.Dataset) -> dict:
     """
     return {element.tag: element.value for element in dataset
             if element.tag.element != 0 and element.tag != 0xFFFCFFFC}
+
+
+def renumbered_study(sources: list[Path], out_dir: Path, prefix: str = "",
+                     **tags: str) -> list[Path]:
+    """Copies of the sources as one new study with fresh UIDs and these header values."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid, written = generate_uid(), []
+    for index, source in enumerate(sources):
+        dataset = pydicom.dcmread(source)
+        dataset.StudyInstanceUID = study_uid
+        dataset.SeriesInstanceUID = generate_uid()
+        dataset.SOPInstanceUID = generate_uid()
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        for keyword, value in tags.items():
+            setattr(dataset, keyword, value)
+        target = out_dir / f"{prefix}{index:02d}-{source.name}"
+        dataset.save_as(target, enforce_file_format=True)
+        written.append(target)
+    return written

@@ -130,3 +130,12 @@ def same_at_hq(clinic: Orthanc, hq: Orthanc, sop_uid: str) -> bool:
     a, b = pydicom.dcmread(io.BytesIO(mine)), pydicom.dcmread(io.BytesIO(theirs))
     return codecs._content(a) == codecs._content(b) and np.array_equal(a.pixel_array,
                                                                        b.pixel_array)
+
+
+def hq_answers(client) -> bool:
+    """Does the HQ receiver answer this client yet (the empty holdings question)?"""
+    try:
+        client.holdings([])
+        return True
+    except Exception:  # noqa: BLE001 - not up yet
+        return False
