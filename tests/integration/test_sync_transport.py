@@ -21,6 +21,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from gotg_pacs import config
 from gotg_pacs.hq.receiver import sweep
 from gotg_pacs.process import wait_until
 from gotg_pacs.sync.outbox import Outbox
@@ -458,3 +459,39 @@ def test_two_receivers_share_one_hq_and_an_upload_moves_between_them(hq, tmp_pat
 def same_bytes_at_hq(hq, uid: str, payload: bytes) -> bool:
     [there] = hq.orthanc.find_instance(uid)
     return hq.orthanc.request("GET", f"/instances/{there}/file").content == payload
+
+
+def test_on_an_excellent_link_several_uploads_are_in_flight(clinic, hq, tmp_path):
+    """On a LAN the link is not the limit (packing and HQ's stores are): large instances go
+    up to three at a time, each confirmed on its own."""
+    env = clinic.env_file
+    env.write_text(env.read_text().replace("COMPRESSION_LEVEL=6", "COMPRESSION_LEVEL=0"))
+    clinic.settings = config.load(env)
+    files = corpus.renumbered_copies([corpus.DATA_DIR / "RG3_UNCR.dcm"], 8, tmp_path / "cr")
+    box = owe(clinic, files)
+    uploads = hq.settings.hq_dir / "uploads"
+    most, watching = [0], threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            most[0] = max(most[0], len(list(uploads.glob("*.part"))))
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
+    try:
+        sender.hq.link.sent(8 * 2**20, 0.05)  # as measured on this loopback: excellent
+        assert sender.hq.link.tier == "excellent"
+        sent = sender.send()
+    finally:
+        watching.set()
+        watcher.join()
+        sender.close()
+    assert len(sent.confirmed) == len(files) and not sent.refused
+    assert most[0] >= 2, "uploads overlapped"
+    for source in files:
+        uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+        assert same_at_hq(clinic.orthanc, hq.orthanc, uid)
+    assert box.summary()["instances"]["confirmed"]["instances"] == len(files)
+    box.close()

@@ -103,7 +103,10 @@ class Outbox:
             self.db.row_factory = sqlite3.Row
             return
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        # One thread at a time uses a connection, but a worker's may be closed by the main
+        # thread once the worker is done.
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None,
+                                  check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")

@@ -34,6 +34,7 @@ from .transport import HQClient, HQRefused, HQUnreachable
 log = logging.getLogger(__name__)
 
 LOOKAHEAD = 3  # instances packed ahead of the one being sent
+PARALLEL = 3   # uploads in flight at once on an excellent link
 SMALL_MIN = 64 * 1024  # payloads up to this (or a quarter chunk) travel in batches
 BATCH_MEMBERS = 100
 
@@ -213,10 +214,53 @@ class Sender:
         self.hq = hq
         self.fixed_chunk = chunk
         self.packer = Packer(settings, settings.state_path / "sync" / "payloads")
+        self._uploads = ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="upload")
+        self._worker = threading.local()
+        self._worker_outboxes: list[Outbox] = []
         self.packer.tidy(outbox.is_pending)
 
     def close(self) -> None:
+        self._uploads.shutdown(wait=True, cancel_futures=True)
+        for outbox in self._worker_outboxes:
+            outbox.close()
         self.packer.close()
+
+    def _upload_in_worker(self, row, payload: Payload) -> str | None:
+        """`_upload` on a worker thread, with that thread's own HQ session and outbox."""
+        local = self._worker
+        if not hasattr(local, "hq"):
+            local.hq, local.outbox = self.hq.clone(), Outbox(self.outbox.path)
+            self._worker_outboxes.append(local.outbox)
+        return self._upload(row, payload, local.hq, local.outbox)
+
+    def _drain(self, uploading: deque, report: Sent) -> HQUnreachable | None:
+        """Settle every upload still in flight; the first outage met, if any."""
+        unreachable = None
+        while uploading:
+            try:
+                self._settle(*uploading.popleft(), report)
+            except HQUnreachable as exc:
+                unreachable = unreachable or exc
+        return unreachable
+
+    def _settle(self, row, payload: Payload, future: Future, report: Sent) -> None:
+        """The end of a parallel upload, recorded on the main thread."""
+        try:
+            hq_id = future.result()
+        except HQUnreachable:
+            raise
+        except PayloadLost as exc:
+            log.warning("%s", exc)
+            return
+        except HQRefused as exc:
+            self._refuse(row, str(exc), report)
+            return
+        except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the rest
+            self._refuse(row, f"{exc.__class__.__name__}: {exc}", report)
+            return
+        if hq_id:
+            self._confirm(row["orthanc_id"], hq_id, payload.original_md5)
+            report.confirmed.append(row["orthanc_id"])
 
     @property
     def chunk(self) -> int:
@@ -233,22 +277,25 @@ class Sender:
         return self.clinic.request(
             "GET", f"/instances/{instance_id}/attachments/dicom/md5").text.strip()
 
-    def _upload(self, row, payload: Payload) -> str | None:
-        """HQ's instance ID once confirmed; None if the confirmation must be asked for again."""
+    def _upload(self, row, payload: Payload, hq: HQClient | None = None,
+                outbox: Outbox | None = None) -> str | None:
+        """HQ's instance ID once confirmed; None if the confirmation must be asked for again.
+        `hq` and `outbox`: a worker thread's own connections (parallel uploads)."""
+        hq, outbox = hq or self.hq, outbox or self.outbox
         instance_id = row["orthanc_id"]
-        upload = self.outbox.upload(instance_id)
+        upload = outbox.upload(instance_id)
         url, offset = None, 0
         if upload and upload["payload_md5"] == payload.payload_md5:
-            state = self.hq.offset(upload["upload_url"])
+            state = hq.offset(upload["upload_url"])
             if state is not None:
                 url, (offset, confirmed) = upload["upload_url"], state
                 if confirmed:  # it finished at HQ; only the answer was lost
                     return confirmed
         if url is None:  # new, or HQ no longer knows it (expired or refused): start over
-            url = self.hq.create(payload.size, {
+            url = hq.create(payload.size, {
                 "sop_uid": row["sop_uid"], "codec": payload.codec,
                 "payload_md5": payload.payload_md5, "original_md5": payload.original_md5})
-            self.outbox.start_upload(instance_id, url, payload.codec, payload.payload_md5,
+            outbox.start_upload(instance_id, url, payload.codec, payload.payload_md5,
                                      payload.original_md5)
         with open(payload.path, "rb") as handle:
             while True:
@@ -257,10 +304,10 @@ class Sender:
                 if offset > payload.size or (not chunk and offset < payload.size):
                     # The payload file is not what was announced (cut short on disk): pack
                     # it again, in a new upload.
-                    self.outbox.forget_upload(instance_id)
+                    outbox.forget_upload(instance_id)
                     self.packer.discard(instance_id)
                     raise PayloadLost(f"payload of {row['sop_uid']} cut short; packing again")
-                offset, confirmed = self.hq.append(url, offset, chunk, total=payload.size)
+                offset, confirmed = hq.append(url, offset, chunk, total=payload.size)
                 if confirmed:
                     return confirmed
                 if offset >= payload.size:  # every byte in, the answer lost: holdings will tell
@@ -447,25 +494,36 @@ class Sender:
         level = self.level
         packing: deque[Future] = deque()
         batch: list[tuple[sqlite3.Row, Payload]] = []
-        for index, row in enumerate(to_send):
-            while len(packing) < LOOKAHEAD + 1 and index + len(packing) < len(to_send):
-                ahead = to_send[index + len(packing)]["orthanc_id"]
-                packing.append(self.packer.submit(ahead, md5s[ahead], level))
-            payload = self._packed(row, packing.popleft(), report)
-            if payload is None:
-                continue
-            chunk = self.chunk
-            small = payload.size <= max(SMALL_MIN, chunk // 4)
-            if batch and (not small or len(batch) >= BATCH_MEMBERS
-                          or sum(p.size for _, p in batch) + payload.size > chunk):
+        uploading: deque[tuple[sqlite3.Row, Payload, Future]] = deque()
+        try:
+            for index, row in enumerate(to_send):
+                while len(packing) < LOOKAHEAD + 1 and index + len(packing) < len(to_send):
+                    ahead = to_send[index + len(packing)]["orthanc_id"]
+                    packing.append(self.packer.submit(ahead, md5s[ahead], level))
+                payload = self._packed(row, packing.popleft(), report)
+                if payload is None:
+                    continue
+                chunk = self.chunk
+                small = payload.size <= max(SMALL_MIN, chunk // 4)
+                if batch and (not small or len(batch) >= BATCH_MEMBERS
+                              or sum(p.size for _, p in batch) + payload.size > chunk):
+                    self._send_batch(batch, report)
+                    batch = []
+                if small:
+                    batch.append((row, payload))
+                elif self.hq.link.tier == "excellent":  # the CPU and HQ's stores, not the link,
+                    if len(uploading) >= PARALLEL:       # are the limit: keep several in flight
+                        self._settle(*uploading.popleft(), report)
+                    uploading.append((row, payload,
+                                      self._uploads.submit(self._upload_in_worker, row, payload)))
+                else:
+                    self._send_one(row, payload, report)
+            if batch:
                 self._send_batch(batch, report)
-                batch = []
-            if small:
-                batch.append((row, payload))
-            else:
-                self._send_one(row, payload, report)
-        if batch:
-            self._send_batch(batch, report)
+        finally:  # every parallel upload is settled, even when one met an outage
+            unreachable = self._drain(uploading, report)
+        if unreachable:
+            raise unreachable
         if report.confirmed or report.already_held:
             log.info("%d sent and confirmed, %d already at HQ, %d refused (link %s)",
                      len(report.confirmed), len(report.already_held), len(report.refused),

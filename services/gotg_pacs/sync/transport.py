@@ -9,6 +9,7 @@ and timeouts follow what the link can do (seconds on a LAN, longer on 2G).
 from __future__ import annotations
 
 import base64
+import threading
 import time
 
 import requests
@@ -41,15 +42,17 @@ class RateCap:
         self.bytes_per_s = mbps * 1e6 / 8 if mbps > 0 else 0.0
         self._start = 0.0
         self._sent = 0
+        self._lock = threading.Lock()  # parallel uploads share one budget
 
     def wait_for(self, size: int) -> None:
         if not self.bytes_per_s:
             return
-        now = time.monotonic()
-        if now - self._start > 5 + self._sent / self.bytes_per_s:  # idle a while: a new window
-            self._start, self._sent = now, 0
-        self._sent += size
-        delay = self._start + self._sent / self.bytes_per_s - now
+        with self._lock:
+            now = time.monotonic()
+            if now - self._start > 5 + self._sent / self.bytes_per_s:  # idle: a new window
+                self._start, self._sent = now, 0
+            self._sent += size
+            delay = self._start + self._sent / self.bytes_per_s - now
         if delay > 0:
             time.sleep(delay)
 
@@ -64,7 +67,21 @@ class HQClient:
         self.session.headers.update({"Authorization": f"Bearer {token}", **TUS})
         self.link = link or LinkEstimate(max_mbps)
         self.cap = RateCap(max_mbps)
-        self.bytes_sent = 0  # payload bytes HQ accepted from this client
+        self._sent = [0]  # payload bytes HQ accepted, shared with clones
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._sent[0]
+
+    def clone(self) -> HQClient:
+        """A client for another thread (a session is not shared): same site, same link
+        estimate, same bandwidth budget, same byte count."""
+        twin = HQClient.__new__(HQClient)
+        twin.url, twin.fixed_timeout = self.url, self.fixed_timeout
+        twin.session = requests.Session()
+        twin.session.headers.update(self.session.headers)
+        twin.link, twin.cap, twin._sent = self.link, self.cap, self._sent
+        return twin
 
     def _timeout(self, size: int, extra: float = 0.0) -> tuple[float, float]:
         if self.fixed_timeout:
@@ -158,5 +175,5 @@ class HQClient:
             return int(response.headers["Upload-Offset"]), None  # stale offset: HQ says where
         if response.status_code != 204:
             raise HQRefused(response.status_code, response.text[:200])
-        self.bytes_sent += len(chunk)
+        self._sent[0] += len(chunk)  # one thread per upload: += on a list cell is enough
         return int(response.headers["Upload-Offset"]), response.headers.get("Gotg-Confirmed")
