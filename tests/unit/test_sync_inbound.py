@@ -6,7 +6,9 @@ whatever HQ lists; content HQ replaced under a reused number starts over; failur
 
 from __future__ import annotations
 
-from gotg_pacs.sync.inbound import Inbox
+import pytest
+
+from gotg_pacs.sync.inbound import Inbox, partial_path
 
 
 def listed(seq: int, md5: str = "a" * 32, **extra) -> dict:
@@ -42,3 +44,10 @@ def test_urgent_first_and_failures_pause(tmp_path):
     summary = inbox.summary()
     assert summary["instances"]["waiting"] == {"instances": 2, "bytes": 20}
     assert summary["last_poll_age_s"] is not None
+
+
+def test_hq_words_never_make_a_path_outside_the_inbound_folder(tmp_path):
+    assert partial_path(tmp_path, 7, "a" * 32) == tmp_path / f"7-{'a' * 32}.part"
+    for bad in ("../../etc/passwd", "A" * 32, "a" * 31 + "/"):
+        with pytest.raises(ValueError):
+            partial_path(tmp_path, 7, bad)

@@ -195,7 +195,17 @@ class Inbox:
 
 
 def partial_path(directory: Path, seq: int, md5: str) -> Path:
+    if not re.fullmatch(r"[0-9a-f]{32}", md5):  # HQ's word goes into a file name: checked
+        raise ValueError(f"not an MD5: {md5[:40]!r}")
     return directory / f"{int(seq)}-{md5}.part"
+
+
+def _well_formed(item: dict) -> bool:
+    try:
+        return (int(item["seq"]) > 0 and int(item["size"]) > 0 and isinstance(item["sop_uid"], str)
+                and re.fullmatch(r"[0-9a-f]{32}", item["md5"]) is not None)
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _md5_of(path: Path) -> str:
@@ -250,6 +260,8 @@ class Inbound:
         items, after, more = [], 0, True
         while more:
             page, more = self.hq.waiting(after)
+            if not all(_well_formed(item) for item in page):
+                raise HQUnreachable(f"HQ at {self.hq.url} listed items that are not HQ's")
             items += page
             if page:
                 after = max(int(item["seq"]) for item in page)
