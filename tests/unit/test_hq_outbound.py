@@ -30,12 +30,20 @@ class FakeOrthanc:
             for start in range(0, len(self.data), size):
                 yield self.data[start:start + size]
 
-        def close(self) -> None:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_exc) -> None:
             pass
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.data = PAYLOAD
 
     def request(self, method: str, path: str, **kwargs):
         assert (method, path) == ("GET", "/instances/hq-1/file")
-        return self.Streamed(PAYLOAD)
+        self.reads += 1
+        return self.Streamed(self.data)
 
 
 def item(**overrides) -> dict:
@@ -52,7 +60,9 @@ def app(tmp_path):
         g.site = {"Bearer a": "site-a", "Bearer b": "site-b"}.get(
             request.headers.get("Authorization")) or abort(401)
 
-    app.outbound = register(app, FakeOrthanc(), tmp_path / "outbound.sqlite")
+    app.orthanc = FakeOrthanc()
+    app.outbound = register(app, app.orthanc, tmp_path / "outbound.sqlite")
+    app.staging = tmp_path / "outbound"
     return app
 
 
@@ -96,6 +106,20 @@ def test_ranges_are_exact_and_counted(app):
     assert beyond.status_code == 416
     [row] = app.outbound.listing()
     assert row["served"] == len(PAYLOAD) + 1 + 2 + 200_000 + 50_000 + 50_000
+    assert app.orthanc.reads == 1, "copied out of HQ's Orthanc once, ranges served from it"
+    client.post(f"/api/v1/outbound/{seq}/ack", json={"md5": MD5},
+                headers={"Authorization": "Bearer a"})
+    assert not list(app.staging.glob("*")), "the copy goes once the site has it"
+
+
+def test_hq_content_that_changed_since_it_was_queued_is_never_served(app):
+    app.outbound.queue("site-a", [item()])
+    app.orthanc.data = PAYLOAD[:-1] + b"x"
+    seq = app.outbound.listing()[0]["seq"]
+    answer = app.test_client().get(f"/api/v1/outbound/{seq}/file",
+                                   headers={"Authorization": "Bearer a"})
+    assert answer.status_code == 410
+    assert not list(app.staging.glob("*"))
 
 
 def test_a_site_sees_and_acknowledges_only_its_own(app):

@@ -12,9 +12,11 @@ The clinic's outbox later owes these instances to HQ like anything stored there.
 question answers "HQ holds it" for exactly what HQ queued for that site (`sent_to`), so an
 instance coming back costs one entry of a holdings question, never an upload.
 
-Orthanc 1.10 serves `/instances/{id}/file` whole (no HTTP Range): for a range, the receiver reads
-the file from HQ's Orthanc and skips what the clinic already has. That costs HQ's own disk and
-loopback, never the clinic's link.
+Orthanc 1.10 serves `/instances/{id}/file` whole (no HTTP Range), and a 2G site fetches a large
+prior in hundreds of ranges: so the first request copies the file out of HQ's Orthanc once into
+a staging folder beside the queue (checked against the queued MD5, replaced atomically, so
+several receivers may race harmlessly), ranges are served from there by seeking, and the copy is
+removed when the site acknowledges.
 
 Routes (the site's own bearer token; a site sees only its own rows, others' do not exist):
   GET   /api/v1/outbound?after=SEQ&limit=N   what waits for this site, after SEQ
@@ -24,10 +26,13 @@ Routes (the site's own bearer token; a site sees only its own rows, others' do n
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -230,6 +235,41 @@ def register(app: Flask, orthanc: Orthanc, path: Path) -> Outbound:
     outbound = Outbound(path)
     routes = Blueprint("outbound", __name__, url_prefix="/api/v1/outbound")
 
+    staging = path.parent / "outbound"
+    staging.mkdir(exist_ok=True, mode=0o700)
+
+    def staged_path(item: dict) -> Path:
+        return staging / f"{int(item['seq'])}-{item['md5']}.dcm"
+
+    def stage(item: dict) -> Path:
+        """HQ's file for this item, copied out of Orthanc once and checked; aborts 410 if HQ
+        no longer holds exactly what was queued, 503 if its Orthanc does not answer."""
+        staged = staged_path(item)
+        if staged.exists():
+            return staged
+        scratch = staging / f"{uuid.uuid4().hex}.tmp"
+        digest = hashlib.md5()
+        try:
+            with orthanc.request("GET", f"/instances/{item['hq_id']}/file",
+                                 stream=True) as upstream, open(scratch, "wb") as out:
+                for block in upstream.iter_content(BLOCK):
+                    digest.update(block)
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            if digest.hexdigest() != item["md5"] or scratch.stat().st_size != item["size"]:
+                abort(410, "HQ no longer holds what was queued (its content differs)")
+            os.replace(scratch, staged)
+        except OrthancUnreachable:
+            abort(503, "HQ's archive is not answering")
+        except OrthancError as exc:
+            if exc.status == 404:
+                abort(410, "HQ no longer holds this instance")
+            raise
+        finally:
+            scratch.unlink(missing_ok=True)
+        return staged
+
     def mine(seq: int) -> dict:
         item = outbound.item(g.site, seq)
         if item is None:
@@ -252,29 +292,18 @@ def register(app: Flask, orthanc: Orthanc, path: Path) -> Outbound:
         size = item["size"]
         asked = _range(request.headers.get("Range"), size)
         first, last = asked or (0, size - 1)
-        try:
-            upstream = orthanc.request("GET", f"/instances/{item['hq_id']}/file", stream=True)
-        except OrthancUnreachable:
-            abort(503, "HQ's archive is not answering")
-        except OrthancError as exc:
-            if exc.status == 404:
-                abort(410, "HQ no longer holds this instance")
-            raise
+        staged = stage(item)
 
         def body() -> Iterator[bytes]:
-            position, written = 0, 0
+            written = 0
             try:
-                for block in upstream.iter_content(BLOCK):
-                    end = position + len(block)
-                    if end > first and position <= last:
-                        piece = block[max(0, first - position):last + 1 - position]
-                        written += len(piece)
-                        yield piece
-                    position = end
-                    if position > last:
-                        break
+                with open(staged, "rb") as handle:
+                    handle.seek(first)
+                    while written <= last - first and (block := handle.read(
+                            min(BLOCK, last - first + 1 - written))):
+                        written += len(block)
+                        yield block
             finally:  # the site cut off or done: count what went toward it either way
-                upstream.close()
                 outbound.served(seq, written)
 
         response = Response(body(), status=206 if asked else 200,
@@ -295,6 +324,7 @@ def register(app: Flask, orthanc: Orthanc, path: Path) -> Outbound:
         if said.get("md5") != item["md5"]:
             abort(409, "the site holds other content than HQ sent")
         delivered_at = outbound.delivered(g.site, seq, str(said.get("clinic_id", "")))
+        staged_path(item).unlink(missing_ok=True)
         if item["delivered_at"] is None:
             log.info("site %s: %s delivered (%d bytes, %d served in %d requests)", g.site,
                      item["sop_uid"], item["size"], item["served"], item["fetches"])
