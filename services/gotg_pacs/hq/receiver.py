@@ -19,6 +19,7 @@ Routes (all need `Authorization: Bearer <site token>`):
                             (HQ's instance ID, or "batch")
   GET   /files/<id>/outcome how a finished upload ended, per instance for a batch
   POST  /api/v1/holdings    which of these (SOP Instance UID, original MD5) HQ already holds
+  ...   /api/v1/outbound    what HQ sends back to the site (`outbound`)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from flask import Flask, Response, abort, g, jsonify, request
 from ..config import Settings
 from ..orthanc import Orthanc, OrthancError
 from ..sync import codecs
+from . import outbound
 from .archive import BATCH_CODEC, Archive, Refused
 from .sites import Sites
 
@@ -69,11 +71,15 @@ def _metadata(header: str) -> dict[str, str]:
     return result
 
 
-def held_instance(orthanc: Orthanc, sop_uid: str, original_md5: str, site: str) -> str | None:
-    """HQ's instance holding exactly this site's original (by the MD5 recorded at confirm)."""
+def held_instance(orthanc: Orthanc, sop_uid: str, original_md5: str, site: str,
+                  sent_to=None) -> str | None:
+    """HQ's instance holding exactly this site's original (by the MD5 recorded at confirm), or
+    exactly what HQ itself sent this site (`sent_to(site, instance, md5)`: a report, a prior)."""
     for item in orthanc.post("/tools/lookup", data=sop_uid.encode()) or []:
         if item.get("Type") != "Instance":
             continue
+        if sent_to is not None and sent_to(site, item["ID"], original_md5):
+            return item["ID"]
         try:
             recorded = orthanc.request(
                 "GET", f"/instances/{item['ID']}/metadata/GotgOriginalMd5").text.strip()
@@ -133,6 +139,7 @@ def create_app(settings: Settings) -> Flask:
     sites = Sites(settings.hq_dir / "sites.json")
     orthanc = Orthanc.from_settings(settings, timeout=120)
     archive = Archive(orthanc, settings.hq_dir / "transfers.jsonl")
+    outgoing = outbound.register(app, orthanc, settings.hq_dir / "outbound.sqlite")
     swept = {"at": 0.0}
 
     def paths(upload_id: str) -> tuple[Path, Path, Path]:
@@ -319,7 +326,8 @@ def create_app(settings: Settings) -> Flask:
         if len(asked) > 1000:
             abort(413, "at most 1000 instances per question")
         return jsonify({"held": [held_instance(orthanc, str(item.get("sop_uid", "")),
-                                               str(item.get("original_md5", "")), g.site)
+                                               str(item.get("original_md5", "")), g.site,
+                                               outgoing.sent_to)
                                  for item in asked]})
 
     @app.get("/files/<upload_id>/outcome")

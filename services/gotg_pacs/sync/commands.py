@@ -227,3 +227,38 @@ def sync_mode(ctx: Context, mode: str, as_json: bool) -> None:
         outbox.set_mode(mode)
     emit({"mode": mode}, as_json, f"sync mode is now {mode}")
 
+
+
+@sync.command("inbound")
+@click.option("--limit", type=click.IntRange(1, 10000), default=20, show_default=True)
+@json_option
+@pass_context
+def sync_inbound(ctx: Context, limit: int, as_json: bool) -> None:
+    """What HQ sends this site (reports, prior studies): waiting, delivered, and progress."""
+    from .inbound import Inbox, InboxError, partial_path
+
+    directory = ctx.settings.state_path / "sync" / "inbound"
+    try:
+        with Inbox(directory / "inbound.sqlite", readonly=True) as inbox:
+            report = {**inbox.summary(), "items": inbox.items(limit)}
+    except InboxError:
+        report = {"instances": {}, "received_bytes": 0, "last_poll_age_s": None, "items": []}
+    for item in report["items"]:
+        part = partial_path(directory, item["seq"], item["md5"])
+        item["have_bytes"] = (item["size"] if item["state"] in ("stored", "delivered")
+                              else part.stat().st_size if part.exists() else 0)
+    counts = report["instances"]
+
+    def count(state: str) -> str:
+        found = counts.get(state, {"instances": 0, "bytes": 0})
+        return f"{found['instances']} {state} ({found['bytes'] / 2**20:.1f} MB)"
+
+    lines = [f"from HQ: {count('waiting')}, {count('stored')} not yet acknowledged, "
+             f"{count('delivered')}, {count('conflict')}; HQ last asked "
+             f"{_age(report['last_poll_age_s'])} ago"]
+    for item in report["items"]:
+        lines.append(f"  {item['state']:<9} {item['have_bytes'] / 2**20:>7.1f}/"
+                     f"{item['size'] / 2**20:.1f} MB {'urgent ' if item['urgent'] else ''}"
+                     f"{item['sop_uid']}" + (f"  ({item['last_error']})"
+                                             if item["last_error"] else ""))
+    emit(report, as_json, "\n".join(lines))

@@ -21,6 +21,7 @@ from datetime import datetime
 from ..config import Settings
 from ..orthanc import Orthanc, OrthancError
 from .feed import Feed
+from .inbound import Inbound
 from .outbox import Outbox
 from .sender import Sender
 from .transport import HQClient, HQUnreachable
@@ -97,6 +98,7 @@ def run(settings: Settings, idle: float = 1.0) -> int:
     feed = Feed(clinic, outbox)
     hq = hq_client(settings) if settings.hq_url else None
     sender = Sender(settings, outbox, clinic, hq) if hq else None
+    inbound = Inbound(settings, clinic, hq) if hq else None  # reports, priors from HQ
     breaker = CircuitBreaker()
     last_beat = last_stability = 0.0
     log.info("following Orthanc's changes from change %d; %s", outbox.cursor,
@@ -127,6 +129,7 @@ def run(settings: Settings, idle: float = 1.0) -> int:
                         hq.holdings([])  # a probe: a few hundred bytes
                         breaker.probed()
                     sent = sender.send(low_allowed=in_window(settings.offpeak_window))
+                    busy = inbound.step() or busy
                     if breaker.is_open:
                         log.info("sending to HQ again after %.0fs", outage)
                     breaker.succeeded()

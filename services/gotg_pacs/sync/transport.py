@@ -177,3 +177,34 @@ class HQClient:
             raise HQRefused(response.status_code, response.text[:200])
         self._sent[0] += len(chunk)  # one thread per upload: += on a list cell is enough
         return int(response.headers["Upload-Offset"]), response.headers.get("Gotg-Confirmed")
+
+    # --- HQ to clinic: what HQ queued for this site (reports, prior studies) -----------------
+
+    def waiting(self, after: int = 0, limit: int = 100) -> tuple[list[dict], bool]:
+        """What HQ holds for this site after `after` (its queue numbers), and whether more."""
+        response = self._call("GET", f"{self.url}/api/v1/outbound",
+                              params={"after": after, "limit": limit})
+        if response.status_code != 200:
+            raise HQRefused(response.status_code, response.text[:200])
+        try:
+            answer = response.json()
+            return list(answer["items"]), bool(answer["more"])
+        except (ValueError, KeyError, TypeError):
+            raise HQUnreachable(f"HQ at {self.url} answered something that is not HQ") from None
+
+    def download(self, seq: int, first: int, last: int) -> requests.Response:
+        """Bytes first..last of a queued instance, streamed (read it, then close it). Raises
+        HQRefused when HQ says no: 404 not this site's, 410 HQ lost it, 416 nothing there."""
+        response = self._call("GET", f"{self.url}/api/v1/outbound/{seq}/file", stream=True,
+                              headers={"Range": f"bytes={first}-{last}"})
+        if response.status_code not in (200, 206):
+            response.close()
+            raise HQRefused(response.status_code, f"download of HQ's item {seq}")
+        return response
+
+    def acknowledge(self, seq: int, md5: str, clinic_id: str) -> None:
+        """This site stored and verified exactly HQ's content: HQ marks it delivered."""
+        response = self._call("POST", f"{self.url}/api/v1/outbound/{seq}/ack",
+                              json={"md5": md5, "clinic_id": clinic_id})
+        if response.status_code != 200:
+            raise HQRefused(response.status_code, response.text[:200])
