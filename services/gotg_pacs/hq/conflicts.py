@@ -44,11 +44,11 @@ under the very instance Orthanc would store it as)
     Orthanc serves to viewers, and the new one is kept byte for byte under
     `hq_dir/revisions/` (a name made of hashes, never of header values), fsynced, read back and
     checked by MD5, with a row in the ledger and an audit line listing what differs (attribute
-    keywords, and PixelData if the pixels changed). The clinic is confirmed with the revision's
-    ID ("rev-..."), which the holdings question also answers: HQ durably holds exactly those
-    bytes and serves them to HQ operators (`GET /api/v1/revisions/<id>/file`). Each revision
-    opens a reconciliation entry: a person decides which version is right; nothing is promoted
-    or replaced automatically.
+    keywords, and PixelData if the decoded pixels changed). The clinic is confirmed with the
+    revision's ID ("rev-..."), which the holdings question also answers: HQ durably holds
+    exactly those bytes and serves them to HQ operators (`GET /api/v1/revisions/<id>/file`).
+    Each revision opens a reconciliation entry: a person decides which version is right;
+    nothing is promoted or replaced automatically.
 
 Reconciliation list (never merged silently)
     Demographics are PatientName, PatientBirthDate, PatientSex. An entry opens when:
@@ -88,6 +88,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -143,9 +144,20 @@ def differing(old: Dataset, new: Dataset) -> list[str]:
     a, b = codecs._content(old), codecs._content(new)
     names = [pydicom.datadict.keyword_for_tag(tag) or str(tag)
              for tag in sorted(set(a) | set(b)) if a.get(tag) != b.get(tag)]
-    if _pixels(old) != _pixels(new):
+    if not _same_pixels(old, new):
         names.append("PixelData")
     return names
+
+
+def _same_pixels(a: Dataset, b: Dataset) -> bool:
+    """The same pixel data bytes, or the same pixels in two encodings (HQ's copy may be the
+    clinic's lossless transcoding)."""
+    if _pixels(a) == _pixels(b):
+        return True
+    try:
+        return bool(np.array_equal(a.pixel_array, b.pixel_array))
+    except Exception:  # noqa: BLE001 - pixels that do not decode are counted as different
+        return False
 
 
 def demographics(dataset: Dataset) -> dict[str, str]:
