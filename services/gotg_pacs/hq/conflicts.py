@@ -20,7 +20,9 @@ Site-qualified patients (always on, no setting)
     list below links sites that use it. The rewrite is pydicom on HQ's scratch file (no new
     dependency; Orthanc's /modify would need the unqualified instance stored first, merging it
     for a moment with whoever else holds that PatientID). It holds the instance in memory
-    (HQ's server, not a 2 GB Pi).
+    (HQ's server, not a 2 GB Pi). A long site code plus a long clinic ID can exceed the 64
+    characters DICOM allows a PatientID (LO): pydicom and Orthanc keep it whole (cutting it
+    could merge two patients); a strict outside system receiving from HQ may not.
 
     HQ's "verified" is then precise: both files are decoded and the stored one must equal the
     original with `qualify` applied — every attribute, the transfer syntax, the file meta SOP
