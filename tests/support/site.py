@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from gotg_pacs.hq import conflicts
 from gotg_pacs.orthanc import Orthanc, OrthancError
 from gotg_pacs.sync import codecs
 from gotg_pacs.sync.feed import Feed
@@ -141,8 +140,14 @@ def same_at_hq(clinic: Orthanc, hq: Orthanc, sop_uid: str, site: str | None = No
     a, b = pydicom.dcmread(io.BytesIO(mine)), pydicom.dcmread(io.BytesIO(theirs))
     sender = _site_of(hq, there[0])
     if sender is not None:
+        # Imported here: the shaped link's forwarders import this module and need none of HQ.
+        from gotg_pacs.hq import conflicts
+
         conflicts.qualify(a, sender)
     elif mine == theirs:
         return True
-    return codecs._content(a) == codecs._content(b) and np.array_equal(a.pixel_array,
-                                                                       b.pixel_array)
+    if codecs._content(a) != codecs._content(b):
+        return False
+    if a.file_meta.TransferSyntaxUID == b.file_meta.TransferSyntaxUID:  # not transcoded
+        return a.get(0x7FE00010) == b.get(0x7FE00010)
+    return np.array_equal(a.pixel_array, b.pixel_array)
