@@ -22,7 +22,7 @@ from gotg_pacs.sync.outbox import Outbox
 from tests.conftest import run_pacs
 from tests.support import corpus
 from tests.support.netns import Link
-from tests.support.site import owe
+from tests.support.site import owe, same_at_hq
 
 
 @pytest.fixture
@@ -67,10 +67,9 @@ def test_offline_then_shaped_with_an_outage_everything_arrives_verified(hq, make
 
     for source in files:
         uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
-        [here] = clinic.orthanc.find_instance(uid)
-        [there] = hq.orthanc.find_instance(uid)
-        assert clinic.orthanc.request("GET", f"/instances/{here}/file").content == \
-            hq.orthanc.request("GET", f"/instances/{there}/file").content, source.name
+        assert len(hq.orthanc.find_instance(uid)) == 1, source.name
+        # The original as sent, the patient's identity qualified by the site and nothing else.
+        assert same_at_hq(clinic.orthanc, hq.orthanc, uid), source.name
     journal = [json.loads(line) for line in
                (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()]
     assert len([entry for entry in journal if entry["sop_uid"]]) == len(files)

@@ -7,7 +7,6 @@ already has must cost only a question; a transfer cut anywhere must resume, not 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import signal
@@ -175,6 +174,14 @@ def _upload_whole(client: HQClient, payload: bytes, sop_uid: str) -> str:
     return url
 
 
+def _announce_wrongly(box: Outbox, sop_uid) -> str:
+    """Make the clinic announce another SOP Instance UID than its file holds (a damaged outbox
+    row): HQ refuses such an upload for good. Returns the UID announced."""
+    wrong = f"{sop_uid}.999"
+    box.db.execute("UPDATE instances SET sop_uid = ? WHERE sop_uid = ?", (wrong, str(sop_uid)))
+    return wrong
+
+
 def test_a_last_chunk_sent_twice_at_once_stores_once_and_answers_both(hq):
     """The clinic's timeout can fire while HQ still stores a large instance: the retried last
     chunk must wait for the first and get the same confirmation, never a second store."""
@@ -234,15 +241,12 @@ def test_uploads_idle_for_a_week_are_forgotten(tmp_path):
 
 
 def test_an_instance_hq_refuses_waits_before_it_is_tried_again_and_staff_see_why(clinic, hq):
-    """HQ holds other content under the same SOP Instance UID: refused (never overwritten),
-    and not re-packed and re-sent on every turn of a paid link."""
+    """HQ refuses an instance (here: its content is not the instance the clinic announced):
+    not re-packed and re-sent on every turn of a paid link. (Other content under a UID HQ
+    already holds is no refusal: HQ keeps it as a revision, see test_hq_conflicts.)"""
     [source] = corpus.representative()[:1]
-    dataset = pydicom.dcmread(source)
-    dataset.PatientName = "Other^Version"
-    other = io.BytesIO()
-    dataset.save_as(other)
-    hq.orthanc.post("/instances", data=other.getvalue())
     box = owe(clinic, [source])
+    _announce_wrongly(box, pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
     sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
     first = sender.send()
     assert len(first.refused) == 1 and not first.confirmed
@@ -250,7 +254,7 @@ def test_an_instance_hq_refuses_waits_before_it_is_tried_again_and_staff_see_why
     assert sender.send().refused == [], "paused: not tried again at once"
     assert sender.hq.bytes_sent == sent_before
     [refusal] = box.refusals()
-    assert refusal["refusals"] == 1 and "different content" in refusal["last_error"]
+    assert refusal["refusals"] == 1 and "differs from the announced" in refusal["last_error"]
     assert refusal["retry_at"] > time.time() + 200
     sender.close()
     box.close()
@@ -258,9 +262,9 @@ def test_an_instance_hq_refuses_waits_before_it_is_tried_again_and_staff_see_why
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     assert report["refused_instances"] == 1
-    assert "different content" in report["refusals"][0]["last_error"]
+    assert "differs from the announced" in report["refusals"][0]["last_error"]
     text = run_pacs("sync", "status", env_file=clinic.env_file).stdout
-    assert "1 instances refused" in text and "different content" in text
+    assert "1 instances refused" in text and "differs from the announced" in text
 
 
 def test_kill_9_of_the_hq_receiver_mid_upload_loses_and_duplicates_nothing(clinic, hq, tmp_path):
@@ -301,16 +305,12 @@ def test_kill_9_of_the_hq_receiver_mid_upload_loses_and_duplicates_nothing(clini
 
 
 def test_small_instances_travel_in_batches_and_one_refusal_spares_the_rest(clinic, hq, tmp_path):
-    """Thirty small CT slices: a few uploads instead of thirty round trips each; HQ holding
-    other content under one of their UIDs refuses that one only."""
+    """Thirty small CT slices: a few uploads instead of thirty round trips each; HQ refusing
+    one of them refuses that one only."""
     ct_small = Path(get_testdata_file("CT_small.dcm"))  # 39 KB, as a small CT slice travels
     files = corpus.renumbered_copies([ct_small], 30, tmp_path / "ct")
-    victim = pydicom.dcmread(files[7])
-    victim.PatientName = "Other^Version"
-    other = io.BytesIO()
-    victim.save_as(other)
-    hq.orthanc.post("/instances", data=other.getvalue())
     box = owe(clinic, files)
+    victim = _announce_wrongly(box, pydicom.dcmread(files[7]).SOPInstanceUID)
     sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
     try:
         sent = sender.send()
@@ -318,8 +318,8 @@ def test_small_instances_travel_in_batches_and_one_refusal_spares_the_rest(clini
         sender.close()
     assert len(sent.confirmed) == 29 and len(sent.refused) == 1
     [refusal] = box.refusals()
-    assert refusal["sop_uid"] == str(victim.SOPInstanceUID)
-    assert "different content" in refusal["last_error"]
+    assert refusal["sop_uid"] == victim
+    assert "differs from the announced" in refusal["last_error"]
     journal = [json.loads(line) for line in
                (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()]
     batches = [entry for entry in journal if entry["codec"] == "batch"]
@@ -327,7 +327,7 @@ def test_small_instances_travel_in_batches_and_one_refusal_spares_the_rest(clini
     assert len(batches) <= 3, "a few uploads, not thirty"
     for source in files:
         uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
-        if uid != refusal["sop_uid"]:
+        if f"{uid}.999" != victim:
             assert same_at_hq(clinic.orthanc, hq.orthanc, uid)
     box.close()
 

@@ -1,10 +1,13 @@
-"""`pacs hq ...`: the receiver, the site credentials and what HQ sends sites, at HQ."""
+"""`pacs hq ...`: the receiver, site and operator credentials, what HQ sends sites, and the
+reconciliation list."""
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
+import time
 
 import click
 from werkzeug.serving import WSGIRequestHandler, run_simple
@@ -139,3 +142,123 @@ def hq_outbound(ctx: Context, code: str | None, limit: int, as_json: bool) -> No
         f"{row['size'] / 2**20:>8.2f} MB served {row['served'] / 2**20:>8.2f} MB "
         f"{'urgent ' if row['urgent'] else ''}{row['sop_uid']}" for row in rows)
         or "nothing sent to sites")
+
+
+@hq.group("operator")
+def operator() -> None:
+    """HQ operators: people who read and resolve the reconciliation list over HTTP."""
+
+
+def _operator_name(_ctx: click.Context, _param: click.Parameter, name: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,31}", name):
+        raise click.BadParameter("2-32 characters a-z 0-9 . _ - (who resolves, in the audit)")
+    return name
+
+
+def _operators(ctx: Context) -> Sites:
+    return Sites(ctx.settings.hq_dir / "operators.json")
+
+
+@operator.command("add")
+@click.argument("name", callback=_operator_name)
+@json_option
+@pass_context
+def operator_add(ctx: Context, name: str, as_json: bool) -> None:
+    """Create (or replace) NAME's token; shown once, HQ keeps only its hash."""
+    token = _operators(ctx).add(name)
+    emit({"operator": name, "token": token}, as_json,
+         f"{token}\n({name}'s bearer token for /api/v1/reconciliation; HQ keeps only its "
+         "hash)")
+
+
+@operator.command("list")
+@json_option
+@pass_context
+def operator_list(ctx: Context, as_json: bool) -> None:
+    """Operators with a token."""
+    names = _operators(ctx).list()
+    emit(names, as_json, "\n".join(names) or "no operators")
+
+
+@operator.command("revoke")
+@click.argument("name", callback=_operator_name)
+@json_option
+@pass_context
+def operator_revoke(ctx: Context, name: str, as_json: bool) -> None:
+    """Revoke NAME's token at once."""
+    if not _operators(ctx).revoke(name):
+        raise click.ClickException(f"no operator {name!r}")
+    emit({"revoked": name}, as_json, f"revoked {name}")
+
+
+@hq.group("reconcile")
+def reconcile() -> None:
+    """The reconciliation list: disagreements between sites and versions, for a person."""
+
+
+def _ledger(ctx: Context):
+    from .conflicts import Ledger
+
+    return Ledger(ctx.settings.hq_dir)
+
+
+def _describe(entry: dict, detail: bool) -> str:
+    from .conflicts import printable
+
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["updated"]))
+    line = (f"#{entry['id']} {entry['state']:8} {entry['kind']:22} {when}  "
+            f"{printable(entry['subject'])}  ({len(entry['variants'])} variants)")
+    if not detail:
+        return line
+    lines = [line]
+    for variant in entry["variants"]:
+        lines.append("    " + "  ".join(f"{key}={printable(value)}"
+                                        for key, value in variant.items()))
+    for resolution in entry["resolutions"]:
+        at = time.strftime("%Y-%m-%d %H:%M", time.localtime(resolution["at"]))
+        lines.append(f"  resolved {at} by {printable(resolution['by'])}: "
+                     f"{resolution['decision']} {printable(resolution['note'])}")
+    return "\n".join(lines)
+
+
+@reconcile.command("list")
+@click.option("--state", type=click.Choice(["open", "resolved", "all"]), default="open",
+              show_default=True)
+@json_option
+@pass_context
+def reconcile_list(ctx: Context, state: str, as_json: bool) -> None:
+    """Entries waiting for a decision (or resolved, or all)."""
+    entries = _ledger(ctx).entries(None if state == "all" else state)
+    emit(entries, as_json,
+         "\n".join(_describe(entry, False) for entry in entries) or f"no {state} entries")
+
+
+@reconcile.command("show")
+@click.argument("entry_id", type=int)
+@json_option
+@pass_context
+def reconcile_show(ctx: Context, entry_id: int, as_json: bool) -> None:
+    """One entry with every variant seen and every decision taken."""
+    entry = _ledger(ctx).entry(entry_id)
+    if entry is None:
+        raise click.ClickException(f"no entry {entry_id}")
+    emit(entry, as_json, _describe(entry, True))
+
+
+@reconcile.command("resolve")
+@click.argument("entry_id", type=int)
+@click.option("--decision", required=True,
+              type=click.Choice(["same-patient", "different-patients", "acknowledged"]))
+@click.option("--note", default="", help="Why (kept in the audit log).")
+@click.option("--by", "by", default=lambda: os.environ.get("SUDO_USER") or
+              os.environ.get("USER") or "hq", show_default="the login name",
+              help="Who decides (kept in the audit log).")
+@json_option
+@pass_context
+def reconcile_resolve(ctx: Context, entry_id: int, decision: str, note: str, by: str,
+                      as_json: bool) -> None:
+    """Record a decision; no image is changed."""
+    entry = _ledger(ctx).resolve(entry_id, decision, note, by)
+    if entry is None:
+        raise click.ClickException(f"no entry {entry_id}")
+    emit(entry, as_json, _describe(entry, True))

@@ -12,14 +12,22 @@ An upload is locked (flock on its `.part`) from its first byte to its outcome, a
 because its answer was lost, or sent while a slow finalization runs, gets the same answer and
 never stores the instance twice. Uploads idle for a week are forgotten.
 
-Routes (all need `Authorization: Bearer <site token>`):
+Routes for sites (`Authorization: Bearer <site token>`):
   POST  /files              create an upload (Upload-Length, Upload-Metadata)
   HEAD  /files/<id>         its offset, to resume
   PATCH /files/<id>         append at Upload-Offset; the last one answers Gotg-Confirmed
-                            (HQ's instance ID, or "batch")
+                            (HQ's instance ID, a revision's "rev-..." ID, or "batch")
   GET   /files/<id>/outcome how a finished upload ended, per instance for a batch
   POST  /api/v1/holdings    which of these (SOP Instance UID, original MD5) HQ already holds
   ...   /api/v1/outbound    what HQ sends back to the site (`outbound`)
+
+Routes for HQ operators (`Authorization: Bearer <operator token>`, `pacs hq operator add`; a
+site's token gets 403: the list holds every site's patients; see conflicts.py):
+  GET   /api/v1/reconciliation[?state=open|resolved|all]   the reconciliation list
+  GET   /api/v1/reconciliation/<id>                        one entry
+  POST  /api/v1/reconciliation/<id>/resolve                {"decision", "note"}: recorded only
+  GET   /api/v1/revisions/<id>                             a kept revision: who, when, what differs
+  GET   /api/v1/revisions/<id>/file                        its bytes, exactly as the site sent them
 """
 
 from __future__ import annotations
@@ -35,13 +43,14 @@ import time
 import uuid
 from pathlib import Path
 
-from flask import Flask, Response, abort, g, jsonify, request
+from flask import Flask, Response, abort, g, jsonify, request, send_file
 
 from ..config import Settings
-from ..orthanc import Orthanc, OrthancError
+from ..orthanc import Orthanc
 from ..sync import codecs
 from . import outbound
 from .archive import BATCH_CODEC, Archive, Refused
+from .conflicts import DECISIONS, Ledger
 from .sites import Sites
 
 log = logging.getLogger(__name__)
@@ -51,6 +60,8 @@ MAX_UPLOAD = 4 * 2**30
 MAX_CHUNK = 64 * 2**20
 UPLOAD_EXPIRY = 7 * 86400  # an upload idle this long is forgotten (the clinic starts it again)
 SWEEP_EVERY = 3600.0
+OPERATOR_ROUTES = ("/api/v1/reconciliation", "/api/v1/revisions")
+REVISION_ID = re.compile(r"rev-[0-9a-f]{32}")
 REQUIRED_METADATA = ("sop_uid", "codec", "payload_md5", "original_md5")
 BATCH_METADATA = ("codec", "payload_md5")
 
@@ -69,27 +80,6 @@ def _metadata(header: str) -> dict[str, str]:
         except (ValueError, UnicodeDecodeError):
             abort(400, f"Upload-Metadata value of {key!r} is not base64 text")
     return result
-
-
-def held_instance(orthanc: Orthanc, sop_uid: str, original_md5: str, site: str,
-                  sent_to=None) -> str | None:
-    """HQ's instance holding exactly this site's original (by the MD5 recorded at confirm), or
-    exactly what HQ itself sent this site (`sent_to(site, instance, md5)`: a report, a prior)."""
-    for item in orthanc.post("/tools/lookup", data=sop_uid.encode()) or []:
-        if item.get("Type") != "Instance":
-            continue
-        if sent_to is not None and sent_to(site, item["ID"], original_md5):
-            return item["ID"]
-        try:
-            recorded = orthanc.request(
-                "GET", f"/instances/{item['ID']}/metadata/GotgOriginalMd5").text.strip()
-            sender = orthanc.request(
-                "GET", f"/instances/{item['ID']}/metadata/GotgSite").text.strip()
-        except OrthancError:
-            continue
-        if recorded == original_md5 and sender == site:
-            return item["ID"]
-    return None
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -137,8 +127,10 @@ def create_app(settings: Settings) -> Flask:
     uploads = settings.hq_dir / "uploads"
     uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
     sites = Sites(settings.hq_dir / "sites.json")
+    operators = Sites(settings.hq_dir / "operators.json")
     orthanc = Orthanc.from_settings(settings, timeout=120)
-    archive = Archive(orthanc, settings.hq_dir / "transfers.jsonl")
+    ledger = Ledger(settings.hq_dir)
+    archive = Archive(orthanc, settings.hq_dir / "transfers.jsonl", ledger)
     outgoing = outbound.register(app, orthanc, settings.hq_dir / "outbound.sqlite")
     swept = {"at": 0.0}
 
@@ -188,7 +180,13 @@ def create_app(settings: Settings) -> Flask:
     @app.before_request
     def authenticate() -> None:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        site = sites.site_of(token) if scheme == "Bearer" and token else None
+        token = token if scheme == "Bearer" else ""
+        if request.path.startswith(OPERATOR_ROUTES):
+            g.operator = operators.site_of(token) if token else None
+            if g.operator is None:
+                abort(403 if token and sites.site_of(token) else 401)
+            return
+        site = sites.site_of(token) if token else None
         if site is None:
             abort(401)
         g.site = site
@@ -200,6 +198,8 @@ def create_app(settings: Settings) -> Flask:
 
     @app.after_request
     def tus_header(response: Response) -> Response:
+        response.headers["X-Content-Type-Options"] = "nosniff"  # header values stay data
+        response.headers["Cache-Control"] = response.headers.get("Cache-Control", "no-store")
         return _tus(response)
 
     @app.post("/files")
@@ -325,9 +325,9 @@ def create_app(settings: Settings) -> Flask:
         asked = (request.get_json(silent=True) or {}).get("instances", [])
         if len(asked) > 1000:
             abort(413, "at most 1000 instances per question")
-        return jsonify({"held": [held_instance(orthanc, str(item.get("sop_uid", "")),
-                                               str(item.get("original_md5", "")), g.site,
-                                               outgoing.sent_to)
+        return jsonify({"held": [archive.held(str(item.get("sop_uid", "")),
+                                              str(item.get("original_md5", "")), g.site,
+                                              outgoing.sent_to)
                                  for item in asked]})
 
     @app.get("/files/<upload_id>/outcome")
@@ -338,9 +338,43 @@ def create_app(settings: Settings) -> Flask:
             abort(404)
         return jsonify(result)
 
-    @app.get("/api/v1/uploads/<upload_id>")
-    def upload_info(upload_id: str) -> Response:
-        part, _, meta = load(upload_id)
-        return jsonify({"offset": part.stat().st_size, **meta})
+    @app.get("/api/v1/reconciliation")
+    def reconciliation() -> Response:
+        state = request.args.get("state", "open")
+        if state not in ("open", "resolved", "all"):
+            abort(400, "state is open, resolved or all")
+        return jsonify({"entries": ledger.entries(None if state == "all" else state)})
+
+    @app.get("/api/v1/reconciliation/<int:entry_id>")
+    def reconciliation_entry(entry_id: int) -> Response:
+        entry = ledger.entry(entry_id)
+        if entry is None:
+            abort(404)
+        return jsonify(entry)
+
+    @app.post("/api/v1/reconciliation/<int:entry_id>/resolve")
+    def reconciliation_resolve(entry_id: int) -> Response:
+        asked = request.get_json(silent=True) or {}
+        decision, note = asked.get("decision"), asked.get("note", "")
+        if decision not in DECISIONS or not isinstance(note, str) or len(note) > 2000:
+            abort(400, f"decision is one of {', '.join(DECISIONS)}; note is text")
+        entry = ledger.resolve(entry_id, decision, note, g.operator)
+        if entry is None:
+            abort(404)
+        return jsonify(entry)
+
+    @app.get("/api/v1/revisions/<revision_id>")
+    def revision(revision_id: str) -> Response:
+        found = ledger.revision(revision_id) if REVISION_ID.fullmatch(revision_id) else None
+        if found is None:
+            abort(404)
+        return jsonify(found)
+
+    @app.get("/api/v1/revisions/<revision_id>/file")
+    def revision_file(revision_id: str) -> Response:
+        if not REVISION_ID.fullmatch(revision_id) or ledger.revision(revision_id) is None:
+            abort(404)
+        return send_file(ledger.revision_path(revision_id), mimetype="application/dicom",
+                         as_attachment=True, download_name=f"{revision_id}.dcm")
 
     return app
