@@ -52,6 +52,8 @@ class LinkEstimate:
         self.latency: float | None = None   # seconds for a small request
         self.outcomes: list[bool] = []      # the last 50 requests: True = failed
         self.failing = 0                    # consecutive failures
+        self.assumed_bps: float | None = None  # a guess, while nothing is measured
+        self.shrink = 1.0                   # chunks made smaller after chunks timed out
         self._lock = threading.Lock()
 
     def _average(self, old: float | None, new: float) -> float:
@@ -60,6 +62,7 @@ class LinkEstimate:
     def sent(self, size: int, seconds: float) -> None:
         with self._lock:
             self._outcome(False)
+            self.shrink = min(1.0, self.shrink * 2)  # back to full chunks step by step
             if size >= MIN_SAMPLE and seconds > 0:
                 self.bps = self._average(self.bps, size * 8 / seconds)
 
@@ -69,13 +72,17 @@ class LinkEstimate:
             self.latency = self._average(self.latency, seconds)
 
     def failed(self, timed_out_size: int = 0) -> None:
-        """A request failed; if it was a chunk that timed out, the link is slower than planned:
-        halve the estimate (so the next chunk is half as big and waited for twice as long)."""
+        """A request failed. A chunk that timed out may mean a link slower than planned (GPRS)
+        or a link that went down: the next chunks are halved until one gets through, but the
+        measured rate and the tier stay as measured (an outage is not a slow link). With
+        nothing measured yet, the guess drops towards GPRS, so timeouts grow to match."""
         with self._lock:
             self._outcome(True)
             if timed_out_size:
-                self.bps = SLOWEST_GUESS if self.bps is None else max(SLOWEST_GUESS / 4,
-                                                                      self.bps / 2)
+                self.shrink = max(MIN_CHUNK / MAX_CHUNK, self.shrink / 2)
+                if self.bps is None:
+                    self.assumed_bps = max(SLOWEST_GUESS / 4,
+                                           (self.assumed_bps or 4 * SLOWEST_GUESS) / 2)
 
     def _outcome(self, failed: bool) -> None:
         self.outcomes = (self.outcomes + [failed])[-50:]
@@ -84,24 +91,25 @@ class LinkEstimate:
     @property
     def rate_bps(self) -> float | None:
         """The rate to plan with: what was measured, never above MAX_BANDWIDTH_MBPS."""
-        if self.bps is None:
+        measured = self.bps if self.bps is not None else self.assumed_bps
+        if measured is None:
             return self.cap_bps or None
-        return min(self.bps, self.cap_bps) if self.cap_bps else self.bps
+        return min(measured, self.cap_bps) if self.cap_bps else measured
 
     @property
     def tier(self) -> str:
         if self.failing >= OFFLINE_AFTER:
             return "offline"
-        rate = self.rate_bps
-        if rate is None:
+        if self.bps is None and not self.cap_bps:
             return "good"  # nothing measured yet: assume the middle, learn from the first chunk
+        rate = self.rate_bps
         return "excellent" if rate > 10 * MBIT else "good" if rate >= MBIT else "poor"
 
     def chunk_size(self) -> int:
         rate = self.rate_bps
         if rate is None:
-            return FIRST_CHUNK
-        size = int(rate / 8 * CHUNK_SECONDS) // MIN_CHUNK * MIN_CHUNK
+            return max(MIN_CHUNK, int(FIRST_CHUNK * self.shrink))
+        size = int(rate / 8 * CHUNK_SECONDS * self.shrink) // MIN_CHUNK * MIN_CHUNK
         return max(MIN_CHUNK, min(MAX_CHUNK, size))
 
     def timeout(self, size: int = 0) -> float:
