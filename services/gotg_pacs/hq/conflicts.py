@@ -95,6 +95,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from ..sqlite_tx import immediate
 from ..sync import codecs
 
 IDENTITY = ("PatientID", "IssuerOfPatientID", "OtherPatientIDsSequence")
@@ -218,14 +219,8 @@ class Ledger:
 
     @contextmanager
     def _transaction(self):
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        with self._db() as db, immediate(db):
+            yield db
 
     def audit(self, event: str, **fields) -> None:
         """One line per event, on disk before the caller goes on."""

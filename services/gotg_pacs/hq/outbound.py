@@ -40,6 +40,7 @@ from pathlib import Path
 from flask import Blueprint, Flask, Response, abort, g, jsonify, request
 
 from ..orthanc import Orthanc, OrthancError, OrthancUnreachable
+from ..sqlite_tx import immediate
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +90,8 @@ class Outbound:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._db() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        with self._db() as db, immediate(db):
+            yield db
 
     def queue(self, site: str, instances: list[dict], urgent: bool = False,
               again: bool = False, now: float | None = None) -> dict[str, int]:

@@ -35,6 +35,7 @@ import requests
 
 from ..config import Settings
 from ..orthanc import Orthanc, OrthancError, OrthancUnreachable
+from ..sqlite_tx import immediate
 from .transport import HQClient, HQRefused, HQUnreachable, RateCap
 
 log = logging.getLogger(__name__)
@@ -104,13 +105,8 @@ class Inbox:
 
     @contextmanager
     def _transaction(self):
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with immediate(self.db) as db:
+            yield db
 
     def listed(self, items: list[dict], complete: bool, now: float | None = None) -> None:
         """HQ's list of what waits for this site. Known content keeps its progress (a stored

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..sqlite_tx import immediate
+
 # Priority -> seconds within which it should be sent (the deadline added to the enqueue time).
 PRIORITIES = {"critical": 0, "high": 3600, "medium": 6 * 3600, "low": 7 * 86400}
 RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
@@ -128,13 +130,8 @@ class Outbox:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with immediate(self.db) as db:
+            yield db
 
     # --- small persistent facts -------------------------------------------------------------
 

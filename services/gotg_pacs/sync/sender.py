@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 LOOKAHEAD = 3  # instances packed ahead of the one being sent
 PARALLEL = 3   # uploads in flight at once on an excellent link
+PREVIEW_GAIN = 3  # a preview is sent only if the lossless payload is at least 3x its size
 SMALL_MIN = 64 * 1024  # payloads up to this (or a quarter chunk) travel in batches
 BATCH_MEMBERS = 100
 
@@ -176,22 +177,26 @@ class Packer:
             os.close(directory)
         return Payload(path, codec, size, md5, payload_md5)
 
-    def preview_of(self, instance_id: str) -> Payload | None:
+    def preview_of(self, instance_id: str, original_md5: str, level: int) -> Payload | None:
         """A lossy preview of the instance as a payload file (`preview.make_preview`), or None
-        where the policy allows none. Deterministic: made again, it is the same instance."""
+        where the policy allows none or where it would not save much: a preview is worth its
+        bytes only at a third of the lossless payload or less (a CR that JPEG-LS already
+        shrinks 7x gains little from a 10:1 preview). Deterministic: made again, it is the
+        same instance. The lossless payload made for the comparison is kept for sending."""
         from . import preview
 
+        lossless = self.pack(instance_id, original_md5, level)
         data = self._clinic().request("GET", f"/instances/{instance_id}/file").content
         made = preview.make_preview(data)
-        if made is None:
+        if made is None or len(made.payload) * PREVIEW_GAIN > lossless.size:
             return None
         path = self.directory / f"preview-{instance_id}"
         _fsync_write(path, made.payload)
         md5 = hashlib.md5(made.payload).hexdigest()
         return Payload(path, "identity", len(made.payload), md5, md5, made.sop_uid)
 
-    def submit_preview(self, instance_id: str) -> Future:
-        return self._pool.submit(self.preview_of, instance_id)
+    def submit_preview(self, instance_id: str, original_md5: str, level: int) -> Future:
+        return self._pool.submit(self.preview_of, instance_id, original_md5, level)
 
     def discard(self, instance_id: str) -> None:
         path = self.path(instance_id)
@@ -245,8 +250,16 @@ class Sender:
 
     def _settle(self, row, payload: Payload, future: Future, report: Sent) -> None:
         """The end of a parallel upload, recorded on the main thread."""
+        self._record(row, payload, future.result, report)
+
+    def _send_one(self, row, payload: Payload, report: Sent) -> None:
+        self._record(row, payload, lambda: self._upload(row, payload), report)
+
+    def _record(self, row, payload: Payload, upload, report: Sent) -> None:
+        """Run (or collect) one upload and record how it ended: confirmed, refused (pauses),
+        or lost on disk (packed again); an outage propagates, the instance stays owed."""
         try:
-            hq_id = future.result()
+            hq_id = upload()
         except HQUnreachable:
             raise
         except PayloadLost as exc:
@@ -331,24 +344,6 @@ class Sender:
             self._refuse(row, f"{exc.__class__.__name__}: {exc}", report)
         return None
 
-    def _send_one(self, row, payload: Payload, report: Sent) -> None:
-        try:
-            hq_id = self._upload(row, payload)
-        except HQUnreachable:
-            raise
-        except PayloadLost as exc:
-            log.warning("%s", exc)
-            return
-        except HQRefused as exc:
-            self._refuse(row, str(exc), report)
-            return
-        except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the rest
-            self._refuse(row, f"{exc.__class__.__name__}: {exc}", report)
-            return
-        if hq_id:
-            self._confirm(row["orthanc_id"], hq_id, payload.original_md5)
-            report.confirmed.append(row["orthanc_id"])
-
     def _send_previews(self, to_send: list) -> None:
         """Poor link: lossy previews of new and urgent studies go first, so HQ can triage
         while the originals follow. A preview is its own derived instance; it never counts for
@@ -361,7 +356,9 @@ class Sender:
         for study_id in studies:
             rows = [row for row in self.outbox.pending_of(study_id)
                     if row["size"] <= codecs.MAX_TRANSCODE_BYTES]
-            futures = [self.packer.submit_preview(row["orthanc_id"]) for row in rows]
+            futures = [self.packer.submit_preview(row["orthanc_id"],
+                                                  self._original_md5(row["orthanc_id"]),
+                                                  self.level) for row in rows]
             previews = []
             for future in futures:
                 try:
