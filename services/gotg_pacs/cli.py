@@ -7,7 +7,6 @@ Each capability adds its group here and keeps the work in its own package. Every
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from datetime import datetime
@@ -16,7 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__, orthanc_conf, reference
-from .clikit import Context, emit, json_option, pass_context
+from .clikit import Context, emit, json_option, matching, pass_context
 from .config import AETitle, ConfigError, default_env_file, schema
 from .hq import commands as hq_commands
 from .orthanc import Orthanc, OrthancError
@@ -139,11 +138,8 @@ def modality_list(ctx: Context, as_json: bool) -> None:
     emit(found, as_json, text)
 
 
-def _modality_name(_ctx: click.Context, _param: click.Parameter, name: str) -> str:
-    """A name that is safe in Orthanc's REST paths."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name):
-        raise click.BadParameter("use 1-64 letters, digits, - and _")
-    return name
+# A name that is safe in Orthanc's REST paths.
+_modality_name = matching(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", "use 1-64 letters, digits, - and _")
 
 
 @modality.command("add")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +33,15 @@ class Context:
 
 pass_context = click.make_pass_decorator(Context)
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def matching(pattern: str, allowed: str):
+    """A click callback accepting a value that fully matches `pattern` (None passes: an
+    option not given), else saying what is allowed."""
+
+    def check(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(pattern, value):
+            raise click.BadParameter(allowed)
+        return value
+
+    return check

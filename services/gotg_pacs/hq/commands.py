@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 import time
 
 import click
 from werkzeug.serving import WSGIRequestHandler, run_simple
 
-from ..clikit import Context, emit, json_option, pass_context
+from ..clikit import Context, emit, json_option, matching, pass_context
 from .sites import Sites
 
 
@@ -50,10 +49,7 @@ def site() -> None:
     """Sites allowed to sync here, each with its own credential."""
 
 
-def _code(_ctx: click.Context, _param: click.Parameter, code: str) -> str:
-    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{1,31}", code):
-        raise click.BadParameter("2-32 characters a-z 0-9 - (the site's SITE_CODE)")
-    return code
+_code = matching(r"[a-z0-9][a-z0-9-]{1,31}", "2-32 characters a-z 0-9 - (the site's SITE_CODE)")
 
 
 @site.command("add")
@@ -127,7 +123,7 @@ def hq_send(ctx: Context, code: str, urgent: bool, again: bool, refs: tuple[str,
 
 
 @hq.command("outbound")
-@click.option("--site", "code", callback=lambda c, p, v: v and _code(c, p, v),
+@click.option("--site", "code", callback=_code,
               help="Only this site.")
 @click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
 @json_option
@@ -149,10 +145,8 @@ def operator() -> None:
     """HQ operators: people who read and resolve the reconciliation list over HTTP."""
 
 
-def _operator_name(_ctx: click.Context, _param: click.Parameter, name: str) -> str:
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,31}", name):
-        raise click.BadParameter("2-32 characters a-z 0-9 . _ - (who resolves, in the audit)")
-    return name
+_operator_name = matching(r"[a-z0-9][a-z0-9._-]{1,31}",
+                          "2-32 characters a-z 0-9 . _ - (who resolves, in the audit)")
 
 
 def _operators(ctx: Context) -> Sites:

@@ -35,7 +35,7 @@ import requests
 
 from ..config import Settings
 from ..orthanc import Orthanc, OrthancError, OrthancUnreachable
-from ..sqlite_tx import immediate
+from ..sqlite_tx import immediate, open_store
 from .transport import HQClient, HQRefused, HQUnreachable, RateCap
 
 log = logging.getLogger(__name__)
@@ -81,18 +81,10 @@ class Inbox:
 
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
-        if readonly:
-            if not path.exists():
-                raise InboxError(f"nothing from HQ yet ({path} does not exist)")
-            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30,
-                                      isolation_level=None)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(SCHEMA)
-        self.db.row_factory = sqlite3.Row
+        db = open_store(path, SCHEMA, readonly)
+        if db is None:
+            raise InboxError(f"nothing from HQ yet ({path} does not exist)")
+        self.db = db
 
     def close(self) -> None:
         self.db.close()

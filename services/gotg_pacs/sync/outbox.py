@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..sqlite_tx import immediate
+from ..sqlite_tx import immediate, open_store
 
 # Priority -> seconds within which it should be sent (the deadline added to the enqueue time).
 PRIORITIES = {"critical": 0, "high": 3600, "medium": 6 * 3600, "low": 7 * 86400}
@@ -97,22 +97,12 @@ class Outbox:
         """The outbox at `path`; `readonly` for those who only look (status, queue): they never
         create it or take a write lock. A missing read-only outbox raises OutboxError."""
         self.path = path
+        db = open_store(path, SCHEMA, readonly)
+        if db is None:
+            raise OutboxError(f"no sync outbox yet at {path} (pacs-sync has not run)")
+        self.db = db
         if readonly:
-            if not path.exists():
-                raise OutboxError(f"no sync outbox yet at {path} (pacs-sync has not run)")
-            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30,
-                                      isolation_level=None)
-            self.db.row_factory = sqlite3.Row
             return
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # One thread at a time uses a connection, but a worker's may be closed by the main
-        # thread once the worker is done.
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None,
-                                  check_same_thread=False)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
         for table, columns in ADDED_COLUMNS.items():
             present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
             for column, definition in columns.items():
