@@ -119,6 +119,55 @@ def config_reference(write_files: bool, root: Path, as_json: bool) -> None:
               as_json, reference.readme_table())
 
 
+# --- Orthanc under systemd ------------------------------------------------------------------------
+
+
+@cli.group("orthanc")
+def orthanc_group() -> None:
+    """Orthanc's start and stop steps for its systemd unit (the appliance's orthanc.service)."""
+
+
+@orthanc_group.command("serve")
+@json_option
+@pass_context
+def orthanc_serve(ctx: Context, as_json: bool) -> None:
+    """Lock the storage, render the configuration, set aside what a power cut hid, exec Orthanc."""
+    from .orthanc_unit import serve
+
+    def announce(facts: dict) -> None:
+        emit(facts, as_json, f"starting {facts['orthanc']} with {facts['config']}; "
+             f"{facts['set_aside']} file(s) a power cut hid set aside to store again")
+
+    serve(ctx.settings, announce)
+
+
+@orthanc_group.command("ready")
+@click.option("--timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Seconds to wait for Orthanc to answer.")
+@json_option
+@pass_context
+def orthanc_ready(ctx: Context, timeout: float, as_json: bool) -> None:
+    """Wait until Orthanc answers, then store again what a power cut hid from its index."""
+    from .orthanc_unit import ready
+
+    report = ready(ctx.settings, timeout)
+    emit({"ready": True, "stored_again": len(report.stored), "duplicates": len(report.duplicates),
+          "kept_aside": [str(p) for p in report.unresolved], "waiting": report.waiting},
+         as_json, f"Orthanc is up; {report.summary()}")
+
+
+@orthanc_group.command("stopped")
+@json_option
+@pass_context
+def orthanc_stopped(ctx: Context, as_json: bool) -> None:
+    """After Orthanc exits: mark the stop clean only if systemd saw it exit with status 0."""
+    from .orthanc_unit import stopped
+
+    clean = stopped(ctx.settings)
+    emit({"clean": clean}, as_json, "clean stop recorded" if clean else
+         "Orthanc did not stop cleanly: its storage is checked at the next start")
+
+
 # --- modalities -----------------------------------------------------------------------------------
 
 

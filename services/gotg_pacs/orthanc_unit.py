@@ -1,0 +1,76 @@
+"""Orthanc as a systemd service: the same start path as `pacs run`, without a Python supervisor.
+
+`pacs run` keeps a Python parent beside Orthanc; on the appliance systemd is the parent, so the
+unit calls three small steps and no Python stays resident (a Pi 4 with 2 GB counts every MB):
+
+- `pacs orthanc serve` (ExecStart): lock the storage, render Orthanc's JSON from the settings,
+  move aside what a power cut left unindexed, then *become* Orthanc (exec), which inherits the
+  storage lock and keeps it exactly as long as it runs;
+- `pacs orthanc ready` (ExecStartPost): wait until Orthanc answers, check it runs on the index it
+  was told to, and re-store what the power cut hid, so the unit is active only once that is done;
+- `pacs orthanc stopped` (ExecStopPost): leave the clean-stop marker only when Orthanc exited by
+  itself with status 0, so the next start skips the scan; any other end leads to a scan.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from . import orphans, orthanc_conf
+from .config import Settings
+from .orthanc import Orthanc
+from .process import StartError, check_postgresql_plugin, orthanc_binary, wait_until
+
+
+def serve(settings: Settings, announce: Callable[[dict], None] = lambda facts: None) -> None:
+    """Prepare, then replace this process with Orthanc. Returns only by raising StartError.
+
+    `announce` hears what is about to run (binary, configuration, files set aside) just before.
+    """
+    postgresql = settings.orthanc_index == "postgresql"
+    if postgresql:
+        check_postgresql_plugin()
+    binary = orthanc_binary()
+    try:
+        orthanc_conf.prepare_directories(settings)
+        lock = orphans.lock_storage(settings)
+    except (OSError, orphans.IndexBusy) as exc:
+        raise StartError(str(exc)) from exc
+    try:
+        config_file = orthanc_conf.write(settings)
+        # SQLite's power-cut gap; a PostgreSQL commit is durable
+        set_aside = 0 if postgresql else orphans.collect(settings)
+        announce({"orthanc": binary, "config": str(config_file), "set_aside": set_aside})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.set_inheritable(lock, True)
+        # --verbose-dicom logs every association with its calling AE title and address.
+        os.execv(binary, [binary, "--verbose-dicom", str(config_file)])
+    except OSError as exc:
+        os.close(lock)
+        raise StartError(f"cannot start Orthanc: {exc}") from exc
+
+
+def ready(settings: Settings, timeout: float) -> orphans.Readopted:
+    """Wait for Orthanc, check its index, re-store what a power cut hid."""
+    client = Orthanc.from_settings(settings, timeout=2.0)
+    if not wait_until(client.is_alive, timeout, interval=0.5):
+        raise StartError(f"Orthanc did not answer on port {settings.http_port} within "
+                         f"{timeout:.0f}s (journalctl -u orthanc tells why)")
+    if settings.orthanc_index == "postgresql":
+        backend = Orthanc.from_settings(settings, timeout=30).system().get("DatabaseBackendPlugin")
+        if not backend:
+            raise StartError("Orthanc started without its PostgreSQL index "
+                             "(ORTHANC_INDEX=postgresql): refusing to run on SQLite")
+    return orphans.readopt(settings, Orthanc.from_settings(settings, timeout=120))
+
+
+def stopped(settings: Settings, environ: dict[str, str] | None = None) -> bool:
+    """Mark a clean stop when systemd says Orthanc exited with status 0. Returns whether it did."""
+    environ = os.environ if environ is None else environ
+    clean = environ.get("EXIT_CODE") == "exited" and environ.get("EXIT_STATUS") == "0"
+    if clean:
+        orphans.mark_clean_stop(settings)
+    return clean

@@ -1,0 +1,39 @@
+"""Orthanc's systemd steps: only an exit systemd saw as clean skips the next start's scan.
+
+Why it matters: the scan after an unclean stop is what finds images a power cut hid from
+Orthanc's index. Marking a killed or failed Orthanc as cleanly stopped would skip it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gotg_pacs import orphans
+from gotg_pacs.config import load
+from gotg_pacs.orthanc_unit import stopped
+
+
+@pytest.fixture
+def settings(tmp_path):
+    env = tmp_path / "pacs.env"
+    env.write_text(f"STORAGE_PATH={tmp_path / 'orthanc'}\nSTATE_PATH={tmp_path / 'state'}\n"
+                   "ENABLE_AUTH=false\n")
+    made = load(env)
+    made.orthanc_storage_dir.mkdir(parents=True)
+    return made
+
+
+def test_an_exit_with_status_0_is_a_clean_stop(settings):
+    assert stopped(settings, {"EXIT_CODE": "exited", "EXIT_STATUS": "0"})
+    assert (settings.orthanc_storage_dir / orphans.CLEAN_MARKER).exists()
+
+
+@pytest.mark.parametrize("environ", [
+    {"EXIT_CODE": "killed", "EXIT_STATUS": "KILL"},   # SIGKILL after the stop timeout
+    {"EXIT_CODE": "dumped", "EXIT_STATUS": "SEGV"},   # a crash
+    {"EXIT_CODE": "exited", "EXIT_STATUS": "1"},      # gave up (or `pacs orthanc serve` failed)
+    {},                                               # run by hand, outside systemd
+])
+def test_any_other_end_leads_to_a_scan(settings, environ):
+    assert not stopped(settings, environ)
+    assert not (settings.orthanc_storage_dir / orphans.CLEAN_MARKER).exists()
