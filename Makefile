@@ -7,11 +7,13 @@ ENV_FILE ?= pacs.dev.env
 # Debian packages the appliance and its tests need (Debian 12 for development, 13 on the image);
 # iproute2 builds the bad networks of the sync tests (namespaces, veth, tbf); HQ's Orthanc keeps
 # its index in PostgreSQL (orthanc-postgresql), and the tests run a throw-away server of their own.
+# mmdebstrap and systemd-nspawn build and boot the appliance's Debian 13 tree (roles, images).
 DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgresql dcmtk \
-	python3-venv python3-dev gcc iproute2
+	python3-venv python3-dev gcc iproute2 mmdebstrap systemd-container curl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps system-deps bench-ingest bench-sync bench-report reference constraints clean
+.PHONY: run test deps system-deps bench-ingest bench-sync bench-report reference constraints clean \
+	wheelhouse
 
 deps: system-deps $(VENV)/.installed
 
@@ -41,7 +43,8 @@ run: deps
 	$(BIN)/pacs --env-file $(ENV_FILE) run
 
 test: deps
-	$(BIN)/ruff check services tests bench
+	$(BIN)/ruff check services tests bench image-build
+	cd ansible && ../$(BIN)/ansible-lint -q --profile production ../roles .
 	$(BIN)/pytest
 
 bench-ingest: deps
@@ -50,6 +53,11 @@ bench-ingest: deps
 # Needs root: it builds network namespaces and shapes a veth link (design brief section 5).
 bench-sync: deps
 	mkdir -p build && $(BIN)/python bench/sync.py
+
+# gotg-pacs and its dependencies as wheels for the image's Python, shipped with every push.
+ARCH ?= amd64
+wheelhouse: deps
+	$(BIN)/python image-build/wheelhouse.py --arch $(ARCH)
 
 bench-report: deps
 	$(BIN)/python bench/report.py

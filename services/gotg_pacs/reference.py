@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from .config import SettingInfo, schema
@@ -67,6 +68,12 @@ def _yaml_scalar(text: str) -> str:
     return "''" if text == "" else "'" + text.replace("'", "''") + "'"
 
 
+def _yaml_folded(text: str, indent: int) -> str:
+    """A long text as a folded block scalar, wrapped so YAML lint accepts its lines."""
+    pad = " " * indent
+    return ">-\n" + "\n".join(pad + line for line in textwrap.wrap(text, 100 - indent))
+
+
 def role_variable(info: SettingInfo) -> str:
     return f"pacs_config_{info.env.lower()}"
 
@@ -90,13 +97,13 @@ def role_argument_specs() -> str:
            "    options:"]
     for name, default, doc in ROLE_OWN:
         out += [f"      {name}:", "        type: str", f"        default: {_yaml_scalar(default)}",
-                f"        description: {_yaml_scalar(doc)}"]
+                f"        description: {_yaml_folded(doc, 10)}"]
     for info in schema():
         out += [f"      {role_variable(info)}:",
                 "        type: str",
                 f"        default: {_yaml_scalar(info.default_text)}",
                 "        description: "
-                + _yaml_scalar(f"{info.env}. {info.doc} Allowed: {info.kind.allowed}.")]
+                + _yaml_folded(f"{info.env}. {info.doc} Allowed: {info.kind.allowed}.", 10)]
         if info.secret:
             out.append("        no_log: true")
     return "\n".join(out) + "\n"

@@ -8,6 +8,7 @@ import pytest
 from gotg_pacs.process import wait_until
 from gotg_pacs.sync.transport import HQClient
 from tests.conftest import run_pacs
+from tests.support.container import CLINIC_SITE, build_tree, build_wheelhouse
 from tests.support.site import free_port, hq_answers, write_env
 
 
@@ -72,3 +73,19 @@ def make_clinic(appliance_factory, tmp_path, hq):
 def clinic(make_clinic, hq):
     return make_clinic(hq.url)
 
+
+
+@pytest.fixture(scope="session")
+def clinic_site(tmp_path_factory) -> dict:
+    """A clinic's settings, with a wheelhouse built from this checkout (as HQ ships it)."""
+    where = tmp_path_factory.mktemp("wheelhouse")
+    wheelhouse = build_wheelhouse(where / "amd64", where / "build.log")
+    return {**CLINIC_SITE, "pacs_services_wheelhouse": str(wheelhouse)}
+
+
+@pytest.fixture(scope="session")
+def clinic_tree(tmp_path_factory, clinic_site) -> Path:
+    """The clinic's Debian 13 tree as the image builder makes it (mmdebstrap + clinic.yml)."""
+    where = tmp_path_factory.mktemp("appliance")
+    build_tree(where / "rootfs", clinic_site, where / "build.log")
+    return where / "rootfs"

@@ -1,0 +1,153 @@
+"""Build the appliance's root filesystem: Debian 13 by mmdebstrap, then the same roles HQ pushes.
+
+The roles reach the new tree through Ansible's chroot connection from mmdebstrap's customize
+hook (when /proc, /sys and /dev are mounted inside), so an image and a pushed update are made by
+one playbook. Nothing is started inside: the roles only enable services in a chroot.
+
+    python image-build/rootfs.py --target nuc|pi4|container --out DIR [--vars FILE.json]
+
+`container` is the NUC's tree without kernel and boot loader, booted by systemd-nspawn in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MIRROR = os.environ.get("GOTG_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+SECURITY = os.environ.get("GOTG_DEBIAN_SECURITY", "http://deb.debian.org/debian-security")
+SUITE = "trixie"
+
+# What every appliance needs before Ansible runs (Ansible itself needs python3 and python3-apt).
+COMMON = ["systemd-sysv", "udev", "dbus", "systemd-resolved", "iproute2", "python3", "python3-apt",
+          "ca-certificates", "locales", "netbase", "less", "nano"]
+BOOTABLE = ["initramfs-tools", "e2fsprogs", "dosfstools", "cloud-guest-utils", "kmod"]
+TARGETS = {
+    "container": {"arch": "amd64", "packages": [], "playbook": "clinic.yml"},
+    "nuc": {"arch": "amd64", "packages": ["linux-image-amd64", "systemd-boot", *BOOTABLE],
+            "playbook": "image.yml", "boot": "/boot/efi"},
+    "pi4": {"arch": "arm64", "packages": ["linux-image-arm64", "raspi-firmware", *BOOTABLE],
+            "playbook": "image.yml", "boot": "/boot/firmware"},
+}
+ROOT_LABEL = "gotg-root"
+BOOT_LABEL = "GOTG-BOOT"
+HOSTNAME = "gotg-pacs"
+
+
+def sources() -> str:
+    return "\n".join([f"deb {MIRROR} {SUITE} main non-free-firmware",
+                      f"deb {MIRROR} {SUITE}-updates main non-free-firmware",
+                      f"deb {SECURITY} {SUITE}-security main non-free-firmware"])
+
+
+def playbook_command(root_dir: str, vars_file: Path | None,
+                     playbook: str = "clinic.yml") -> list[str]:
+    """ansible-playbook applying `playbook` to the tree at root_dir through a chroot."""
+    inventory = (f"clinics:\n  hosts:\n    '{root_dir}':\n"
+                 "      ansible_connection: community.general.chroot\n")
+    inventory_file = Path(tempfile.mkdtemp(prefix="gotg-inventory-")) / "hosts.yml"
+    inventory_file.write_text(inventory)
+    command = [str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory_file),
+               str(ROOT / "ansible" / playbook)]
+    if vars_file:
+        command += ["-e", f"@{vars_file}"]
+    return command
+
+
+def prepare_bootable(tree: Path, target: str) -> None:
+    """What a booting box needs before the roles run: file systems, host name, network."""
+    boot = TARGETS[target]["boot"]
+    (tree / "etc/fstab").write_text(
+        f"LABEL={ROOT_LABEL} / ext4 defaults,noatime 0 1\n"
+        f"LABEL={BOOT_LABEL} {boot} vfat umask=0077,nofail 0 2\n")
+    (tree / boot.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    (tree / "etc/hostname").write_text(HOSTNAME + "\n")
+    (tree / "etc/hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {HOSTNAME}\n"
+                                    "::1 localhost ip6-localhost ip6-loopback\n")
+    network = tree / "etc/systemd/network/20-wired.network"
+    network.parent.mkdir(parents=True, exist_ok=True)
+    network.write_text("[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n")
+    subprocess.run(["chroot", str(tree), "systemctl", "enable", "systemd-networkd.service",
+                    "systemd-resolved.service"], check=True, capture_output=True)
+
+
+def apply(root_dir: Path, vars_file: Path | None, check: bool = False,
+          playbook: str = "clinic.yml") -> None:
+    command = playbook_command(str(root_dir), vars_file, playbook) + (["--check"] if check
+                                                                     else [])
+    subprocess.run(command, check=True, env=ansible_env())
+
+
+def ansible_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["ANSIBLE_CONFIG"] = str(ROOT / "ansible" / "ansible.cfg")
+    env["ANSIBLE_NOCOLOR"] = "1"
+    env.setdefault("ANSIBLE_FORCE_COLOR", "0")
+    return env
+
+
+def build(target: str, out: Path, vars_file: Path | None, log=sys.stderr) -> None:
+    spec = TARGETS[target]
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} is not empty: give a new folder")
+    # mmdebstrap passes the tree as $1; this same script prepares it and applies the playbook.
+    me = [sys.executable, str(Path(__file__).resolve())]
+    apply = shlex.join([*me, "--apply-to", "DIR", "--playbook", spec["playbook"],
+                        *(["--vars", str(vars_file.resolve())] if vars_file else [])])
+    apply = apply.replace(" DIR", ' "$1"')
+    hooks = []
+    if "boot" in spec:
+        prepare = shlex.join([*me, "--prepare", target, "DIR"]).replace(" DIR", ' "$1"')
+        hooks.append("--customize-hook=" + prepare)
+    command = ["mmdebstrap", "--variant=minbase", f"--architectures={spec['arch']}",
+               "--include=" + ",".join(COMMON + spec["packages"]),
+               "--components=main,non-free-firmware",
+               *hooks, "--customize-hook=" + apply,
+               "--customize-hook=rm -f \"$1\"/etc/machine-id && touch \"$1\"/etc/machine-id",
+               SUITE, str(out), sources()]
+    env = ansible_env()
+    if os.environ.get("SOURCE_DATE_EPOCH"):
+        env["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
+    subprocess.run(command, check=True, env=env, stdout=log, stderr=log)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", choices=sorted(TARGETS))
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--apply-to", type=Path, default=None,
+                        help="Only apply the clinic playbook to this existing tree (a chroot).")
+    parser.add_argument("--playbook", default="clinic.yml",
+                        help="With --apply-to: the playbook in ansible/ (clinic.yml, image.yml).")
+    parser.add_argument("--prepare", nargs=2, metavar=("TARGET", "TREE"), default=None,
+                        help="Only write a bootable tree's fstab, host name and network.")
+    parser.add_argument("--check", action="store_true",
+                        help="With --apply-to: Ansible's check mode, changing nothing.")
+    parser.add_argument("--vars", type=Path, default=None,
+                        help="JSON or YAML file of Ansible variables (site settings).")
+    args = parser.parse_args()
+    if args.prepare:
+        prepare_bootable(Path(args.prepare[1]), args.prepare[0])
+        return 0
+    if args.apply_to:
+        apply(args.apply_to, args.vars, check=args.check, playbook=args.playbook)
+        return 0
+    if not args.target or not args.out:
+        parser.error("--target and --out are required")
+    if shutil.which("mmdebstrap") is None:
+        raise SystemExit("mmdebstrap is not installed: apt-get install mmdebstrap")
+    build(args.target, args.out, args.vars)
+    print(json.dumps({"target": args.target, "rootfs": str(args.out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
