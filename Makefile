@@ -7,13 +7,15 @@ ENV_FILE ?= pacs.dev.env
 # Debian packages the appliance and its tests need (Debian 12 for development, 13 on the image);
 # iproute2 builds the bad networks of the sync tests (namespaces, veth, tbf); HQ's Orthanc keeps
 # its index in PostgreSQL (orthanc-postgresql), and the tests run a throw-away server of their own.
-# mmdebstrap and systemd-nspawn build and boot the appliance's Debian 13 tree (roles, images).
+# mmdebstrap and systemd-nspawn build and boot the appliance's Debian 13 tree (roles, images);
+# mkfs/mtools/sfdisk/zstd lay out the disk images, qemu with OVMF boots them.
 DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgresql dcmtk \
-	python3-venv python3-dev gcc iproute2 mmdebstrap systemd-container curl
+	python3-venv python3-dev gcc iproute2 mmdebstrap systemd-container curl \
+	e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 ovmf
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test deps system-deps bench-ingest bench-sync bench-report reference constraints clean \
-	wheelhouse
+	wheelhouse image
 
 deps: system-deps $(VENV)/.installed
 
@@ -58,6 +60,15 @@ bench-sync: deps
 ARCH ?= amd64
 wheelhouse: deps
 	$(BIN)/python image-build/wheelhouse.py --arch $(ARCH)
+
+# A flashable image in build/images: make image TARGET=nuc SITE_VARS=site.json (pi4 to come).
+# SITE_VARS (pacs_config_* variables, ADMIN_PASSWORD at least) bakes one site's settings in,
+# until the first boot reads them from the boot partition.
+TARGET ?= nuc
+image: deps
+	@test -n "$(SITE_VARS)" || { echo "make image needs SITE_VARS=site.json (see README)"; exit 2; }
+	$(BIN)/python image-build/wheelhouse.py --arch $(if $(filter pi4,$(TARGET)),arm64,amd64)
+	$(BIN)/python image-build/image.py --target $(TARGET) --vars $(SITE_VARS)
 
 bench-report: deps
 	$(BIN)/python bench/report.py

@@ -32,7 +32,8 @@ COMMON = ["systemd-sysv", "udev", "dbus", "systemd-resolved", "iproute2", "pytho
 BOOTABLE = ["initramfs-tools", "e2fsprogs", "dosfstools", "cloud-guest-utils", "kmod"]
 TARGETS = {
     "container": {"arch": "amd64", "packages": [], "playbook": "clinic.yml"},
-    "nuc": {"arch": "amd64", "packages": ["linux-image-amd64", "systemd-boot", *BOOTABLE],
+    "nuc": {"arch": "amd64", "packages": ["linux-image-amd64", "systemd-boot", "systemd-boot-efi",
+                                          *BOOTABLE],
             "playbook": "image.yml", "boot": "/boot/efi"},
     "pi4": {"arch": "arm64", "packages": ["linux-image-arm64", "raspi-firmware", *BOOTABLE],
             "playbook": "image.yml", "boot": "/boot/firmware"},

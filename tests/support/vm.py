@@ -1,0 +1,66 @@
+"""A flashed disk image booted for real: qemu-system-x86_64 (TCG, UEFI firmware from OVMF).
+
+KVM is not usable on these machines (design brief section 5), so the whole machine is emulated;
+slow but real: its own kernel, firmware, disk and page cache. Port forwards on 127.0.0.1 stand in
+for the clinic's LAN. `power_off` kills qemu outright: the guest loses whatever it had not
+written to its disk, exactly as when the power goes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+
+class VM:
+    def __init__(self, disk: Path, workdir: Path, forwards: dict[int, int],
+                 memory_mb: int = 1024) -> None:
+        """forwards: guest port -> host port on 127.0.0.1."""
+        self.disk, self.workdir, self.forwards = disk, workdir, forwards
+        self.memory_mb = memory_mb
+        self.vars = workdir / "OVMF_VARS.fd"
+        if not self.vars.exists():
+            shutil.copyfile(OVMF_VARS, self.vars)
+        self.boots = 0
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def console(self) -> Path:
+        return self.workdir / f"console-{self.boots}.log"
+
+    def start(self) -> None:
+        self.boots += 1
+        hostfwd = ",".join(f"hostfwd=tcp:127.0.0.1:{host}-:{guest}"
+                           for guest, host in self.forwards.items())
+        self.process = subprocess.Popen(
+            # -cpu max: the wheels' numpy needs x86-64-v2 (SSE4.2, POPCNT), which every NUC has
+            # and qemu's default CPU model lacks.
+            ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", str(self.memory_mb),
+             "-smp", "2",
+             "-nographic", "-no-reboot",
+             "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+             "-drive", f"if=pflash,format=raw,file={self.vars}",
+             "-drive", f"file={self.disk},format=raw,if=virtio",
+             "-netdev", f"user,id=lan,{hostfwd}", "-device", "virtio-net-pci,netdev=lan",
+             "-serial", f"file:{self.console}", "-monitor", "none"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def console_text(self) -> str:
+        try:
+            return self.console.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def power_off(self) -> None:
+        """Pull the plug: no shutdown, no flush of the guest's caches."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(30)
+
+    def running(self) -> bool:
+        return bool(self.process) and self.process.poll() is None
