@@ -61,14 +61,13 @@ ARCH ?= amd64
 wheelhouse: deps
 	$(BIN)/python image-build/wheelhouse.py --arch $(ARCH)
 
-# A flashable image in build/images: make image TARGET=nuc SITE_VARS=site.json (pi4 to come).
-# SITE_VARS (pacs_config_* variables, ADMIN_PASSWORD at least) bakes one site's settings in,
-# until the first boot reads them from the boot partition.
+# A flashable image in build/images: make image TARGET=nuc (pi4 to come). Optional SITE_VARS=
+# site.json (pacs_config_* variables) bakes one site's settings in; otherwise the first boot
+# takes them from gotg-site.txt on the boot partition.
 TARGET ?= nuc
 image: deps
-	@test -n "$(SITE_VARS)" || { echo "make image needs SITE_VARS=site.json (see README)"; exit 2; }
 	$(BIN)/python image-build/wheelhouse.py --arch $(if $(filter pi4,$(TARGET)),arm64,amd64)
-	$(BIN)/python image-build/image.py --target $(TARGET) --vars $(SITE_VARS)
+	$(BIN)/python image-build/image.py --target $(TARGET) $(if $(SITE_VARS),--vars $(SITE_VARS))
 
 bench-report: deps
 	$(BIN)/python bench/report.py

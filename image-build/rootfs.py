@@ -6,7 +6,8 @@ one playbook. Nothing is started inside: the roles only enable services in a chr
 
     python image-build/rootfs.py --target nuc|pi4|container --out DIR [--vars FILE.json]
 
-`container` is the NUC's tree without kernel and boot loader, booted by systemd-nspawn in tests.
+`container` is the NUC's tree without kernel and boot loader, booted by systemd-nspawn in tests;
+`hq` is HQ's archive server the same way (hq.yml).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -32,6 +34,7 @@ COMMON = ["systemd-sysv", "udev", "dbus", "systemd-resolved", "iproute2", "pytho
 BOOTABLE = ["initramfs-tools", "e2fsprogs", "dosfstools", "cloud-guest-utils", "kmod"]
 TARGETS = {
     "container": {"arch": "amd64", "packages": [], "playbook": "clinic.yml"},
+    "hq": {"arch": "amd64", "packages": [], "playbook": "hq.yml"},
     "nuc": {"arch": "amd64", "packages": ["linux-image-amd64", "systemd-boot", "systemd-boot-efi",
                                           *BOOTABLE],
             "playbook": "image.yml", "boot": "/boot/efi"},
@@ -52,7 +55,8 @@ def sources() -> str:
 def playbook_command(root_dir: str, vars_file: Path | None,
                      playbook: str = "clinic.yml") -> list[str]:
     """ansible-playbook applying `playbook` to the tree at root_dir through a chroot."""
-    inventory = (f"clinics:\n  hosts:\n    '{root_dir}':\n"
+    group = "hq" if playbook == "hq.yml" else "clinics"
+    inventory = (f"{group}:\n  hosts:\n    '{root_dir}':\n"
                  "      ansible_connection: community.general.chroot\n")
     inventory_file = Path(tempfile.mkdtemp(prefix="gotg-inventory-")) / "hosts.yml"
     inventory_file.write_text(inventory)
@@ -95,12 +99,25 @@ def ansible_env() -> dict[str, str]:
     return env
 
 
+def _with_placeholder_password(vars_file: Path | None, scratch: Path) -> Path:
+    """An image needs some ADMIN_PASSWORD to pass `pacs config check`; a random one is fine
+    because the first boot replaces it (no two boxes from one image share a password)."""
+    values = json.loads(vars_file.read_text()) if vars_file else {}
+    values.setdefault("pacs_config_admin_password", secrets.token_urlsafe(18))
+    handle, path = tempfile.mkstemp(dir=scratch, prefix=".image-vars-", suffix=".json")
+    with os.fdopen(handle, "w") as out:
+        json.dump(values, out)
+    return Path(path)
+
+
 def build(target: str, out: Path, vars_file: Path | None, log=sys.stderr) -> None:
     spec = TARGETS[target]
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty: give a new folder")
     # mmdebstrap passes the tree as $1; this same script prepares it and applies the playbook.
     me = [sys.executable, str(Path(__file__).resolve())]
+    placeholder = _with_placeholder_password(vars_file, out.parent) if "boot" in spec else None
+    vars_file = placeholder or vars_file
     apply = shlex.join([*me, "--apply-to", "DIR", "--playbook", spec["playbook"],
                         *(["--vars", str(vars_file.resolve())] if vars_file else [])])
     apply = apply.replace(" DIR", ' "$1"')
@@ -117,7 +134,11 @@ def build(target: str, out: Path, vars_file: Path | None, log=sys.stderr) -> Non
     env = ansible_env()
     if os.environ.get("SOURCE_DATE_EPOCH"):
         env["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
-    subprocess.run(command, check=True, env=env, stdout=log, stderr=log)
+    try:
+        subprocess.run(command, check=True, env=env, stdout=log, stderr=log)
+    finally:
+        if placeholder:
+            placeholder.unlink(missing_ok=True)
 
 
 def main() -> int:
@@ -125,7 +146,7 @@ def main() -> int:
     parser.add_argument("--target", choices=sorted(TARGETS))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--apply-to", type=Path, default=None,
-                        help="Only apply the clinic playbook to this existing tree (a chroot).")
+                        help="Only apply a playbook to this existing tree (a chroot).")
     parser.add_argument("--playbook", default="clinic.yml",
                         help="With --apply-to: the playbook in ansible/ (clinic.yml, image.yml).")
     parser.add_argument("--prepare", nargs=2, metavar=("TARGET", "TREE"), default=None,
@@ -133,7 +154,7 @@ def main() -> int:
     parser.add_argument("--check", action="store_true",
                         help="With --apply-to: Ansible's check mode, changing nothing.")
     parser.add_argument("--vars", type=Path, default=None,
-                        help="JSON or YAML file of Ansible variables (site settings).")
+                        help="JSON file of Ansible variables (site settings).")
     args = parser.parse_args()
     if args.prepare:
         prepare_bootable(Path(args.prepare[1]), args.prepare[0])

@@ -1,0 +1,72 @@
+"""First boot from the site file on the boot partition.
+
+Why it matters: this file is how a clinician with a laptop turns a flashed image into their
+site. A mistake in it must change nothing and say what is wrong; a good one must give the box
+its settings, its network and a password of its own, and leave no secret on the FAT partition.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gotg_pacs.config import load
+from gotg_pacs.firstboot import NETWORK_FILE, SiteFileError, apply
+
+IMAGE_ENV = ('PACS_NAME="GOTG PACS"\nPACS_AET="GOTG_PACS"\nADMIN_PASSWORD="image-placeholder"\n'
+             'STORAGE_PATH="/var/lib/gotg-pacs/orthanc"\n')
+
+
+@pytest.fixture
+def env_file(tmp_path):
+    path = tmp_path / "pacs.env"
+    path.write_text(IMAGE_ENV)
+    path.chmod(0o640)
+    return path
+
+
+def test_a_good_site_file_becomes_the_sites_configuration(env_file, tmp_path):
+    site = tmp_path / "gotg-site.txt"
+    site.write_text("# Mobile clinic 3\nPACS_NAME=Mobile clinic 3 <i>é</i>\nPACS_AET=MOBILE3\n"
+                    "SITE_CODE=mobile-3\nHQ_URL=https://hq.example.org/sync\n"
+                    "HQ_TOKEN=site-secret-token\nNETWORK_ADDRESS=192.168.8.20/24\n"
+                    "NETWORK_GATEWAY=192.168.8.1\nNETWORK_DNS=192.168.8.1, 9.9.9.9\n")
+    report = apply(env_file, site, tmp_path / "network")
+    settings = load(env_file)
+    assert settings.pacs_name == "Mobile clinic 3 <i>é</i>" and settings.pacs_aet == "MOBILE3"
+    assert settings.hq_token == "site-secret-token"
+    assert settings.admin_password == report.admin_password != "image-placeholder"
+    assert len(report.admin_password) >= 12
+    assert oct(env_file.stat().st_mode & 0o777) == "0o640"
+    network = (tmp_path / "network" / NETWORK_FILE).read_text()
+    assert "Address=192.168.8.20/24" in network and "Gateway=192.168.8.1" in network
+    assert "DNS=9.9.9.9" in network
+    left = site.read_text()
+    assert "site-secret-token" not in left and "PACS_AET=MOBILE3" in left
+    assert report.scrubbed == ["HQ_TOKEN"]
+    assert "DICOM AE title MOBILE3 on port 4242" in report.summary()
+
+
+def test_no_site_file_still_gives_the_box_its_own_password(env_file, tmp_path):
+    first = apply(env_file, None, tmp_path / "network").admin_password
+    second = apply(env_file, None, tmp_path / "network").admin_password
+    assert first != second and load(env_file).admin_password == second
+    assert not (tmp_path / "network").exists(), "no static address: DHCP stays"
+
+
+@pytest.mark.parametrize(("text", "named"), [
+    ("PACS_ATE=MOBILE3\n", "PACS_AET"),                         # a typo: did you mean
+    ("PACS_AET=THIS-AE-TITLE-IS-FAR-TOO-LONG\n", "PACS_AET"),
+    ("STORAGE_PATH=/mnt/usb\n", "STORAGE_PATH"),
+    ("NETWORK_ADDRESS=192.168.8.20\n", "NETWORK_ADDRESS"),      # no prefix length
+    ("NETWORK_ADDRESS=192.168.8.20/24\nNETWORK_GATEWAY=10.0.0.1\n", "NETWORK_GATEWAY"),
+    ("HQ_URL=https://hq.example.org/sync\n", "HQ_TOKEN"),       # a URL without credential
+    ('PACS_NAME="unclosed\n', "PACS_NAME"),
+])
+def test_a_mistake_changes_nothing_and_is_named(env_file, tmp_path, text, named):
+    site = tmp_path / "gotg-site.txt"
+    site.write_text(text)
+    with pytest.raises(SiteFileError, match=named):
+        apply(env_file, site, tmp_path / "network")
+    assert env_file.read_text() == IMAGE_ENV
+    assert site.read_text() == text
+    assert not (tmp_path / "network").exists()
