@@ -168,6 +168,32 @@ def orthanc_stopped(ctx: Context, as_json: bool) -> None:
          "Orthanc did not stop cleanly: its storage is checked at the next start")
 
 
+@cli.command("firstboot")
+@click.option("--site-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The site file [default: gotg-site.txt on the boot partition, if present].")
+@click.option("--network-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("/etc/systemd/network"), show_default=True)
+@json_option
+@pass_context
+def firstboot_command(ctx: Context, site_file: Path | None, network_dir: Path,
+                      as_json: bool) -> None:
+    """First boot: merge the site file into the configuration, make a new ADMIN_PASSWORD."""
+    from .firstboot import SiteFileError, apply, find_site_file
+
+    site_file = site_file or find_site_file()
+    try:
+        report = apply(ctx.env_file, site_file, network_dir)
+    except SiteFileError as exc:
+        click.echo(f"pacs: site file not applied, nothing changed: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    text = "\n".join([report.summary(), "",
+                      f"  Administrator password for this box: {report.admin_password}",
+                      "  (shown once: write it down)", ""])
+    emit({"site_file": str(site_file) if site_file else None, "applied": report.applied,
+          "network": report.network, "scrubbed": report.scrubbed,
+          "admin_password": report.admin_password}, as_json, text)
+
+
 # --- modalities -----------------------------------------------------------------------------------
 
 

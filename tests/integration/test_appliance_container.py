@@ -12,25 +12,18 @@ from __future__ import annotations
 import json
 import re
 import socket
-import threading
-from pathlib import Path
 
 import pydicom
 import pytest
 
 from gotg_pacs.process import wait_until
 from tests.support import corpus
-from tests.support.container import CLINIC_SITE, Container, apply_again
-from tests.support.dcmtk import Modality
+from tests.support.container import CLINIC_SITE, Container, apply_again, recaps
+from tests.support.dcmtk import Modality, acknowledged_before
 
 pytestmark = pytest.mark.timeout(1500)
 
 PASSWORD = CLINIC_SITE["pacs_config_admin_password"]
-
-
-def _recap(output: str) -> dict[str, int]:
-    line = next(line for line in output.splitlines() if re.match(r"^\S+\s+: ok=", line))
-    return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", line)}
 
 
 def _rest(box: Container, path: str) -> object:
@@ -50,11 +43,11 @@ def _reachable(address: str, port: int) -> bool:
 def test_a_second_push_changes_nothing(clinic_tree, clinic_site):
     again = apply_again(clinic_tree, clinic_site)
     assert again.returncode == 0, again.stdout[-3000:]
-    recap = _recap(again.stdout)
+    recap = next(iter(recaps(again.stdout).values()))
     assert recap["failed"] == 0 and recap["changed"] == 0, again.stdout[-3000:]
     checked = apply_again(clinic_tree, clinic_site, "--check")
     assert checked.returncode == 0, checked.stdout[-3000:]
-    assert _recap(checked.stdout)["changed"] == 0, checked.stdout[-3000:]
+    assert next(iter(recaps(checked.stdout).values()))["changed"] == 0, checked.stdout[-3000:]
 
 
 def test_the_tree_is_built_for_a_clinic(clinic_tree):
@@ -110,27 +103,12 @@ def test_the_booted_clinic_takes_images_through_its_firewall(clinic_tree, tmp_pa
 def test_every_acknowledged_image_survives_all_processes_dying_at_once(clinic_tree, tmp_path):
     sources = corpus.renumbered_copies(corpus.representative()[:3], 12, tmp_path / "copies")
     box = Container(clinic_tree, tmp_path / "console-1.log")
-    acknowledged: list[Path] = []
     try:
         assert box.wait_booted(), box.console_text()
         assert wait_until(lambda: box.active("orthanc"), 60)
         before = _rest(box, "/statistics")["CountInstances"]
         modality = Modality("FIELD7", 4242, host=box.address, timeout=30)
-        stop = threading.Event()
-
-        def store() -> None:
-            for path in sources:
-                if stop.is_set():
-                    return
-                if modality.store([path]).ok:
-                    acknowledged.append(path)
-
-        sender = threading.Thread(target=store)
-        sender.start()
-        assert wait_until(lambda: len(acknowledged) >= 8, 120, interval=0.05)
-        box.kill()
-        stop.set()
-        sender.join(120)
+        acknowledged = acknowledged_before(modality, sources, box.kill, after=8)
     finally:
         box.kill()
     assert len(acknowledged) < len(sources), "the cut came in the middle of the storing"

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
+import threading
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
+
+from gotg_pacs.process import wait_until
 
 UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2")
 
@@ -130,3 +134,29 @@ class Modality:
         return _run(["movescu", "-S", "-od", str(out_dir), "--port", str(receive_port),
                      "-aem", destination, "-k", "QueryRetrieveLevel=STUDY",
                      "-k", f"StudyInstanceUID={study_uid}", *self._peer()], self.timeout)
+
+
+def acknowledged_before(modality: Modality, files: list[Path], cut: Callable[[], None],
+                        after: int, timeout: float = 600) -> list[Path]:
+    """Send `files` one association each; once `after` are acknowledged, call `cut` (a power
+    cut, every process killed) and return which files the modality saw acknowledged."""
+    acknowledged: list[Path] = []
+    stop = threading.Event()
+
+    def send() -> None:
+        for path in files:
+            if stop.is_set():
+                return
+            if modality.store([path]).ok:
+                acknowledged.append(path)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        if not wait_until(lambda: len(acknowledged) >= after, timeout, interval=0.05):
+            raise AssertionError(f"only {len(acknowledged)} of {after} images acknowledged")
+        cut()
+    finally:
+        stop.set()
+        sender.join(120)
+    return list(acknowledged)
