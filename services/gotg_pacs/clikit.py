@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,28 @@ class Context:
 
 
 pass_context = click.make_pass_decorator(Context)
+
+
+def as_state_owner(settings: Settings) -> None:
+    """Root at the console acts as the services that own STATE_PATH.
+
+    On the appliance the services run as their own user; a file an administrator's
+    `pacs hq site add` or `pacs sync prioritize` created as root (a credentials file, a
+    database's journal) would lock the service out of its own state. Commands that write the
+    state therefore drop root for the state's owner first; elsewhere (development, tests)
+    nothing changes.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = settings.state_path.stat()
+    except FileNotFoundError:
+        return
+    if owner.st_uid == 0:
+        return
+    os.setgroups([])
+    os.setgid(owner.st_gid)
+    os.setuid(owner.st_uid)
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 

@@ -10,16 +10,13 @@ push reaches a running box; the playbook is the real ansible/clinic.yml.
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
-import sys
 
 import pytest
 import yaml
 
 from gotg_pacs.process import wait_until
-from tests.support.container import REPO, Container, Overlay
+from tests.support.container import Container, Overlay, push, recaps
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -31,23 +28,6 @@ def _inventory(path, pids: dict[str, int], site: dict, per_host: dict[str, dict]
                     **per_host.get(name, {})} for name, pid in pids.items()}
     path.write_text(yaml.safe_dump({"clinics": {"hosts": hosts,
                                                 "vars": {**site, "clinic_reach_timeout": 5}}}))
-
-
-def _push(inventory) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg"),
-           "ANSIBLE_NOCOLOR": "1"}
-    return subprocess.run([os.path.join(os.path.dirname(sys.executable), "ansible-playbook"),
-                           "-i", str(inventory), str(REPO / "ansible" / "clinic.yml")],
-                          capture_output=True, text=True, env=env, timeout=900)
-
-
-def _recaps(output: str) -> dict[str, dict[str, int]]:
-    found = {}
-    for line in output.splitlines():
-        match = re.match(r"^(\S+)\s+: (ok=.*)$", line)
-        if match:
-            found[match[1]] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match[2])}
-    return found
 
 
 def _name(box: Container) -> str:
@@ -75,10 +55,10 @@ def test_a_push_goes_canary_first_leaves_offline_sites_and_settles(clinic_tree, 
         # A release with a setting the canary's pacs refuses: the rollout stops at the canary.
         release = {**clinic_site, "pacs_config_pacs_name": "Release 2"}
         _inventory(inventory, pids, release, {"site-a": {"pacs_config_dicom_port": "99999"}})
-        stopped = _push(inventory)
+        stopped = push(inventory, "clinic.yml")
         assert stopped.returncode != 0
         assert "DICOM_PORT" in stopped.stdout, stopped.stdout[-3000:]
-        recaps = _recaps(stopped.stdout)
+        recaps = recaps(stopped.stdout)
         assert recaps["site-a"]["failed"] == 1
         assert recaps["site-b"]["changed"] == 0, "no site after a failed canary is touched"
         assert {name: _name(box) for name, box in boxes.items()} == before
@@ -86,8 +66,8 @@ def test_a_push_goes_canary_first_leaves_offline_sites_and_settles(clinic_tree, 
 
         # The fixed release: every reachable site updated and restarted, the offline one left.
         _inventory(inventory, pids, release, {})
-        pushed = _push(inventory)
-        recaps = _recaps(pushed.stdout)
+        pushed = push(inventory, "clinic.yml")
+        recaps = recaps(pushed.stdout)
         assert recaps["site-a"]["failed"] == 0 and recaps["site-b"]["failed"] == 0, \
             pushed.stdout[-3000:]
         assert pushed.returncode == 0, "an offline site does not fail the rollout"
@@ -103,8 +83,8 @@ def test_a_push_goes_canary_first_leaves_offline_sites_and_settles(clinic_tree, 
         assert len(batches) == 2, "a canary batch, then the rest"
 
         # The same release again: nothing changes anywhere.
-        again = _push(inventory)
-        recaps = _recaps(again.stdout)
+        again = push(inventory, "clinic.yml")
+        recaps = recaps(again.stdout)
         assert recaps["site-a"]["changed"] == 0 and recaps["site-b"]["changed"] == 0, \
             again.stdout[-3000:]
         assert recaps["site-a"]["failed"] == 0 and recaps["site-b"]["failed"] == 0

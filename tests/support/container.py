@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +56,25 @@ def apply_again(tree: Path, variables: dict, *extra: str) -> subprocess.Complete
     vars_file.write_text(json.dumps(variables))
     return subprocess.run([sys.executable, str(ROOTFS), "--apply-to", str(tree), "--vars",
                            str(vars_file), *extra], capture_output=True, text=True, timeout=900)
+
+
+def push(inventory: Path, playbook: str) -> subprocess.CompletedProcess:
+    """ansible-playbook as HQ runs it (ansible/ansible.cfg), output kept for the assertions."""
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg"),
+           "ANSIBLE_NOCOLOR": "1"}
+    return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i",
+                           str(inventory), str(REPO / "ansible" / playbook)],
+                          capture_output=True, text=True, env=env, timeout=900)
+
+
+def recaps(output: str) -> dict[str, dict[str, int]]:
+    """PLAY RECAP per host: {host: {"ok": .., "changed": .., "failed": .., ...}}."""
+    found = {}
+    for line in output.splitlines():
+        match = re.match(r"^(\S+)\s+: (ok=.*)$", line)
+        if match:
+            found[match[1]] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", match[2])}
+    return found
 
 
 class Overlay:
@@ -119,10 +139,11 @@ class Container:
     def active(self, unit: str) -> bool:
         return self.run("systemctl", "is-active", "--quiet", unit).returncode == 0
 
-    def wait_booted(self, timeout: float = 120) -> bool:
+    def wait_booted(self, timeout: float = 120,
+                    states: tuple[str, ...] = ("running", "degraded")) -> bool:
         def settled() -> bool:
             state = self.run("systemctl", "is-system-running").stdout.strip()
-            return state in ("running", "degraded")
+            return state in states
         return wait_until(settled, timeout, interval=0.5)
 
     def console_text(self) -> str:

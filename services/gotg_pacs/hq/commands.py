@@ -11,13 +11,15 @@ import time
 import click
 from werkzeug.serving import WSGIRequestHandler, run_simple
 
-from ..clikit import Context, emit, json_option, matching, pass_context
+from ..clikit import Context, as_state_owner, emit, json_option, matching, pass_context
 from .sites import Sites
 
 
 @click.group()
-def hq() -> None:
+@pass_context
+def hq(ctx: Context) -> None:
     """The HQ archive's receiver and site credentials."""
+    as_state_owner(ctx.settings)
 
 
 class _StallingClientsTimeOut(WSGIRequestHandler):

@@ -8,7 +8,7 @@ import time
 
 import click
 
-from ..clikit import Context, emit, json_option, pass_context
+from ..clikit import Context, as_state_owner, emit, json_option, pass_context
 from ..orthanc import Orthanc, OrthancError
 from .outbox import MODES, Outbox, OutboxError
 
@@ -30,8 +30,10 @@ def _age(seconds: float | None) -> str:
 
 
 @click.group()
-def sync() -> None:
+@pass_context
+def sync(ctx: Context) -> None:
     """Sync of every study to HQ."""
+    as_state_owner(ctx.settings)
 
 
 @sync.command("run")
