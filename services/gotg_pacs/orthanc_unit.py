@@ -18,10 +18,10 @@ import os
 import sys
 from collections.abc import Callable
 
-from . import orphans, orthanc_conf
+from . import orphans
 from .config import Settings
 from .orthanc import Orthanc
-from .process import StartError, check_postgresql_plugin, orthanc_binary, wait_until
+from .process import StartError, orthanc_argv, prepare_start, wait_until
 
 
 def serve(settings: Settings, announce: Callable[[dict], None] = lambda facts: None) -> None:
@@ -29,25 +29,14 @@ def serve(settings: Settings, announce: Callable[[dict], None] = lambda facts: N
 
     `announce` hears what is about to run (binary, configuration, files set aside) just before.
     """
-    postgresql = settings.orthanc_index == "postgresql"
-    if postgresql:
-        check_postgresql_plugin()
-    binary = orthanc_binary()
+    lock, config_file, set_aside = prepare_start(settings)
     try:
-        orthanc_conf.prepare_directories(settings)
-        lock = orphans.lock_storage(settings)
-    except (OSError, orphans.IndexBusy) as exc:
-        raise StartError(str(exc)) from exc
-    try:
-        config_file = orthanc_conf.write(settings)
-        # SQLite's power-cut gap; a PostgreSQL commit is durable
-        set_aside = 0 if postgresql else orphans.collect(settings)
-        announce({"orthanc": binary, "config": str(config_file), "set_aside": set_aside})
+        argv = orthanc_argv(config_file)
+        announce({"orthanc": argv[0], "config": str(config_file), "set_aside": set_aside})
         sys.stdout.flush()
         sys.stderr.flush()
         os.set_inheritable(lock, True)
-        # --verbose-dicom logs every association with its calling AE title and address.
-        os.execv(binary, [binary, "--verbose-dicom", str(config_file)])
+        os.execv(argv[0], argv)
     except OSError as exc:
         os.close(lock)
         raise StartError(f"cannot start Orthanc: {exc}") from exc

@@ -194,6 +194,11 @@ def orthanc_binary() -> str:
     return found
 
 
+def orthanc_argv(config_file: Path) -> list[str]:
+    # --verbose-dicom logs every association with its calling AE title and address.
+    return [orthanc_binary(), "--verbose-dicom", str(config_file)]
+
+
 class StartCancelled(Exception):
     """Asked to stop while still starting (Ctrl-C during start-up)."""
 
@@ -203,8 +208,7 @@ class OrthancChild(Child):
 
     def __init__(self, settings: Settings, config_file: Path, lock: int,
                  echo: TextIO | None) -> None:
-        # --verbose-dicom logs every association with its calling AE title and address.
-        super().__init__("orthanc", [orthanc_binary(), "--verbose-dicom", str(config_file)],
+        super().__init__("orthanc", orthanc_argv(config_file),
                          settings.log_dir / "orthanc.log", echo=echo, pass_fds=(lock,))
         self.settings = settings
 
@@ -213,6 +217,27 @@ class OrthancChild(Child):
         if code == 0:
             orphans.mark_clean_stop(self.settings)
         return code
+
+
+def prepare_start(settings: Settings) -> tuple[int, Path, int]:
+    """Before Orthanc starts, under `pacs run` or systemd alike: its folders, the storage lock
+    (a descriptor the caller hands to Orthanc), its JSON rendered from the settings, and what a
+    power cut hid set aside (SQLite only: a PostgreSQL commit is durable). Returns the lock,
+    the configuration file and how many files were set aside."""
+    if settings.orthanc_index == "postgresql":
+        check_postgresql_plugin()
+    try:
+        orthanc_conf.prepare_directories(settings)
+        lock = orphans.lock_storage(settings)
+    except (OSError, orphans.IndexBusy) as exc:
+        raise StartError(str(exc)) from exc
+    try:
+        config_file = orthanc_conf.write(settings)
+        set_aside = 0 if settings.orthanc_index == "postgresql" else orphans.collect(settings)
+    except OSError as exc:
+        os.close(lock)
+        raise StartError(str(exc)) from exc
+    return lock, config_file, set_aside
 
 
 def start_orthanc(settings: Settings, echo: TextIO | None = None, timeout: float = 60.0,
@@ -224,17 +249,8 @@ def start_orthanc(settings: Settings, echo: TextIO | None = None, timeout: float
     comes up on a SQLite index instead.
     """
     postgresql = settings.orthanc_index == "postgresql"
-    if postgresql:
-        check_postgresql_plugin()
+    lock, config_file, _ = prepare_start(settings)
     try:
-        orthanc_conf.prepare_directories(settings)
-        lock = orphans.lock_storage(settings)
-    except (OSError, orphans.IndexBusy) as exc:
-        raise StartError(str(exc)) from exc
-    try:
-        config_file = orthanc_conf.write(settings)
-        if not postgresql:  # SQLite's power-cut gap; a PostgreSQL commit is durable
-            orphans.collect(settings)
         child = OrthancChild(settings, config_file, lock, echo)
         child.start()
     except OSError as exc:
