@@ -58,20 +58,20 @@ def test_a_push_goes_canary_first_leaves_offline_sites_and_settles(clinic_tree, 
         stopped = push(inventory, "clinic.yml")
         assert stopped.returncode != 0
         assert "DICOM_PORT" in stopped.stdout, stopped.stdout[-3000:]
-        recaps = recaps(stopped.stdout)
-        assert recaps["site-a"]["failed"] == 1
-        assert recaps["site-b"]["changed"] == 0, "no site after a failed canary is touched"
+        hosts = recaps(stopped.stdout)
+        assert hosts["site-a"]["failed"] == 1
+        assert hosts["site-b"]["changed"] == 0, "no site after a failed canary is touched"
         assert {name: _name(box) for name, box in boxes.items()} == before
         assert all(box.active("orthanc") for box in boxes.values()), "the canary keeps running"
 
         # The fixed release: every reachable site updated and restarted, the offline one left.
         _inventory(inventory, pids, release, {})
         pushed = push(inventory, "clinic.yml")
-        recaps = recaps(pushed.stdout)
-        assert recaps["site-a"]["failed"] == 0 and recaps["site-b"]["failed"] == 0, \
+        hosts = recaps(pushed.stdout)
+        assert hosts["site-a"]["failed"] == 0 and hosts["site-b"]["failed"] == 0, \
             pushed.stdout[-3000:]
         assert pushed.returncode == 0, "an offline site does not fail the rollout"
-        assert recaps["site-c"]["changed"] == 0 and recaps["site-c"]["ignored"] == 1
+        assert hosts["site-c"]["changed"] == 0 and hosts["site-c"]["ignored"] == 1
         update = pushed.stdout.split("PLAY [Update the clinics", 1)[1]
         assert "[site-c]" not in update, "the offline site waits for the next push"
         for box in boxes.values():
@@ -84,10 +84,10 @@ def test_a_push_goes_canary_first_leaves_offline_sites_and_settles(clinic_tree, 
 
         # The same release again: nothing changes anywhere.
         again = push(inventory, "clinic.yml")
-        recaps = recaps(again.stdout)
-        assert recaps["site-a"]["changed"] == 0 and recaps["site-b"]["changed"] == 0, \
+        hosts = recaps(again.stdout)
+        assert hosts["site-a"]["changed"] == 0 and hosts["site-b"]["changed"] == 0, \
             again.stdout[-3000:]
-        assert recaps["site-a"]["failed"] == 0 and recaps["site-b"]["failed"] == 0
+        assert hosts["site-a"]["failed"] == 0 and hosts["site-b"]["failed"] == 0
     finally:
         for box in boxes.values():
             box.stop()
