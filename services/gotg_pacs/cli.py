@@ -186,9 +186,10 @@ def firstboot_command(ctx: Context, site_file: Path | None, network_dir: Path,
     except SiteFileError as exc:
         click.echo(f"pacs: site file not applied, nothing changed: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    text = "\n".join([report.summary(), "",
-                      f"  Administrator password for this box: {report.admin_password}",
-                      "  (shown once: write it down)", ""])
+    password = (f"  Administrator password for this box: {report.admin_password}\n"
+                "  (shown once: write it down)" if report.admin_password else
+                "  Administrator password: the one in the site file (now removed from it)")
+    text = "\n".join([report.summary(), "", password, ""])
     emit({"site_file": str(site_file) if site_file else None, "applied": report.applied,
           "network": report.network, "scrubbed": report.scrubbed,
           "admin_password": report.admin_password}, as_json, text)

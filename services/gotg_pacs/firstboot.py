@@ -37,7 +37,7 @@ class SiteFileError(Exception):
 @dataclass
 class FirstBoot:
     applied: list[str] = field(default_factory=list)       # keys taken from the site file
-    admin_password: str = ""                                 # new; shown once on the console
+    admin_password: str = ""  # made here, shown once; empty when the site file chose one
     network: str = "dhcp"                                    # or the static address
     scrubbed: list[str] = field(default_factory=list)       # secrets removed from the FAT file
     box: str = ""                                            # what the box now is, in one line
@@ -142,7 +142,8 @@ def apply(env_file: Path, site_file: Path | None, network_dir: Path) -> FirstBoo
                             "decides where data lives)")
     network = _network(network_values)
     merged = {**current, **site}
-    report.admin_password = merged["ADMIN_PASSWORD"] = secrets.token_urlsafe(12)
+    if not site.get("ADMIN_PASSWORD"):  # the person chose none: one of the box's own
+        report.admin_password = merged["ADMIN_PASSWORD"] = secrets.token_urlsafe(12)
     try:  # the whole result must be a valid configuration, or nothing is written
         settings = parse_values(merged, base_dir=env_file.resolve().parent,
                                 source=str(site_file))

@@ -70,3 +70,13 @@ def test_a_mistake_changes_nothing_and_is_named(env_file, tmp_path, text, named)
     assert env_file.read_text() == IMAGE_ENV
     assert site.read_text() == text
     assert not (tmp_path / "network").exists()
+
+
+def test_a_password_chosen_in_the_site_file_is_kept_and_removed_from_the_card(env_file,
+                                                                               tmp_path):
+    site = tmp_path / "gotg-site.txt"
+    site.write_text("ADMIN_PASSWORD=chosen-by-the-clinic\n")
+    report = apply(env_file, site, tmp_path / "network")
+    assert load(env_file).admin_password == "chosen-by-the-clinic"
+    assert report.admin_password == "" and report.scrubbed == ["ADMIN_PASSWORD"]
+    assert "chosen-by-the-clinic" not in site.read_text()
