@@ -144,13 +144,16 @@ def orthanc_serve(ctx: Context, as_json: bool) -> None:
 @orthanc_group.command("ready")
 @click.option("--timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
               help="Seconds to wait for Orthanc to answer.")
+@click.option("--main-pid", type=click.IntRange(min=1), envvar="MAINPID", default=None,
+              help="Orthanc's process: stop waiting once it has exited [default: $MAINPID, "
+                   "which systemd sets].")
 @json_option
 @pass_context
-def orthanc_ready(ctx: Context, timeout: float, as_json: bool) -> None:
+def orthanc_ready(ctx: Context, timeout: float, main_pid: int | None, as_json: bool) -> None:
     """Wait until Orthanc answers, then store again what a power cut hid from its index."""
     from .orthanc_unit import ready
 
-    report = ready(ctx.settings, timeout)
+    report = ready(ctx.settings, timeout, main_pid)
     emit({"ready": True, "stored_again": len(report.stored), "duplicates": len(report.duplicates),
           "kept_aside": [str(p) for p in report.unresolved], "waiting": report.waiting},
          as_json, f"Orthanc is up; {report.summary()}")

@@ -42,18 +42,39 @@ def serve(settings: Settings, announce: Callable[[dict], None] = lambda facts: N
         raise StartError(f"cannot start Orthanc: {exc}") from exc
 
 
-def ready(settings: Settings, timeout: float) -> orphans.Readopted:
-    """Wait for Orthanc, check its index, re-store what a power cut hid."""
+def _running(pid: int | None) -> bool:
+    """Whether Orthanc's process still exists (no PID known: assume it does)."""
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, under another user
+        return True
+    return True
+
+
+def ready(settings: Settings, timeout: float, main_pid: int | None = None) -> orphans.Readopted:
+    """Wait for Orthanc, check its index, re-store what a power cut hid.
+
+    `main_pid` is Orthanc's process (systemd's $MAINPID): once it has exited there is nothing to
+    wait for. systemd keeps a unit "starting" while this step runs, even with Orthanc dead, so
+    waiting out the timeout would hold every `systemctl restart` behind it for that long.
+    """
     client = Orthanc.from_settings(settings, timeout=2.0)
-    if not wait_until(client.is_alive, timeout, interval=0.5):
+    answered = wait_until(lambda: client.is_alive() or not _running(main_pid), timeout,
+                          interval=0.5)
+    if not _running(main_pid):
+        raise StartError("Orthanc exited before it answered (journalctl -u orthanc tells why)")
+    if not answered:
         raise StartError(f"Orthanc did not answer on port {settings.http_port} within "
                          f"{timeout:.0f}s (journalctl -u orthanc tells why)")
-    if settings.orthanc_index == "postgresql":
-        backend = Orthanc.from_settings(settings, timeout=30).system().get("DatabaseBackendPlugin")
-        if not backend:
-            raise StartError("Orthanc started without its PostgreSQL index "
-                             "(ORTHANC_INDEX=postgresql): refusing to run on SQLite")
-    return orphans.readopt(settings, Orthanc.from_settings(settings, timeout=120))
+    client = Orthanc.from_settings(settings, timeout=120)
+    if settings.orthanc_index == "postgresql" and not client.system().get("DatabaseBackendPlugin"):
+        raise StartError("Orthanc started without its PostgreSQL index "
+                         "(ORTHANC_INDEX=postgresql): refusing to run on SQLite")
+    return orphans.readopt(settings, client)
 
 
 def stopped(settings: Settings, environ: dict[str, str] | None = None) -> bool:

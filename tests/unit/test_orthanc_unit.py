@@ -6,11 +6,18 @@ Orthanc's index. Marking a killed or failed Orthanc as cleanly stopped would ski
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import socket
+import subprocess
+import time
+
 import pytest
 
 from gotg_pacs import orphans
 from gotg_pacs.config import load
-from gotg_pacs.orthanc_unit import stopped
+from gotg_pacs.orthanc_unit import ready, stopped
+from gotg_pacs.process import StartError
 
 
 @pytest.fixture
@@ -37,3 +44,28 @@ def test_an_exit_with_status_0_is_a_clean_stop(settings):
 def test_any_other_end_leads_to_a_scan(settings, environ):
     assert not stopped(settings, environ)
     assert not (settings.orthanc_storage_dir / orphans.CLEAN_MARKER).exists()
+
+
+def _port_nobody_answers() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_ready_gives_up_at_once_when_orthanc_has_exited(settings):
+    # systemd keeps the unit "starting" while this step runs, Orthanc dead or not: waiting out
+    # the timeout would hold a `systemctl restart` (a push from HQ) behind it for 25 minutes.
+    settings = dataclasses.replace(settings, http_port=_port_nobody_answers())
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    started = time.monotonic()
+    with pytest.raises(StartError, match="exited before it answered"):
+        ready(settings, timeout=120, main_pid=gone.pid)
+    assert time.monotonic() - started < 10
+
+
+def test_ready_waits_its_timeout_while_orthanc_runs_without_answering(settings):
+    settings = dataclasses.replace(settings, http_port=_port_nobody_answers())
+    with pytest.raises(StartError, match="did not answer"):
+        ready(settings, timeout=1.5, main_pid=os.getpid())
+
