@@ -32,8 +32,6 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pydicom
-
 from .config import Settings
 from .orthanc import Orthanc, OrthancError, OrthancUnreachable
 
@@ -177,12 +175,18 @@ def collect(settings: Settings) -> int:
                   "power cut but a replaced or foreign index; nothing moved, repair by hand",
                   len(unknown), storage, len(known))
         return 0
+    moved = 0
     for path in unknown:
-        _move(path, inbox(settings))
-    if unknown:
-        log.warning("moved %d image file(s) unknown to Orthanc's index into %s", len(unknown),
+        try:
+            _move(path, inbox(settings))
+            moved += 1
+        except OSError as exc:  # one file must never keep the archive from starting
+            log.error("could not set aside %s (%s): it stays on disk, Orthanc starts without "
+                      "it, and the next unclean start tries again", path, exc)
+    if moved:
+        log.warning("moved %d image file(s) unknown to Orthanc's index into %s", moved,
                     inbox(settings))
-    return len(unknown)
+    return moved
 
 
 def _md5(path: Path) -> str:
@@ -205,6 +209,8 @@ def _served_md5(client: Orthanc, instance: str) -> str:
 
 def _fragment(path: Path) -> bool:
     """Orthanc's partial 'until pixel data' attachments: image attributes but no pixels."""
+    import pydicom  # here: Orthanc's start path (collect) must not pay for it on a Pi
+
     try:
         header = pydicom.dcmread(path, stop_before_pixels=False, defer_size=1024)
     except Exception:  # noqa: BLE001 - whatever it is, Orthanc will judge it

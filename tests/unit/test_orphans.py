@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from contextlib import closing
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,26 @@ def test_only_unindexed_files_move_to_the_inbox(settings):
     assert orphans.collect(settings) == 1
     assert (orphans.inbox(settings) / "bbbb-lost").read_bytes() == b"lost image"
     assert (settings.orthanc_storage_dir / "aa" / "aa" / "aaaa-known").exists()
+
+
+def test_a_file_that_cannot_be_moved_does_not_keep_orthanc_from_starting(settings, monkeypatch,
+                                                                          caplog):
+    _index(settings, [])
+    _file(settings, "aaaa-stuck", b"stuck image")
+    _file(settings, "bbbb-lost", b"lost image")
+    link = os.link
+
+    def refuse(source, target):
+        if Path(source).name == "aaaa-stuck":
+            raise PermissionError(13, "Permission denied")
+        link(source, target)
+
+    monkeypatch.setattr(orphans.os, "link", refuse)
+    assert orphans.collect(settings) == 1
+    assert (orphans.inbox(settings) / "bbbb-lost").read_bytes() == b"lost image"
+    assert (settings.orthanc_storage_dir / "aa" / "aa" / "aaaa-stuck").read_bytes() == \
+        b"stuck image", "left where it was, never lost"
+    assert "could not set aside" in caplog.text
 
 
 def test_after_a_clean_stop_there_is_no_scan(settings):

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -69,3 +70,12 @@ def test_ready_waits_its_timeout_while_orthanc_runs_without_answering(settings):
     with pytest.raises(StartError, match="did not answer"):
         ready(settings, timeout=1.5, main_pid=os.getpid())
 
+
+def test_the_cli_orthanc_starts_through_loads_no_image_libraries():
+    # `pacs orthanc serve` runs before every Orthanc start: on a Pi (or an emulated NUC) numpy
+    # and pydicom cost seconds that the DICOM port stays closed.
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, gotg_pacs.cli, gotg_pacs.orthanc_unit; "
+                               "print(sorted({'numpy', 'pydicom'} & set(sys.modules)))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
