@@ -137,28 +137,37 @@ class Packer:
             return None  # the clinic's instance changed, or a power cut cut the file: again
         return Payload(path, meta["codec"], size, meta["original_md5"], meta["payload_md5"])
 
-    def pack(self, instance_id: str, original_md5: str, level: int) -> Payload:
-        if found := self.existing(instance_id, original_md5):
-            return found
-        path = self.path(instance_id)
-        original = path.with_suffix(".dcm")
+    def _fetch(self, instance_id: str) -> Path:
+        """The instance's file from Orthanc into the work folder, streamed (never in memory)."""
+        original = self.path(instance_id).with_suffix(".dcm")
         with self._clinic().request("GET", f"/instances/{instance_id}/file",
                                     stream=True) as response, open(original, "wb") as out:
             for block in response.iter_content(codecs.BLOCK):
                 out.write(block)
+        return original
+
+    def pack(self, instance_id: str, original_md5: str, level: int,
+             original: Path | None = None) -> Payload:
+        """The instance's payload file, packed once. `original` is its file when the caller
+        fetched it already (and keeps it); otherwise it is fetched here and removed after."""
+        if found := self.existing(instance_id, original_md5):
+            return found
+        path = self.path(instance_id)
+        source = original or self._fetch(instance_id)
         try:
             tmp = path.with_suffix(".tmp")
-            if original.stat().st_size <= codecs.MAX_TRANSCODE_BYTES:
-                packed = codecs.pack(original.read_bytes(), level)
+            if source.stat().st_size <= codecs.MAX_TRANSCODE_BYTES:
+                packed = codecs.pack(source.read_bytes(), level)
                 _fsync_write(tmp, packed.payload)
                 codec, md5, payload_md5 = packed.codec, packed.original_md5, packed.payload_md5
             else:
-                with open(original, "rb") as source, open(tmp, "wb") as out:
-                    codec, md5, payload_md5 = codecs.pack_stream(source, out, level)
+                with open(source, "rb") as raw, open(tmp, "wb") as out:
+                    codec, md5, payload_md5 = codecs.pack_stream(raw, out, level)
                     out.flush()
                     os.fsync(out.fileno())
         finally:
-            original.unlink(missing_ok=True)
+            if original is None:
+                source.unlink(missing_ok=True)
         if md5 != original_md5:
             tmp.unlink(missing_ok=True)
             raise DamagedHere("the stored file no longer matches the MD5 Orthanc took at "
@@ -182,12 +191,18 @@ class Packer:
         where the policy allows none or where it would not save much: a preview is worth its
         bytes only at a third of the lossless payload or less (a CR that JPEG-LS already
         shrinks 7x gains little from a 10:1 preview). Deterministic: made again, it is the
-        same instance. The lossless payload made for the comparison is kept for sending."""
+        same instance. The lossless payload made for the comparison is kept for sending; both
+        come from one fetch of the file. Instances too large to transcode get no preview."""
         from . import preview
 
-        lossless = self.pack(instance_id, original_md5, level)
-        data = self._clinic().request("GET", f"/instances/{instance_id}/file").content
-        made = preview.make_preview(data)
+        original = self._fetch(instance_id)
+        try:
+            lossless = self.pack(instance_id, original_md5, level, original)
+            if original.stat().st_size > codecs.MAX_TRANSCODE_BYTES:
+                return None
+            made = preview.make_preview(original.read_bytes())
+        finally:
+            original.unlink(missing_ok=True)
         if made is None or len(made.payload) * PREVIEW_GAIN > lossless.size:
             return None
         path = self.directory / f"preview-{instance_id}"
