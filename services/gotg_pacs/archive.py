@@ -89,7 +89,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from . import __version__
+from . import __version__, durable
 from .config import Settings
 from .orthanc import Orthanc, OrthancError, OrthancUnreachable
 
@@ -112,25 +112,6 @@ class ArchiveError(Exception):
 
 
 Progress = Callable[[str, int, int, int, int], None]  # phase, done, total, bytes done, bytes total
-
-
-# --- small durable-file helpers ------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """A new file with these bytes, on the device before this returns (never overwrites)."""
-    with open(path, "xb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def md5_from_device(path: Path) -> tuple[str, int]:
@@ -829,12 +810,12 @@ def _write_export(client: Orthanc, root: Path, export_id: str, todo: list[Planne
                 progress("copying", done, len(todo), done_bytes, total_bytes)
 
         for folder in sorted({p for p in partial.rglob("*") if p.is_dir()}, reverse=True):
-            _fsync_dir(folder)
-        _fsync_dir(partial)
+            durable.fsync_dir(folder)
+        durable.fsync_dir(partial)
         new_paths = [entry["path"] for _, _, entry in _manifest_instances(manifest)
                      if entry["export"] == export_id]
         os.rename(partial, final)
-        _fsync_dir(root)
+        durable.fsync_dir(root)
 
         finished = _utc_now()
         manifest["updated"] = finished
@@ -845,9 +826,9 @@ def _write_export(client: Orthanc, root: Path, export_id: str, todo: list[Planne
             "studies": len(numbers), "instances": len(todo), "bytes": done_bytes})
         encoded = encode_dicomdir(tree, manifest["file_set_id"], manifest["file_set_uid"])
         dicomdir_md5 = hashlib.md5(encoded).hexdigest()
-        _write_durably(temp_dicomdir, encoded)
-        _write_durably(temp_manifest, json.dumps(manifest, indent=1, ensure_ascii=False)
-                       .encode("utf-8"))
+        durable.write_bytes(temp_dicomdir, encoded, exclusive=True)
+        durable.write_bytes(temp_manifest, json.dumps(manifest, indent=1, ensure_ascii=False)
+                            .encode("utf-8"), exclusive=True)
         # Every new file read back from the device, the new DICOMDIR parsed, before the commit.
         problems = verify_file_set(root, temp_dicomdir, manifest, reread=new_paths,
                                    progress=progress)
@@ -856,9 +837,9 @@ def _write_export(client: Orthanc, root: Path, export_id: str, todo: list[Planne
                                + "\n  ".join(problems[:20]))
         report["instances_verified"] = len(new_paths)
         os.replace(temp_manifest, root / MANIFEST)
-        _fsync_dir(root)
+        durable.fsync_dir(root)
         os.replace(temp_dicomdir, root / DICOMDIR)  # the commit: last, atomic
-        _fsync_dir(root)
+        durable.fsync_dir(root)
         committed = True
         try:
             digest, _ = md5_from_device(root / DICOMDIR)
@@ -882,7 +863,7 @@ def _write_export(client: Orthanc, root: Path, export_id: str, todo: list[Planne
                 if folder.is_dir():
                     shutil.rmtree(folder, ignore_errors=True)
             with contextlib.suppress(OSError):
-                _fsync_dir(root)
+                durable.fsync_dir(root)
 
 
 def _copy_instance(client: Orthanc, item: Planned, path: Path) -> tuple[str, int]:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import durable
 from .config import ConfigError, parse_values, read_env_file, schema
 
 SITE_FILE = "gotg-site.txt"
@@ -87,34 +86,6 @@ def _network(values: dict[str, str]) -> str | None:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str, like: Path | None = None,
-                  mode: int | None = 0o640) -> None:
-    """Replace `path` with `text` durably; owner and mode from `like` if given, else `mode`
-    (None: leave them to the file system, as on the FAT boot partition)."""
-    stat = like.stat() if like and like.exists() else None
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        if stat:
-            os.chmod(temporary, stat.st_mode & 0o777)
-            if os.geteuid() == 0:
-                os.chown(temporary, stat.st_uid, stat.st_gid)
-        elif mode is not None:
-            os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def render_env(values: dict[str, str]) -> str:
     """pacs.env in the model's order, quoted the way the pacs_config role writes it."""
     out = ["# GOTG PACS configuration, written at first boot from the site file; reference: "
@@ -153,10 +124,10 @@ def apply(env_file: Path, site_file: Path | None, network_dir: Path) -> FirstBoo
                   f"{settings.pacs_aet} on port {settings.dicom_port}, HQ "
                   f"{settings.hq_url or 'not set'}")
     report.applied = sorted(site)
-    _write_atomic(env_file, render_env(merged), like=env_file)
+    durable.replace_text(env_file, render_env(merged), like=env_file)
     if network is not None:
         network_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(network_dir / NETWORK_FILE, network, mode=0o644)
+        durable.replace_text(network_dir / NETWORK_FILE, network, mode=0o644)
         report.network = network_values["NETWORK_ADDRESS"]
     if site_file is not None:
         report.scrubbed = _scrub(site_file, site)
@@ -176,5 +147,5 @@ def _scrub(site_file: Path, site: dict[str, str]) -> list[str]:
             kept.append(f"# {key} was read at first boot and removed from this file")
         else:
             kept.append(line)
-    _write_atomic(site_file, "\n".join(kept) + "\n", mode=None)
+    durable.replace_text(site_file, "\n".join(kept) + "\n", mode=None)
     return found

@@ -32,6 +32,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import durable
 from .config import Settings
 from .orthanc import Orthanc, OrthancError, OrthancUnreachable
 
@@ -76,14 +77,6 @@ def unresolved_dir(settings: Settings) -> Path:
     return recovered_dir(settings) / "unresolved"
 
 
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _move(path: Path, folder: Path) -> Path:
     """Move without ever replacing a file already there (a name taken gets a suffix)."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -95,7 +88,7 @@ def _move(path: Path, folder: Path) -> Path:
         except FileExistsError:
             n += 1
             target = folder / f"{path.name}.{n}"
-    _fsync_dir(folder)
+    durable.fsync_dir(folder)
     path.unlink()
     return target
 
@@ -122,7 +115,7 @@ def mark_clean_stop(settings: Settings) -> None:
     marker = settings.orthanc_storage_dir / CLEAN_MARKER
     descriptor = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.close(descriptor)
-    _fsync_dir(marker.parent)
+    durable.fsync_dir(marker.parent)
 
 
 def _consume_clean_marker(settings: Settings) -> bool:
@@ -130,7 +123,7 @@ def _consume_clean_marker(settings: Settings) -> bool:
     if not marker.exists():
         return False
     marker.unlink()
-    _fsync_dir(marker.parent)  # a crash from here on must lead to a scan
+    durable.fsync_dir(marker.parent)  # a crash from here on must lead to a scan
     return True
 
 
@@ -258,7 +251,7 @@ def readopt(settings: Settings, client: Orthanc) -> Readopted:
         except (OrthancError, OSError, ValueError) as exc:
             report.unresolved.append(_move(path, unresolved_dir(settings)))
             log.error("kept %s aside in %s: %s", path.name, unresolved_dir(settings), exc)
-    _fsync_dir(folder)
+    durable.fsync_dir(folder)
     if files:
         log.warning("%s", report.summary())
     return report

@@ -33,12 +33,11 @@ do not apply. Choices, for Orthanc 1.10 with plugin 4.0 (Debian 12) and later:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from . import durable
 from .config import Settings
 
 PLUGINS_DIR = Path("/usr/share/orthanc/plugins")
@@ -193,22 +192,7 @@ def write(settings: Settings, path: Path | None = None) -> Path:
     path = Path(path or settings.orthanc_config_file)
     private_dir(path.parent)
     text = json.dumps(render(settings), indent=2, sort_keys=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".orthanc-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o600)  # holds the admin password
-        os.replace(tmp, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself survives a power cut
-        finally:
-            os.close(directory)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    durable.replace_text(path, text, mode=0o600)  # holds the admin password
     return path
 
 

@@ -95,6 +95,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from .. import durable
 from ..sqlite_tx import immediate
 from ..sync import codecs
 
@@ -350,11 +351,7 @@ class Ledger:
             os.fsync(out.fileno())
         os.replace(tmp, target)
         for folder in (target.parent, target.parent.parent):
-            descriptor = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+            durable.fsync_dir(folder)
         with open(target, "rb") as handle:
             if hashlib.file_digest(handle, "md5").hexdigest() != written.hexdigest():
                 raise OSError(f"revision {revision_id} reads back different bytes")

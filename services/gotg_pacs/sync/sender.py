@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import durable
 from ..config import Settings
 from ..orthanc import Orthanc, OrthancError
 from . import codecs
@@ -54,13 +55,6 @@ class LocalTrouble(Exception):
 
 class SenderBusy(Exception):
     """Another sender (the pacs-sync service, or `pacs sync now`) works from this site."""
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 @dataclass(frozen=True)
@@ -158,7 +152,7 @@ class Packer:
             tmp = path.with_suffix(".tmp")
             if source.stat().st_size <= codecs.MAX_TRANSCODE_BYTES:
                 packed = codecs.pack(source.read_bytes(), level)
-                _fsync_write(tmp, packed.payload)
+                durable.write_bytes(tmp, packed.payload)
                 codec, md5, payload_md5 = packed.codec, packed.original_md5, packed.payload_md5
             else:
                 with open(source, "rb") as raw, open(tmp, "wb") as out:
@@ -177,13 +171,9 @@ class Packer:
         os.replace(tmp, path)
         size = path.stat().st_size
         meta = {"codec": codec, "original_md5": md5, "payload_md5": payload_md5, "size": size}
-        _fsync_write(path.with_suffix(".json.tmp"), json.dumps(meta).encode())
+        durable.write_bytes(path.with_suffix(".json.tmp"), json.dumps(meta).encode())
         os.replace(path.with_suffix(".json.tmp"), path.with_suffix(".json"))
-        directory = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        durable.fsync_dir(self.directory)
         return Payload(path, codec, size, md5, payload_md5)
 
     def preview_of(self, instance_id: str, original_md5: str, level: int) -> Payload | None:
@@ -206,7 +196,7 @@ class Packer:
         if made is None or len(made.payload) * PREVIEW_GAIN > lossless.size:
             return None
         path = self.directory / f"preview-{instance_id}"
-        _fsync_write(path, made.payload)
+        durable.write_bytes(path, made.payload)
         md5 = hashlib.md5(made.payload).hexdigest()
         return Payload(path, "identity", len(made.payload), md5, md5, made.sop_uid)
 
