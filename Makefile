@@ -11,7 +11,7 @@ ENV_FILE ?= pacs.dev.env
 # mkfs/mtools/sfdisk/zstd lay out the disk images, qemu with OVMF boots them.
 DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgresql dcmtk \
 	python3-venv python3-dev gcc iproute2 mmdebstrap systemd-container curl \
-	e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 ovmf
+	e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 ovmf openssh-client
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test deps system-deps bench-ingest bench-sync bench-report reference constraints clean \

@@ -21,24 +21,38 @@ import requests
 from gotg_pacs.process import wait_until
 from tests.support import corpus
 from tests.support.container import REPO
-from tests.support.dcmtk import Modality, acknowledged_before
+from tests.support.dcmtk import Modality, QueryRefused, acknowledged_before
 from tests.support.site import free_port
 from tests.support.vm import VM
 
 pytestmark = pytest.mark.timeout(2400)
 
 AET = "GOTG_PACS"   # the image's
+ADMIN = "gotgadmin"
+STORAGE = "/var/lib/gotg-pacs/orthanc/storage"
 SITE_AET = "FIELDNUC"  # the site file's
 MTOOLS = {"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}
 
 
 @pytest.fixture(scope="module")
-def nuc_image(tmp_path_factory, clinic_site) -> Path:
+def admin_key(tmp_path_factory) -> Path:
+    """HQ's key for the administrator: the only way into the box."""
+    key = tmp_path_factory.mktemp("admin-key") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "hq", "-f", str(key)],
+                   check=True)
+    return key
+
+
+@pytest.fixture(scope="module")
+def nuc_image(tmp_path_factory, clinic_site, admin_key) -> Path:
     where = tmp_path_factory.mktemp("nuc-image")
     # A generic image: no password given, the build's placeholder is replaced at first boot.
     site = {key: value for key, value in clinic_site.items()
             if key != "pacs_config_admin_password"}
-    site.update(pacs_config_pacs_aet=AET, pacs_config_site_code="nuc-test")
+    # SSH is answered from HQ's jump host only; under qemu that is the host, 10.0.2.2.
+    site.update(pacs_config_pacs_aet=AET, pacs_config_site_code="nuc-test",
+                base_admin_ssh_keys=[(admin_key.parent / "id_ed25519.pub").read_text().strip()],
+                base_ssh_allowed_from=["10.0.2.2/32"])
     (where / "site.json").write_text(json.dumps(site))
     with (where / "build.log").open("w") as log:
         built = subprocess.run([sys.executable, str(REPO / "image-build" / "image.py"),
@@ -83,7 +97,30 @@ def _held(modality: Modality, uid: str, scratch: Path) -> bool:
     return any(str(a.get("SOPInstanceUID", "")) == uid for a in answers)
 
 
-def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_image, tmp_path):
+def _back(modality: Modality, uid: str, scratch: Path) -> bool:
+    """Held, asked while Orthanc may be restarting (a refused query: not yet)."""
+    try:
+        return _held(modality, uid, scratch)
+    except QueryRefused:
+        return False
+
+
+def _uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def _orthanc_journal(vm: VM, key: Path) -> str:
+    """What Orthanc's unit logged this boot, for the failure message."""
+    try:
+        shown = vm.ssh(key, ADMIN, "sudo", "journalctl", "--no-pager", "-b", "-n", "60",
+                       "-u", "orthanc")
+    except subprocess.TimeoutExpired:
+        return "(no answer over SSH)"
+    return shown.stdout + shown.stderr
+
+
+def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_image, admin_key,
+                                                                           tmp_path):
     disk = tmp_path / "disk.img"
     subprocess.run(["cp", "--sparse=always", str(nuc_image), str(disk)], check=True)
     with disk.open("r+b") as handle:  # the clinic's disk is larger than the image
@@ -99,7 +136,7 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
     subprocess.run(["mcopy", "-i", esp, str(site_file), "::/gotg-site.txt"], check=True,
                    env=MTOOLS)
     dicom, http = free_port(), free_port()
-    vm = VM(disk, tmp_path, {4242: dicom, 8042: http})
+    vm = VM(disk, tmp_path, {4242: dicom, 8042: http, 22: free_port()})
     modality = Modality(SITE_AET, dicom, timeout=60)
     try:
         vm.start()
@@ -116,10 +153,31 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
         files = corpus.representative()[:3]
         assert modality.store(files).ok
         for path in files:
-            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-            assert _held(modality, uid, tmp_path / "find")
+            assert _held(modality, _uid(path), tmp_path / "find")
         with pytest.raises(requests.RequestException):  # Orthanc's REST is not for the LAN
             requests.get(f"http://127.0.0.1:{http}/system", timeout=5)
+
+        # HQ's administrator gets in with the key and has sudo; a password gets nobody in.
+        root = vm.ssh(admin_key, ADMIN, "sudo", "-n", "id", "-un")
+        assert root.stdout.strip() == "root", root.stderr
+        guessed = vm.ssh(admin_key, ADMIN, "true", options=(
+            "-o", "PubkeyAuthentication=no",
+            "-o", "PreferredAuthentications=password,keyboard-interactive"))
+        assert guessed.returncode == 255 and "Permission denied (publickey)" in guessed.stderr
+
+        # An image file on disk that Orthanc's index does not know, as a power cut leaves one,
+        # then Orthanc killed: its unit's next start takes the file back into the archive.
+        hidden = corpus.renumbered_copies(corpus.representative()[2:3], 1, tmp_path / "hidden")[0]
+        placed = vm.ssh(admin_key, ADMIN, "sudo", "sh", "-c",
+                        f"install -D -o orthanc -g orthanc -m 0600 /dev/stdin {STORAGE}/0f/0f/"
+                        f"0f0f0f0f-aaaa-bbbb-cccc-000000000001 && chown orthanc:orthanc "
+                        f"{STORAGE}/0f {STORAGE}/0f/0f", send=hidden)
+        assert placed.returncode == 0, placed.stderr
+        assert not _held(modality, _uid(hidden), tmp_path / "hidden-find")
+        killed = vm.ssh(admin_key, ADMIN, "sudo", "systemctl", "kill", "--signal=KILL", "orthanc")
+        assert killed.returncode == 0, killed.stderr
+        assert wait_until(lambda: _back(modality, _uid(hidden), tmp_path / "hidden-find"), 600,
+                          interval=5), _orthanc_journal(vm, admin_key)
 
         # Unplug it while a modality is sending, one image per association.
         copies = corpus.renumbered_copies(corpus.representative()[:2], 20, tmp_path / "copies")
@@ -134,19 +192,19 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
         left = subprocess.run(["mtype", "-i", esp, "::/gotg-site.txt"], env=MTOOLS,
                               capture_output=True, text=True).stdout
         assert f"PACS_AET={SITE_AET}" in left and "secret-on-the-card" not in left
-        missing_at_first = [p.name for p in acknowledged if not _held(
-            modality, str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID),
-            tmp_path / "first-look")]
+        missing_at_first = [p.name for p in acknowledged
+                            if not _held(modality, _uid(p), tmp_path / "first-look")]
         print(f"{len(acknowledged)} acknowledged before the power went; not yet back when DICOM "
               f"answered again: {missing_at_first}")
         # Images whose index entry the power cut rolled back are stored again once Orthanc
         # answers (`pacs orthanc ready`): they may take a moment to reappear, never longer.
         for number, path in enumerate(acknowledged):
-            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-            assert wait_until(lambda uid=uid, n=number: _held(modality, uid,
+            uid = _uid(path)
+            assert wait_until(lambda uid=uid, n=number: _back(modality, uid,
                                                               tmp_path / f"after-{n}"), 300,
                               interval=5), \
-                f"{path.name} was acknowledged before the power went, then lost"
+                f"{path.name} was acknowledged before the power went, then lost\n" \
+                + _orthanc_journal(vm, admin_key)
     finally:
         vm.power_off()
         shutil.rmtree(tmp_path / "copies", ignore_errors=True)

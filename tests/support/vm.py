@@ -8,6 +8,7 @@ written to its disk, exactly as when the power goes.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import signal
 import subprocess
@@ -64,3 +65,18 @@ class VM:
 
     def running(self) -> bool:
         return bool(self.process) and self.process.poll() is None
+
+    def ssh(self, key: Path, user: str, *argv: str, timeout: float = 120,
+            options: tuple[str, ...] = (), send: Path | None = None) -> subprocess.CompletedProcess:
+        """Run a command on the guest as HQ's administrator would (guest port 22 forwarded);
+        `send` is a local file fed to the command's standard input."""
+        with open(send or "/dev/null", "rb") as stdin:
+            done = subprocess.run(
+                ["ssh", "-i", str(key), "-p", str(self.forwards[22]), *options,
+                 "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                 "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=30",
+                 f"{user}@127.0.0.1", shlex.join(argv)],  # one word per argument, as given
+                capture_output=True, timeout=timeout, stdin=stdin)
+        return subprocess.CompletedProcess(done.args, done.returncode,
+                                           done.stdout.decode(errors="replace"),
+                                           done.stderr.decode(errors="replace"))
