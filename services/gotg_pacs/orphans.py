@@ -131,7 +131,9 @@ def _indexed_uuids(index: Path) -> set[str] | None:
     # A normal (not read-only) open lets SQLite replay a WAL left by a crash, exactly as Orthanc
     # does when it opens the index; only SELECTs run. It needs the same rights as Orthanc.
     try:
-        with closing(sqlite3.connect(index, timeout=0)) as db:
+        # Orthanc is stopped (the storage lock says so), but SQLite may still be replaying a
+        # WAL: wait a little for a lock rather than skip the check on "database is locked".
+        with closing(sqlite3.connect(index, timeout=15)) as db:
             db.execute("PRAGMA query_only = ON")
             return {row[0] for row in db.execute("SELECT uuid FROM AttachedFiles")}
     except sqlite3.DatabaseError as exc:

@@ -62,7 +62,9 @@ def ready(settings: Settings, timeout: float, main_pid: int | None = None) -> or
     wait for. systemd keeps a unit "starting" while this step runs, even with Orthanc dead, so
     waiting out the timeout would hold every `systemctl restart` behind it for that long.
     """
-    client = Orthanc.from_settings(settings, timeout=2.0)
+    # A slow answer still counts: under load (a Pi, an emulated NUC) /system can take seconds,
+    # and a short timeout here would keep the recovery waiting for an Orthanc that is up.
+    client = Orthanc.from_settings(settings, timeout=15.0)
     answered = wait_until(lambda: client.is_alive() or not _running(main_pid), timeout,
                           interval=0.5)
     if not _running(main_pid):
