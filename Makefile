@@ -14,7 +14,7 @@ DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgre
 	e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 ovmf openssh-client
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps system-deps bench-ingest bench-sync bench-report reference constraints clean \
+.PHONY: run test deps system-deps bench-ingest bench-sync bench-image bench-report reference constraints clean \
 	wheelhouse image
 
 deps: system-deps $(VENV)/.installed
@@ -68,6 +68,10 @@ TARGET ?= nuc
 image: deps
 	$(BIN)/python image-build/wheelhouse.py --arch $(if $(filter pi4,$(TARGET)),arm64,amd64)
 	$(BIN)/python image-build/image.py --target $(TARGET) $(if $(SITE_VARS),--vars $(SITE_VARS))
+
+# Builds the NUC image and a bare Debian one, boots both under qemu (TCG); about 20 minutes.
+bench-image: deps
+	mkdir -p build && $(BIN)/python bench/image.py
 
 bench-report: deps
 	$(BIN)/python bench/report.py

@@ -136,14 +136,16 @@ def boot_files_pi4(tree: Path) -> dict[str, Path | str]:
     return files
 
 
-def build(target: str, out_dir: Path, vars_file: Path | None, log=sys.stderr) -> dict:
+def build(target: str, out_dir: Path, vars_file: Path | None, log=sys.stderr,
+          bare: bool = False) -> dict:
+    """`bare`: plain Debian laid out the same way (the benchmark's baseline), no appliance."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"gotg-pacs-{target}"
+    name = f"debian-bare-{target}" if bare else f"gotg-pacs-{target}"
     timings: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as scratch:
         work = Path(scratch)
         begun = time.monotonic()
-        rootfs.build(target, work / "tree", vars_file, log=log)
+        rootfs.build(target, work / "tree", vars_file, log=log, bare=bare)
         timings["rootfs_seconds"] = round(time.monotonic() - begun, 1)
         begun = time.monotonic()
         tree = work / "tree"
@@ -172,11 +174,14 @@ def main() -> int:
     parser.add_argument("--target", choices=("nuc", "pi4"), required=True)
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "images")
     parser.add_argument("--vars", type=Path, default=None)
+    parser.add_argument("--bare", action="store_true",
+                        help="Plain Debian laid out the same way, without the appliance "
+                             "(the baseline make bench-image boots beside it).")
     args = parser.parse_args()
     for tool in ("mmdebstrap", "mkfs.ext4", "mkfs.vfat", "mcopy", "sfdisk", "zstd"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: make image installs what it needs")
-    print(json.dumps(build(args.target, args.out, args.vars)))
+    print(json.dumps(build(args.target, args.out, args.vars, bare=args.bare)))
     return 0
 
 

@@ -110,25 +110,31 @@ def _with_placeholder_password(vars_file: Path | None, scratch: Path) -> Path:
     return Path(path)
 
 
-def build(target: str, out: Path, vars_file: Path | None, log=sys.stderr) -> None:
+def build(target: str, out: Path, vars_file: Path | None, log=sys.stderr,
+          bare: bool = False) -> None:
+    """The target's tree in `out`. `bare`: the same Debian, packages and preparation without the
+    playbook, the baseline `make bench-image` boots beside the appliance."""
     spec = TARGETS[target]
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty: give a new folder")
     # mmdebstrap passes the tree as $1; this same script prepares it and applies the playbook.
     me = [sys.executable, str(Path(__file__).resolve())]
-    placeholder = _with_placeholder_password(vars_file, out.parent) if "boot" in spec else None
-    vars_file = placeholder or vars_file
-    apply = shlex.join([*me, "--apply-to", "DIR", "--playbook", spec["playbook"],
-                        *(["--vars", str(vars_file.resolve())] if vars_file else [])])
-    apply = apply.replace(" DIR", ' "$1"')
     hooks = []
     if "boot" in spec:
         prepare = shlex.join([*me, "--prepare", target, "DIR"]).replace(" DIR", ' "$1"')
         hooks.append("--customize-hook=" + prepare)
+    placeholder = None
+    if not bare:
+        if "boot" in spec:
+            placeholder = _with_placeholder_password(vars_file, out.parent)
+        vars_file = placeholder or vars_file
+        apply = shlex.join([*me, "--apply-to", "DIR", "--playbook", spec["playbook"],
+                            *(["--vars", str(vars_file.resolve())] if vars_file else [])])
+        hooks.append("--customize-hook=" + apply.replace(" DIR", ' "$1"'))
     command = ["mmdebstrap", "--variant=minbase", f"--architectures={spec['arch']}",
                "--include=" + ",".join(COMMON + spec["packages"]),
                "--components=main,non-free-firmware",
-               *hooks, "--customize-hook=" + apply,
+               *hooks,
                "--customize-hook=rm -f \"$1\"/etc/machine-id && touch \"$1\"/etc/machine-id",
                SUITE, str(out), sources()]
     env = ansible_env()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -48,8 +49,26 @@ class VM:
              "-drive", f"if=pflash,format=raw,file={self.vars}",
              "-drive", f"file={self.disk},format=raw,if=virtio",
              "-netdev", f"user,id=lan,{hostfwd}", "-device", "virtio-net-pci,netdev=lan",
-             "-serial", f"file:{self.console}", "-monitor", "none"],
+             "-serial", f"file:{self.console}",
+             "-monitor", f"unix:{self.monitor},server,nowait"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    @property
+    def monitor(self) -> Path:
+        return self.workdir / "monitor.sock"
+
+    def shut_down(self, timeout: float = 300) -> bool:
+        """Press the power button (ACPI) and wait for the guest to power off by itself."""
+        if not self.running():
+            return True
+        with socket.socket(socket.AF_UNIX) as monitor:
+            monitor.connect(str(self.monitor))
+            monitor.sendall(b"system_powerdown\n")
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def console_text(self) -> str:
         try:

@@ -1,0 +1,178 @@
+"""make bench-image: the NUC image against a bare Debian image of the same kind, same run.
+
+Both images come from image-build/image.py: the appliance as a clinic gets it, and `--bare`, the
+same Debian 13 with the same packages, file systems and network, without the playbook. Both are
+booted the same way (qemu-system-x86_64, TCG, 2 vCPUs, 1 GB, UEFI), each from a fresh copy of its
+image on a disk 2 GB larger, twice: the first boot (the appliance grows its disk and makes its
+keys), then, after a clean power-off, an ordinary boot. Measured from qemu's start:
+
+- appliance: until a DICOM C-ECHO is answered (DICOM-ready) and until the console offers a login;
+- bare Debian: until the console offers a login (it has no DICOM);
+
+and, a minute after the appliance's ordinary boot, its memory as the box reports it over SSH:
+the resident memory of every process (the target: 300 MB in all, Orthanc included, so a 2 GB
+Pi keeps room for the page cache), their proportional share (PSS), and each service's cgroup.
+TCG emulation makes every boot slower than on a real NUC: read the ratio, not the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, report
+from tests.support.dcmtk import Modality
+from tests.support.site import free_port
+from tests.support.vm import VM
+
+IMAGE = REPO / "image-build" / "image.py"
+WHEELHOUSE = REPO / "image-build" / "wheelhouse.py"
+AET = "BENCHNUC"
+ADMIN = "gotgadmin"
+MEMORY_LIMIT_MB = 300
+# Resident and proportional memory of every process, and each appliance unit's cgroup, in KiB.
+MEMORY_SCRIPT = r"""
+rss=0; pss=0
+for p in /proc/[0-9]*; do
+  r=$(awk '/^VmRSS/ {print $2}' $p/status 2>/dev/null); rss=$((rss + ${r:-0}))
+  s=$(awk '/^Pss:/ {print $2}' $p/smaps_rollup 2>/dev/null); pss=$((pss + ${s:-0}))
+done
+echo "rss $rss"; echo "pss $pss"
+for unit in $(systemctl list-units --plain --no-legend --state=active 'orthanc.service' \
+              'pacs-*.service' | awk '{print $1}'); do
+  echo "unit $unit $(($(systemctl show -P MemoryCurrent $unit) / 1024))"
+done
+"""
+
+
+def build(where: Path, vars_file: Path, bare: bool, log: Path) -> dict:
+    with log.open("a") as sink:
+        done = subprocess.run([sys.executable, str(IMAGE), "--target", "nuc", "--out", str(where),
+                               "--vars", str(vars_file), *(["--bare"] if bare else [])],
+                              stdout=subprocess.PIPE, stderr=sink, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def fresh_disk(image: Path, work: Path) -> Path:
+    disk = work / "disk.img"
+    subprocess.run(["cp", "--sparse=always", str(image), str(disk)], check=True)
+    with disk.open("r+b") as handle:
+        handle.truncate(disk.stat().st_size + 2 * 1024**3)
+    return disk
+
+
+def _login_offered(vm: VM) -> bool:
+    return "login:" in vm.console_text()
+
+
+def boot(vm: VM, modality: Modality | None) -> dict:
+    """Seconds from power-on to a login prompt, and to DICOM answering when there is DICOM."""
+    begun = time.monotonic()
+    vm.start()
+    seen: dict[str, float] = {}
+    waiting_for = {"login_s": lambda: _login_offered(vm)}
+    if modality is not None:
+        waiting_for["dicom_s"] = lambda: modality.echo().ok
+    deadline = begun + 1200
+    while waiting_for and time.monotonic() < deadline:
+        for name, reached in list(waiting_for.items()):
+            if reached():
+                seen[name] = round(time.monotonic() - begun, 1)
+                del waiting_for[name]
+        time.sleep(0.5)
+    if waiting_for:
+        raise SystemExit(f"boot {vm.boots}: never reached {sorted(waiting_for)}; console:\n"
+                         + vm.console_text()[-2000:])
+    return seen
+
+
+def memory(vm: VM, key: Path) -> dict:
+    shown = vm.ssh(key, ADMIN, "sudo", "sh", "-c", MEMORY_SCRIPT)
+    if shown.returncode != 0:
+        raise SystemExit(f"memory over SSH failed: {shown.stderr}")
+    figures: dict = {"units_mb": {}}
+    for line in shown.stdout.splitlines():
+        fields = line.split()
+        if fields[0] in ("rss", "pss"):
+            figures[f"{fields[0]}_total_mb"] = round(int(fields[1]) / 1024, 1)
+        elif fields[0] == "unit":
+            figures["units_mb"][fields[1]] = round(int(fields[2]) / 1024, 1)
+    return figures
+
+
+def run_side(image: Path, work: Path, key: Path | None, settle: float) -> dict:
+    """Two boots of a fresh copy of `image`; memory after the second when SSH is there."""
+    work.mkdir(parents=True)
+    dicom, ssh = free_port(), free_port()
+    vm = VM(fresh_disk(image, work), work, {4242: dicom, 22: ssh})
+    modality = Modality(AET, dicom, timeout=30) if key else None
+    try:
+        first = boot(vm, modality)
+        if not vm.shut_down():
+            raise SystemExit("the first boot did not power off when asked")
+        second = boot(vm, modality)
+        result = {"first_boot": first, "boot": second}
+        if key:
+            time.sleep(settle)
+            result["memory"] = memory(vm, key)
+        vm.shut_down()
+        return result
+    finally:
+        vm.power_off()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settle", type=float, default=60.0,
+                        help="Seconds after the ordinary boot before memory is read.")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=REPO / "build", prefix="bench-image-") as scratch:
+        work = Path(scratch)
+        log = work / "build.log"
+        with log.open("w") as sink:
+            subprocess.run([sys.executable, str(WHEELHOUSE), "--arch", "amd64", "--out",
+                            str(work / "wheelhouse")], check=True, stdout=sink, stderr=sink)
+        key = work / "admin_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+                       check=True)
+        site = {"pacs_services_wheelhouse": str(work / "wheelhouse"),
+                "pacs_config_pacs_aet": AET, "pacs_config_site_code": "bench",
+                "base_admin_ssh_keys": [Path(f"{key}.pub").read_text().strip()],
+                "base_ssh_allowed_from": ["10.0.2.2/32"]}
+        vars_file = work / "site.json"
+        vars_file.write_text(json.dumps(site))
+        appliance = build(work / "appliance", vars_file, bare=False, log=log)
+        bare = build(work / "bare", vars_file, bare=True, log=log)
+        ours = run_side(Path(appliance["image"]), work / "boot-appliance", key, args.settle)
+        theirs = run_side(Path(bare["image"]), work / "boot-bare", None, args.settle)
+
+    def sizes(built: dict) -> dict:
+        return {"build_s": round(built["rootfs_seconds"] + built["image_seconds"], 1),
+                "image_mb": round(built["bytes"] / 2**20),
+                "zst_mb": round(built["zst_bytes"] / 2**20)}
+
+    rss = ours["memory"]["rss_total_mb"]
+    figures = {**sizes(appliance), "first_boot_dicom_s": ours["first_boot"]["dicom_s"],
+               "first_boot_login_s": ours["first_boot"]["login_s"],
+               "boot_dicom_s": ours["boot"]["dicom_s"], "boot_login_s": ours["boot"]["login_s"],
+               **ours["memory"]}
+    baseline = {**sizes(bare), "first_boot_login_s": theirs["first_boot"]["login_s"],
+                "boot_login_s": theirs["boot"]["login_s"]}
+    ratios = {"boot_to_dicom_vs_bare_login": ours["boot"]["dicom_s"] / theirs["boot"]["login_s"],
+              "first_boot_to_dicom_vs_bare_login":
+                  ours["first_boot"]["dicom_s"] / theirs["first_boot"]["login_s"],
+              "zst_size_vs_bare": appliance["zst_bytes"] / bare["zst_bytes"],
+              "rss_vs_limit": rss / MEMORY_LIMIT_MB}
+    # Correct only if the box came up whole: Orthanc and the services running when measured.
+    ok = "orthanc.service" in ours["memory"]["units_mb"] and len(ours["memory"]["units_mb"]) > 1
+    report("image", ok=ok, figures=figures, baseline=baseline, ratios=ratios,
+           targets={"rss_vs_limit": "<= 1"})
+
+
+if __name__ == "__main__":
+    main()
