@@ -21,6 +21,13 @@ PLATFORMS = {"amd64": "x86_64", "arm64": "aarch64"}
 TARGET_PYTHON = "3.13"  # Debian 13 "trixie"
 
 
+def platforms(arch: str) -> list[str]:
+    """pip's platform tags for wheels that run on the image's Debian 13 on this CPU."""
+    machine = PLATFORMS[arch]
+    return [f"manylinux_2_{minor}_{machine}" for minor in (17, 28, 34, 39)] + \
+        [f"manylinux2014_{machine}"]
+
+
 def build(arch: str, out: Path) -> str:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     version = project["version"]
@@ -30,12 +37,9 @@ def build(arch: str, out: Path) -> str:
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "wheel", "--no-deps", "-w", str(fresh),
                     str(ROOT)], check=True)
-    machine = PLATFORMS[arch]
-    platforms = [f"manylinux_2_{minor}_{machine}" for minor in (17, 28, 34, 39)] + \
-                [f"manylinux2014_{machine}"]
     subprocess.run([*pip, "download", "--only-binary=:all:", "-d", str(fresh),
                     "--python-version", TARGET_PYTHON, "--implementation", "cp",
-                    *[arg for p in platforms for arg in ("--platform", p)],
+                    *[arg for p in platforms(arch) for arg in ("--platform", p)],
                     "-c", str(ROOT / "constraints.txt"), *project["dependencies"]], check=True)
     (fresh / "VERSION").write_text(version + "\n")
     shutil.rmtree(out, ignore_errors=True)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import click
 
-from . import __version__, orthanc_conf, reference
+from . import __version__, durable, orthanc_conf, reference
 from .clikit import Context, emit, json_option, matching, pass_context
-from .config import AETitle, ConfigError, default_env_file, schema
+from .config import AETitle, ConfigError, default_env_file, read_env_file, schema
 from .hq import commands as hq_commands
 from .orthanc import Orthanc, OrthancError
 from .process import StartError
@@ -79,6 +79,24 @@ def config_check(ctx: Context, as_json: bool) -> None:
                          else getattr(settings, info.attribute)) for info in schema()}
     emit({"ok": True, "file": str(ctx.env_file), "settings": values}, as_json,
           f"{ctx.env_file}: ok")
+
+
+@config.command("ansible-vars")
+@click.option("--secrets-only", is_flag=True,
+              help="Only the secret keys: what a USB update keeps from the box itself.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Write here (atomically, mode 0600): secrets never go to a terminal.")
+@json_option
+@pass_context
+def config_ansible_vars(ctx: Context, secrets_only: bool, out: Path, as_json: bool) -> None:
+    """The keys set in the env file as the pacs_config role's variables (JSON)."""
+    _ = ctx.settings  # the whole file is valid, or exit 2 naming the bad key
+    values, _ = read_env_file(ctx.env_file)
+    chosen = {reference.role_variable(info): values[info.env] for info in schema()
+              if info.env in values and (info.secret or not secrets_only)}
+    durable.replace_text(out, json.dumps(chosen, indent=1) + "\n", mode=0o600)
+    emit({"written": str(out), "variables": sorted(chosen)}, as_json,
+         f"wrote {len(chosen)} variable(s) to {out}")
 
 
 @config.command("orthanc")

@@ -36,6 +36,26 @@ def test_config_check_json_hides_secrets(tmp_path):
     assert "very-secret-pw" not in result.stdout and "key-123" not in result.stdout
 
 
+def test_config_ansible_vars_gives_a_usb_update_the_boxs_own_secrets(tmp_path):
+    # A USB bundle carries no secret: the box hands its own to the playbook, into a 0600 file.
+    env = tmp_path / "pacs.env"
+    env.write_text('ADMIN_PASSWORD="very secret pw"\nPACS_AET=MOBILE3\nHQ_TOKEN=tok-9\n')
+    out = tmp_path / "secrets.json"
+    result = run_pacs("config", "ansible-vars", "--secrets-only", "--out", str(out),
+                      "--json", env_file=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text()) == {"pacs_config_admin_password": "very secret pw",
+                                           "pacs_config_hq_token": "tok-9"}
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert "very secret pw" not in result.stdout and "tok-9" not in result.stdout
+    every = tmp_path / "all.json"
+    assert run_pacs("config", "ansible-vars", "--out", str(every), env_file=env).returncode == 0
+    assert json.loads(every.read_text())["pacs_config_pacs_aet"] == "MOBILE3"
+    env.write_text("ADMIN_PASSWORD=very-secret-pw\nDICOM_PORT=http\n")
+    refused = run_pacs("config", "ansible-vars", "--out", str(tmp_path / "x.json"), env_file=env)
+    assert refused.returncode == 2 and not (tmp_path / "x.json").exists()
+
+
 def test_config_error_is_exit_2_and_one_line_for_every_command(tmp_path):
     env = tmp_path / "pacs.env"
     env.write_text("DICOM_PORT=http\n")
