@@ -45,8 +45,8 @@ run: deps
 	$(BIN)/pacs --env-file $(ENV_FILE) run
 
 test: deps
-	$(BIN)/ruff check services tests bench image-build
-	cd ansible && ../$(BIN)/ansible-lint -q --profile production ../roles .
+	$(BIN)/ruff check services tests bench image-build molecule
+	cd ansible && ../$(BIN)/ansible-lint -q --profile production ../roles . ../molecule
 	$(BIN)/pytest
 
 bench-ingest: deps

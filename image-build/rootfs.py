@@ -161,6 +161,9 @@ def main() -> int:
                         help="With --apply-to: Ansible's check mode, changing nothing.")
     parser.add_argument("--vars", type=Path, default=None,
                         help="JSON file of Ansible variables (site settings).")
+    parser.add_argument("--bare", action="store_true",
+                        help="The target's Debian without the playbook (a baseline, or a box "
+                             "for the role scenarios to converge).")
     args = parser.parse_args()
     if args.prepare:
         prepare_bootable(Path(args.prepare[1]), args.prepare[0])
@@ -172,7 +175,7 @@ def main() -> int:
         parser.error("--target and --out are required")
     if shutil.which("mmdebstrap") is None:
         raise SystemExit("mmdebstrap is not installed: apt-get install mmdebstrap")
-    build(args.target, args.out, args.vars)
+    build(args.target, args.out, args.vars, bare=args.bare)
     print(json.dumps({"target": args.target, "rootfs": str(args.out)}))
     return 0
 
