@@ -62,13 +62,25 @@ class VM:
         if not self.running():
             return True
         with socket.socket(socket.AF_UNIX) as monitor:
+            monitor.settimeout(30)
             monitor.connect(str(self.monitor))
+            self._until_prompt(monitor)  # the monitor drops what comes before its greeting
             monitor.sendall(b"system_powerdown\n")
+            self._until_prompt(monitor)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             return False
         return True
+
+    @staticmethod
+    def _until_prompt(monitor: socket.socket) -> None:
+        seen = b""
+        while not seen.rstrip().endswith(b"(qemu)"):
+            block = monitor.recv(4096)
+            if not block:
+                return
+            seen += block
 
     def console_text(self) -> str:
         try:
