@@ -111,9 +111,10 @@ def _with_placeholder_password(vars_file: Path | None, scratch: Path) -> Path:
 
 
 def build(target: str, out: Path, vars_file: Path | None, log=sys.stderr,
-          bare: bool = False) -> None:
+          bare: bool = False, extra_packages: tuple[str, ...] = ()) -> None:
     """The target's tree in `out`. `bare`: the same Debian, packages and preparation without the
-    playbook, the baseline `make bench-image` boots beside the appliance."""
+    playbook (the baseline `make bench-image` boots beside the appliance, or a box a role
+    scenario converges, with the role's `extra_packages` so it needs no network)."""
     spec = TARGETS[target]
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty: give a new folder")
@@ -132,7 +133,7 @@ def build(target: str, out: Path, vars_file: Path | None, log=sys.stderr,
                             *(["--vars", str(vars_file.resolve())] if vars_file else [])])
         hooks.append("--customize-hook=" + apply.replace(" DIR", ' "$1"'))
     command = ["mmdebstrap", "--variant=minbase", f"--architectures={spec['arch']}",
-               "--include=" + ",".join(COMMON + spec["packages"]),
+               "--include=" + ",".join([*COMMON, *spec["packages"], *extra_packages]),
                "--components=main,non-free-firmware",
                *hooks,
                "--customize-hook=rm -f \"$1\"/etc/machine-id && touch \"$1\"/etc/machine-id",

@@ -45,7 +45,7 @@ echo "gotg-update: applying gotg-pacs $version for site $box_site (log: $log)"
 set +e
 PYTHONPATH="$here/tools" ANSIBLE_CONFIG="$here/ansible/ansible.cfg" \
 ANSIBLE_COLLECTIONS_PATH="$here/collections" ANSIBLE_LOCAL_TEMP="$work/tmp" \
-ANSIBLE_NOCOLOR=1 \
+ANSIBLE_NOCOLOR=1 PYTHONDONTWRITEBYTECODE=1 \
     python3 -m ansible.cli.playbook -i "$work/hosts.yml" "$here/ansible/clinic.yml" \
     -e "@$here/site-vars.json" -e "@$work/box-secrets.json" \
     -e "pacs_services_wheelhouse=$here/wheelhouse" 2>&1 | tee "$log"

@@ -41,11 +41,8 @@ def base_tree(packages: list[str]) -> Path:
     partial = tree.with_name(tree.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mmdebstrap", "--variant=minbase",
-                    "--include=" + ",".join(rootfs.COMMON + packages),
-                    "--customize-hook=rm -f \"$1\"/etc/machine-id && touch "
-                    "\"$1\"/etc/machine-id", rootfs.SUITE, str(partial), rootfs.sources()],
-                   check=True, stdout=subprocess.DEVNULL)
+    rootfs.build("container", partial, None, log=subprocess.DEVNULL, bare=True,
+                 extra_packages=tuple(packages))
     partial.rename(tree)
     return tree
 

@@ -124,7 +124,7 @@ def apply(env_file: Path, site_file: Path | None, network_dir: Path) -> FirstBoo
                   f"{settings.pacs_aet} on port {settings.dicom_port}, HQ "
                   f"{settings.hq_url or 'not set'}")
     report.applied = sorted(site)
-    durable.replace_text(env_file, render_env(merged), like=env_file)
+    durable.replace_text(env_file, render_env(merged), mode=0o640, like=env_file)
     if network is not None:
         network_dir.mkdir(parents=True, exist_ok=True)
         durable.replace_text(network_dir / NETWORK_FILE, network, mode=0o644)
