@@ -44,6 +44,13 @@ TARGETS = {
 ROOT_LABEL = "gotg-root"
 BOOT_LABEL = "GOTG-BOOT"
 HOSTNAME = "gotg-pacs"
+# A kernel's initramfs is made once, after the roles, not at every package that triggers it:
+# each run costs minutes when the image is for another CPU (qemu-user), and only the last counts.
+HOLD_INITRAMFS = ('chroot "$1" dpkg-divert --quiet --local --rename --add '
+                  '/usr/sbin/update-initramfs && ln -s /bin/true "$1"/usr/sbin/update-initramfs')
+MAKE_INITRAMFS = ('rm "$1"/usr/sbin/update-initramfs && chroot "$1" dpkg-divert --quiet --local '
+                  '--rename --remove /usr/sbin/update-initramfs && '
+                  'chroot "$1" update-initramfs -c -k all')
 
 
 def sources() -> str:
@@ -82,13 +89,38 @@ def prepare_bootable(tree: Path, target: str) -> None:
     network.write_text("[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n")
     subprocess.run(["chroot", str(tree), "systemctl", "enable", "systemd-networkd.service",
                     "systemd-resolved.service"], check=True, capture_output=True)
+    if target == "pi4":
+        pin_pi_boot_settings(tree)
+
+
+def pin_pi_boot_settings(tree: Path) -> None:
+    """raspi-firmware writes config.txt and cmdline.txt again at every kernel update on the box.
+    Pinned here, it writes what the image ships: the root by label (an SD card or a USB disk
+    alike), the Pi 4's consoles, and no CMA pool (a Pi 4 gets none; a headless box needs none),
+    whatever machine the image happened to be built on."""
+    defaults = tree / "etc/default/raspi-firmware"
+    text = defaults.read_text()
+    for name, value in (("ROOTPART", f"LABEL={ROOT_LABEL}"), ("CONSOLES", '"tty1 ttyS1,115200"'),
+                        ("CMA", "0")):
+        text += f"{name}={value}\n"
+    defaults.write_text(text)
+
+
+def foreign(tree: Path) -> bool:
+    """Whether the tree is for another CPU than this one (its programs run under qemu-user)."""
+    def arch(*root: str) -> str:
+        return subprocess.run([*root, "dpkg", "--print-architecture"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+    return arch("chroot", str(tree)) != arch()
 
 
 def apply(root_dir: Path, vars_file: Path | None, check: bool = False,
           playbook: str = "clinic.yml") -> None:
     command = playbook_command(str(root_dir), vars_file, playbook) + (["--check"] if check
                                                                      else [])
-    subprocess.run(command, check=True, env=ansible_env())
+    if foreign(root_dir):  # qemu-user has no netfilter netlink for `nft -c`
+        command += ["-e", json.dumps({"base_firewall_validate": False})]
+    subprocess.run(command, check=True, env={**ansible_env(), "ANSIBLE_PIPELINING": "1"})
 
 
 def ansible_env() -> dict[str, str]:
@@ -122,6 +154,7 @@ def build(target: str, out: Path, vars_file: Path | None, log=sys.stderr,
     me = [sys.executable, str(Path(__file__).resolve())]
     hooks = []
     if "boot" in spec:
+        hooks.append("--essential-hook=" + HOLD_INITRAMFS)
         prepare = shlex.join([*me, "--prepare", target, "DIR"]).replace(" DIR", ' "$1"')
         hooks.append("--customize-hook=" + prepare)
     placeholder = None
@@ -132,6 +165,8 @@ def build(target: str, out: Path, vars_file: Path | None, log=sys.stderr,
         apply = shlex.join([*me, "--apply-to", "DIR", "--playbook", spec["playbook"],
                             *(["--vars", str(vars_file.resolve())] if vars_file else [])])
         hooks.append("--customize-hook=" + apply.replace(" DIR", ' "$1"'))
+    if "boot" in spec:
+        hooks.append("--customize-hook=" + MAKE_INITRAMFS)
     command = ["mmdebstrap", "--variant=minbase", f"--architectures={spec['arch']}",
                "--include=" + ",".join([*COMMON, *spec["packages"], *extra_packages]),
                "--components=main,non-free-firmware",
