@@ -125,14 +125,14 @@ def boot_files_nuc(tree: Path) -> dict[str, Path | str]:
 
 
 def boot_files_pi4(tree: Path) -> dict[str, Path | str]:
-    """raspi-firmware's files as its own hooks lay them out in /boot/firmware."""
+    """The firmware partition exactly as raspi-firmware's hooks lay out /boot/firmware, so a
+    kernel update on the box rewrites the same files (rootfs.pin_pi_boot_settings)."""
     firmware = tree / "boot/firmware"
-    files: dict[str, Path | str] = {}
-    for path in sorted(firmware.rglob("*")):
-        if path.is_file():
-            files[str(path.relative_to(firmware))] = path
-    files["cmdline.txt"] = (f"console=serial0,115200 console=tty1 root=LABEL={ROOT_LABEL} rw "
-                            "fsck.repair=yes rootwait\n")
+    files: dict[str, Path | str] = {str(path.relative_to(firmware)): path
+                                    for path in sorted(firmware.rglob("*")) if path.is_file()}
+    cmdline = (firmware / "cmdline.txt").read_text() if "cmdline.txt" in files else ""
+    if f"root=LABEL={ROOT_LABEL}" not in cmdline.split():
+        raise SystemExit(f"cmdline.txt does not boot the image's root: {cmdline!r}")
     return files
 
 
