@@ -1,4 +1,5 @@
-"""A flashed disk image booted for real: qemu-system-x86_64 (TCG, UEFI firmware from OVMF).
+"""A flashed disk image booted for real: qemu-system-x86_64 (TCG, UEFI firmware from OVMF), or a
+Raspberry Pi image's own kernel and root file system on qemu-system-aarch64's `virt` machine.
 
 KVM is not usable on these machines (design brief section 5), so the whole machine is emulated;
 slow but real: its own kernel, firmware, disk and page cache. Port forwards on 127.0.0.1 stand in
@@ -25,9 +26,6 @@ class VM:
         """forwards: guest port -> host port on 127.0.0.1."""
         self.disk, self.workdir, self.forwards = disk, workdir, forwards
         self.memory_mb = memory_mb
-        self.vars = workdir / "OVMF_VARS.fd"
-        if not self.vars.exists():
-            shutil.copyfile(OVMF_VARS, self.vars)
         self.boots = 0
         self.process: subprocess.Popen | None = None
 
@@ -40,18 +38,24 @@ class VM:
         hostfwd = ",".join(f"hostfwd=tcp:127.0.0.1:{host}-:{guest}"
                            for guest, host in self.forwards.items())
         self.process = subprocess.Popen(
-            # -cpu max: the wheels' numpy needs x86-64-v2 (SSE4.2, POPCNT), which every NUC has
-            # and qemu's default CPU model lacks.
-            ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", str(self.memory_mb),
-             "-smp", "2",
+            [*self.machine(), "-accel", "tcg", "-m", str(self.memory_mb), "-smp", "2",
              "-nographic", "-no-reboot",
-             "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
-             "-drive", f"if=pflash,format=raw,file={self.vars}",
              "-drive", f"file={self.disk},format=raw,if=virtio",
              "-netdev", f"user,id=lan,{hostfwd}", "-device", "virtio-net-pci,netdev=lan",
              "-serial", f"file:{self.console}",
              "-monitor", f"unix:{self.monitor},server,nowait"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def machine(self) -> list[str]:
+        """A NUC: UEFI firmware with its variables kept beside the disk across boots."""
+        variables = self.workdir / "OVMF_VARS.fd"
+        if not variables.exists():
+            shutil.copyfile(OVMF_VARS, variables)
+        # -cpu max: the wheels' numpy needs x86-64-v2 (SSE4.2, POPCNT), which every NUC has and
+        # qemu's default CPU model lacks.
+        return ["qemu-system-x86_64", "-cpu", "max",
+                "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+                "-drive", f"if=pflash,format=raw,file={variables}"]
 
     @property
     def monitor(self) -> Path:
@@ -111,3 +115,20 @@ class VM:
         return subprocess.CompletedProcess(done.args, done.returncode,
                                            done.stdout.decode(errors="replace"),
                                            done.stderr.decode(errors="replace"))
+
+
+class PiVM(VM):
+    """A Pi 4 image on qemu's generic arm64 machine: there is no Pi 4 board model, so the
+    firmware partition's kernel and initramfs are started directly with the image's own command
+    line (console on the virt board's serial port), and the disk is the whole flashed image."""
+
+    def __init__(self, disk: Path, workdir: Path, forwards: dict[int, int], kernel: Path,
+                 initrd: Path, cmdline: str, memory_mb: int = 1024) -> None:
+        super().__init__(disk, workdir, forwards, memory_mb)
+        self.kernel, self.initrd, self.cmdline = kernel, initrd, cmdline
+
+    def machine(self) -> list[str]:
+        # cortex-a72 is the Pi 4's CPU; qemu's "max" emulates pointer authentication slowly.
+        return ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72",
+                "-kernel", str(self.kernel), "-initrd", str(self.initrd),
+                "-append", self.cmdline]

@@ -1,0 +1,148 @@
+"""The Raspberry Pi 4 image: built for arm64, laid out as the Pi's boot ROM expects, and booted.
+
+Why it matters: most clinics get an SD card. The Pi's firmware reads only an MBR disk's first
+FAT partition; config.txt must name a kernel and initramfs that are really there, cmdline.txt
+must point at the root file system by a name that survives an SD card or a USB disk, and the
+root file system must be built for the Pi's CPU. No Pi 4 board model exists in qemu, so the
+image's own kernel, initramfs and root file system are booted on the generic arm64 machine.
+
+The image here is the Pi image without the appliance layer (`image.py --bare`): the same
+mmdebstrap tree through qemu-user, raspi-firmware settings, initramfs and disk layout. The
+appliance layer is the clinic playbook the NUC image test boots; applying it under qemu-user
+costs about half an hour of emulated Python (`make image TARGET=pi4`), more than the whole
+suite may take.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gotg_pacs.process import wait_until
+from tests.support.container import REPO
+from tests.support.site import free_port
+from tests.support.vm import PiVM
+
+pytestmark = [pytest.mark.timeout(2400), pytest.mark.started_first]
+
+MTOOLS = {"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}
+AARCH64 = b"\xb7\x00"  # ELF e_machine, little-endian, at offset 18
+
+
+@pytest.fixture(scope="module")
+def pi_image(tmp_path_factory) -> Path:
+    where = tmp_path_factory.mktemp("pi-image")
+    with (where / "build.log").open("w") as log:
+        built = subprocess.run([sys.executable, str(REPO / "image-build" / "image.py"),
+                                "--target", "pi4", "--bare", "--out", str(where)],
+                               stdout=subprocess.PIPE, stderr=log, text=True, timeout=2000)
+    assert built.returncode == 0, (where / "build.log").read_text()[-3000:]
+    return Path(json.loads(built.stdout.splitlines()[-1])["image"])
+
+
+def _partitions(image: Path) -> list[dict]:
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True,
+                                      capture_output=True, text=True).stdout)["partitiontable"]
+    assert table["label"] == "dos", "the Pi's boot ROM reads MBR only"
+    return table["partitions"]
+
+
+def _fat(image: Path) -> str:
+    return f"{image}@@{_partitions(image)[0]['start'] * 512}"
+
+
+def _fat_text(image: Path, name: str) -> str:
+    done = subprocess.run(["mtype", "-i", _fat(image), f"::/{name}"], env=MTOOLS,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, f"{name} is not on the firmware partition: {done.stderr}"
+    return done.stdout
+
+
+def _boot_files(image: Path) -> tuple[str, str]:
+    """The kernel and initramfs config.txt tells the Pi's firmware to load."""
+    config = _fat_text(image, "config.txt")
+    kernel = re.search(r"^kernel=(\S+)", config, re.M)
+    initramfs = re.search(r"^initramfs (\S+)", config, re.M)
+    assert kernel and initramfs, config
+    return kernel.group(1), initramfs.group(1)
+
+
+def _root_read(image: Path, path: str) -> bytes:
+    """A file of the image's root file system, read without mounting it."""
+    offset = _partitions(image)[1]["start"] * 512
+    done = subprocess.run(["debugfs", "-R", f"cat {path}", f"{image}?offset={offset}"],
+                          capture_output=True)
+    assert done.returncode == 0 and b"not found" not in done.stderr, (path, done.stderr)
+    return done.stdout
+
+
+def _root_list(image: Path, path: str) -> list[str]:
+    offset = _partitions(image)[1]["start"] * 512
+    done = subprocess.run(["debugfs", "-R", f"ls -p {path}", f"{image}?offset={offset}"],
+                          capture_output=True, text=True)
+    return [line.split("/")[5] for line in done.stdout.splitlines() if line.count("/") >= 6]
+
+
+def test_the_firmware_partition_boots_a_pi_4_and_points_at_the_root(pi_image):
+    sums = subprocess.run(["sha256sum", "-c", pi_image.name + ".sha256"], cwd=pi_image.parent,
+                          capture_output=True, text=True)
+    assert sums.returncode == 0, sums.stdout + sums.stderr
+    firmware, root = _partitions(pi_image)
+    assert firmware["type"] == "c" and firmware.get("bootable"), firmware
+    assert root["type"] == "83"
+    probe = subprocess.run(["blkid", "-p", "-O", str(root["start"] * 512), "-o", "export",
+                            str(pi_image)], capture_output=True, text=True).stdout
+    assert "LABEL=gotg-root" in probe and "TYPE=ext4" in probe
+
+    listing = subprocess.run(["mdir", "-i", _fat(pi_image), "-b", "::/"], env=MTOOLS,
+                             capture_output=True, text=True).stdout
+    names = {line.rsplit("/", 1)[-1] for line in listing.split()}
+    kernel, initramfs = _boot_files(pi_image)
+    assert {"start4.elf", "fixup4.dat", "bcm2711-rpi-4-b.dtb", kernel, initramfs} <= names, names
+    assert "arm_64bit=1" in _fat_text(pi_image, "config.txt")
+    cmdline = _fat_text(pi_image, "cmdline.txt")
+    assert len(cmdline.splitlines()) == 1, "the firmware reads cmdline.txt's first line only"
+    assert "root=LABEL=gotg-root" in cmdline.split() and "rootwait" in cmdline.split()
+
+    fstab = _root_read(pi_image, "/etc/fstab").decode()
+    assert re.search(r"^LABEL=gotg-root\s+/\s+ext4", fstab, re.M), fstab
+    assert re.search(r"^LABEL=GOTG-BOOT\s+/boot/firmware\s+vfat", fstab, re.M), fstab
+    # Built for the Pi's CPU, pinned so a kernel update on the box writes the same cmdline.txt,
+    # and nothing in it that must be unique per box.
+    assert _root_read(pi_image, "/usr/lib/systemd/systemd")[18:20] == AARCH64
+    pinned = _root_read(pi_image, "/etc/default/raspi-firmware").decode()
+    assert re.search(r"^ROOTPART=LABEL=gotg-root$", pinned, re.M), pinned[-300:]
+    assert _root_read(pi_image, "/etc/machine-id") == b""
+    assert not [name for name in _root_list(pi_image, "/boot") if name.startswith("initrd.img")
+                and name.endswith((".dpkg-bak", ".old-dkms"))]
+
+
+def test_the_pi_image_boots_its_own_kernel_and_root_on_arm64(pi_image, tmp_path):
+    disk = tmp_path / "sd.img"
+    subprocess.run(["cp", "--sparse=always", str(pi_image), str(disk)], check=True)
+    kernel, initramfs = _boot_files(disk)
+    for name in (kernel, initramfs):
+        subprocess.run(["mcopy", "-i", _fat(disk), f"::/{name}", str(tmp_path / name)],
+                       check=True, env=MTOOLS)
+    # The image's own command line, with the console on the virt board's serial port.
+    cmdline = " ".join([word for word in _fat_text(disk, "cmdline.txt").split()
+                        if not word.startswith("console=")] + ["console=ttyAMA0"])
+    vm = PiVM(disk, tmp_path, {22: free_port()}, tmp_path / kernel, tmp_path / initramfs,
+              cmdline)
+    try:
+        vm.start()
+        assert wait_until(lambda: "login:" in vm.console_text(), 1200, interval=5), \
+            vm.console_text()[-3000:]
+        console = re.sub(r"\x1b\[[0-9;]*m", "", vm.console_text())  # systemd's colours
+        # The root by its label is the image's second partition; the firmware partition is
+        # mounted where raspi-firmware's hooks write at a kernel update.
+        assert re.search(r"EXT4-fs \(vda2\): mounted filesystem .* r/w", console), console[-3000:]
+        assert "Mounted boot-firmware.mount - /boot/firmware." in console, console[-3000:]
+        assert "Debian GNU/Linux 13 gotg-pacs ttyAMA0" in console
+    finally:
+        vm.power_off()
