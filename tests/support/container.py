@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 from gotg_pacs.process import wait_until
+from tests.support.netns import unused_third_octet
 
 REPO = Path(__file__).resolve().parents[2]
 # One clinic's settings as HQ's inventory would hold them (hostile name included).
@@ -32,10 +33,10 @@ ROOTFS = REPO / "image-build" / "rootfs.py"
 WHEELHOUSE = REPO / "image-build" / "wheelhouse.py"
 
 
-def build_wheelhouse(out: Path, log: Path) -> Path:
-    """This checkout's gotg-pacs and its dependencies as wheels for the tree's Python."""
+def build_wheelhouse(out: Path, log: Path, arch: str = "amd64") -> Path:
+    """This checkout's gotg-pacs and its dependencies as wheels for the tree's Python and CPU."""
     with log.open("a") as sink:
-        subprocess.run([sys.executable, str(WHEELHOUSE), "--arch", "amd64", "--out", str(out)],
+        subprocess.run([sys.executable, str(WHEELHOUSE), "--arch", arch, "--out", str(out)],
                        check=True, stdout=sink, stderr=sink, timeout=600)
     return out
 
@@ -98,7 +99,7 @@ class Container:
     def __init__(self, tree: Path, console: Path) -> None:
         tag = uuid.uuid4().hex[:6]
         self.name = f"gotg{tag}"
-        third = int(tag[:2], 16)
+        third = unused_third_octet(232)
         self.host_ip, self.address = f"10.232.{third}.1", f"10.232.{third}.2"
         self.console = console
         self.process = subprocess.Popen(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import re
 import subprocess
 import sys
 import uuid
@@ -26,12 +28,22 @@ def _run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, text=True)
 
 
+def unused_third_octet(second: int) -> int:
+    """A third octet for a 10.SECOND.x.0/30 link that no interface on this machine has: the
+    suite's two workers build links and containers at the same time, and two ends on one subnet
+    would route into each other's test."""
+    shown = subprocess.run(["ip", "-o", "-4", "addr", "show"], check=True, capture_output=True,
+                           text=True).stdout
+    taken = {int(octet) for octet in re.findall(rf"inet 10\.{second}\.(\d+)\.", shown)}
+    return random.choice([octet for octet in range(256) if octet not in taken])
+
+
 class Link:
     def __init__(self, subnet: int = 211) -> None:
         tag = uuid.uuid4().hex[:6]
         self.namespace = f"gotg-hq-{tag}"
         self.clinic_dev, self.hq_dev = f"gc{tag}", f"gh{tag}"
-        third = int(tag[:2], 16)  # a different /30 per link, so parallel runs never meet
+        third = unused_third_octet(subnet)  # a different /30 per link: parallel runs never meet
         self.clinic_ip, self.hq_ip = f"10.{subnet}.{third}.1", f"10.{subnet}.{third}.2"
         self.forwarders: list[subprocess.Popen] = []
         _run("ip", "netns", "add", self.namespace)
