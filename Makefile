@@ -8,10 +8,12 @@ ENV_FILE ?= pacs.dev.env
 # iproute2 builds the bad networks of the sync tests (namespaces, veth, tbf); HQ's Orthanc keeps
 # its index in PostgreSQL (orthanc-postgresql), and the tests run a throw-away server of their own.
 # mmdebstrap and systemd-nspawn build and boot the appliance's Debian 13 tree (roles, images);
-# mkfs/mtools/sfdisk/zstd lay out the disk images, qemu with OVMF boots them.
+# mkfs/mtools/sfdisk/zstd lay out the disk images, qemu with OVMF boots them; the Pi 4's arm64
+# tree is built through qemu-user (binfmt_misc) and booted by qemu-system-aarch64.
 DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgresql dcmtk \
 	python3-venv python3-dev gcc iproute2 mmdebstrap systemd-container curl \
-	e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 ovmf openssh-client
+	e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 ovmf openssh-client \
+	qemu-user-static binfmt-support arch-test qemu-system-arm
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test deps system-deps bench-ingest bench-sync bench-image bench-report reference constraints clean \
@@ -20,6 +22,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 deps: system-deps $(VENV)/.installed
 
 system-deps:
+	@# arm64 programs (the Pi image's tree) run through qemu-user once the kernel knows them: a
+	@# fresh machine may not have binfmt_misc mounted before qemu-user-static registers them.
+	@[ -e /proc/sys/fs/binfmt_misc/register ] || \
+	  $(SUDO) mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
 	@missing=$$(for p in $(DEB_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -35,6 +41,7 @@ system-deps:
 	    $(SUDO) systemctl disable --now postgresql || true; \
 	  fi; \
 	fi
+	@[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || $(SUDO) update-binfmts --enable qemu-aarch64
 
 $(VENV)/.installed: pyproject.toml constraints.txt | system-deps
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +54,9 @@ run: deps
 test: deps
 	$(BIN)/ruff check services tests bench image-build molecule
 	cd ansible && ../$(BIN)/ansible-lint -q --profile production ../roles . ../molecule
-	$(BIN)/pytest
+	@# Two workers, whole modules each (module fixtures build trees and images once); the image
+	@# modules are collected first so they run beside the rest. The slowest 25 are listed.
+	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 bench-ingest: deps
 	mkdir -p build && $(BIN)/python bench/ingest.py
@@ -61,7 +70,7 @@ ARCH ?= amd64
 wheelhouse: deps
 	$(BIN)/python image-build/wheelhouse.py --arch $(ARCH)
 
-# A flashable image in build/images: make image TARGET=nuc (pi4 to come). Optional SITE_VARS=
+# A flashable image in build/images: make image TARGET=nuc|pi4. Optional SITE_VARS=
 # site.json (pacs_config_* variables) bakes one site's settings in; otherwise the first boot
 # takes them from gotg-site.txt on the boot partition.
 TARGET ?= nuc

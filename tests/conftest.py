@@ -39,6 +39,13 @@ class Appliance:
         return self.orthanc.statistics()["CountInstances"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules marked `started_first` (image builds and boots, tens of minutes of emulated CPU)
+    go to the front, so that `make test`'s two workers run them beside the rest of the suite
+    instead of after it. The sort is stable: everything else keeps its order."""
+    items.sort(key=lambda item: item.get_closest_marker("started_first") is None)
+
+
 @pytest.fixture
 def appliance_factory(tmp_path):
     started: list[Appliance] = []

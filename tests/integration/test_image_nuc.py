@@ -25,7 +25,7 @@ from tests.support.dcmtk import Modality, QueryRefused, acknowledged_before
 from tests.support.site import free_port
 from tests.support.vm import VM
 
-pytestmark = pytest.mark.timeout(2400)
+pytestmark = [pytest.mark.timeout(2400), pytest.mark.started_first]
 
 AET = "GOTG_PACS"   # the image's
 ADMIN = "gotgadmin"
