@@ -1,0 +1,104 @@
+"""The clinic's roles as the running box shows them (testinfra, through Ansible's nsenter)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+VENV = "/opt/gotg-pacs/venv"
+PASSWORD = "molecule-admin-pw"
+
+# A modality's day, from inside the box with the venv's own pynetdicom: echo, store one image,
+# then ask Orthanc's REST API (with and without the admin's password) what it holds.
+MODALITY = """
+import base64, json, sys, urllib.error, urllib.request
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+ds = Dataset()
+ds.file_meta = FileMetaDataset()
+ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+ds.PatientName, ds.PatientID, ds.Modality = "Molecule^Test", "MOL-1", "CR"
+ds.Rows = ds.Columns = 8
+ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+ds.BitsAllocated = ds.BitsStored = 16
+ds.HighBit, ds.PixelRepresentation = 15, 0
+ds.PixelData = bytes(range(128))
+ae = AE(ae_title="MOLECULE")
+ae.add_requested_context("1.2.840.10008.1.1")
+ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+assoc = ae.associate("127.0.0.1", 4242, ae_title=sys.argv[1])
+echo = assoc.send_c_echo().Status
+store = assoc.send_c_store(ds).Status
+assoc.release()
+
+def get(path, password=None):
+    request = urllib.request.Request("http://127.0.0.1:8042" + path)
+    if password:
+        token = base64.b64encode(("admin:" + password).encode()).decode()
+        request.add_header("Authorization", "Basic " + token)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as refused:
+        return refused.code, None
+
+print(json.dumps({"echo": echo, "store": store, "anonymous": get("/system")[0],
+                  "system": get("/system", sys.argv[2])[1],
+                  "studies": [get("/studies/" + s, sys.argv[2])[1]["MainDicomTags"]
+                              ["StudyInstanceUID"] for s in get("/studies", sys.argv[2])[1]],
+                  "sent": ds.StudyInstanceUID}))
+"""
+
+
+def _show(host, unit: str) -> dict[str, str]:
+    shown = host.run(f"systemctl show {unit} -p User -p ProtectSystem -p NoNewPrivileges "
+                     "-p PrivateTmp -p MemoryMax").stdout
+    return dict(line.split("=", 1) for line in shown.split())
+
+
+def test_orthanc_and_sync_run_sandboxed_as_their_own_users(host):
+    for unit, user, memory in (("orthanc", "orthanc", 1 << 30),
+                               ("pacs-sync", "gotg-pacs", 256 << 20)):
+        assert host.service(unit).is_enabled and host.service(unit).is_running, unit
+        assert _show(host, unit) == {"User": user, "ProtectSystem": "strict",
+                                     "NoNewPrivileges": "yes", "PrivateTmp": "yes",
+                                     "MemoryMax": str(memory)}, unit
+
+
+def test_pacs_came_from_the_shipped_wheelhouse_and_is_a_command(host):
+    releases = host.file("/opt/gotg-pacs/wheelhouse").listdir()
+    assert len(releases) == 1, releases
+    version = releases[0]
+    shipped = host.file(f"/opt/gotg-pacs/wheelhouse/{version}/VERSION")
+    assert shipped.content_string.strip() == version
+    installed = host.run(f"{VENV}/bin/pip show gotg-pacs").stdout
+    assert f"Version: {version}" in installed.splitlines()
+    assert host.file("/usr/local/bin/pacs").linked_to == f"{VENV}/bin/pacs"
+    assert version in host.check_output("pacs --version")
+
+
+def test_the_sites_configuration_is_valid_and_kept_from_other_users(host):
+    env = host.file("/etc/gotg-pacs/pacs.env")
+    assert (env.user, env.group, env.mode) == ("root", "gotg-pacs", 0o640)
+    assert env.contains('^SITE_CODE="field-9"$') and env.contains('^PACS_AET="FIELD9"$')
+    assert host.run("pacs config check").rc == 0
+    storage = host.file("/var/lib/gotg-pacs/orthanc")
+    assert (storage.user, storage.mode) == ("orthanc", 0o700)
+
+
+def test_a_modality_stores_a_study_and_the_archive_shows_it(host):
+    ran = host.run(f"{VENV}/bin/python -c {shlex.quote(MODALITY)} FIELD9 {PASSWORD}")
+    assert ran.rc == 0, ran.stderr
+    seen = json.loads(ran.stdout)
+    assert seen["echo"] == 0 and seen["store"] == 0, seen
+    assert seen["anonymous"] == 401, "Orthanc's REST API wants the admin's password"
+    assert seen["system"]["Name"] == 'Field <b>9</b> & "clinic"'
+    assert seen["system"]["DicomAet"] == "FIELD9"
+    assert seen["sent"] in seen["studies"]
+    status = host.run("pacs status --json")
+    assert status.rc == 0, status.stdout + status.stderr

@@ -1,0 +1,67 @@
+"""HQ's roles as the running server shows them (testinfra, through Ansible's nsenter)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+VENV = "/opt/gotg-pacs/venv"
+
+# Orthanc's /system as the admin sees it, and the receiver's answer to a holdings question
+# with the given bearer token (none: no Authorization header at all).
+ASK = """
+import base64, json, sys, urllib.error, urllib.request
+
+def call(url, headers, body=None):
+    request = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as refused:
+        return refused.code, None
+
+basic = base64.b64encode(b"admin:molecule-hq-pw").decode()
+token = sys.argv[1] if len(sys.argv) > 1 else ""
+holdings = call("http://127.0.0.1:7000/api/v1/holdings",
+                {"Content-Type": "application/json",
+                 **({"Authorization": "Bearer " + token} if token else {})},
+                json.dumps({"instances": []}).encode())
+print(json.dumps({"system": call("http://127.0.0.1:8042/system",
+                                 {"Authorization": "Basic " + basic})[1],
+                  "holdings": holdings[0]}))
+"""
+
+
+def _ask(host, *token: str) -> dict:
+    ran = host.run(f"{VENV}/bin/python -c {shlex.quote(ASK)} {' '.join(token)}")
+    assert ran.rc == 0, ran.stderr
+    return json.loads(ran.stdout)
+
+
+def test_orthanc_keeps_its_index_in_the_database_the_role_made(host):
+    assert host.service("postgresql").is_enabled and host.service("postgresql").is_running
+    owner = host.run("runuser -u postgres -- psql -tA -c "
+                     "\"select pg_get_userbyid(datdba) from pg_database where datname='orthanc'\"")
+    assert owner.stdout.strip() == "orthanc", owner.stdout + owner.stderr
+    assert host.service("orthanc").is_running
+    assert _ask(host)["system"]["DatabaseBackendPlugin"], "not the SQLite file beside it"
+    tables = host.run("runuser -u postgres -- psql -tA -d orthanc -c "
+                      "\"select count(*) from information_schema.tables "
+                      "where table_name = 'resources'\"").stdout.strip()
+    assert tables == "1"
+    assert not host.file("/var/lib/gotg-pacs/orthanc/index/index").exists, "no SQLite index"
+
+
+def test_the_receiver_runs_sandboxed_and_answers_only_sites_with_a_credential(host):
+    assert host.service("pacs-hq").is_enabled and host.service("pacs-hq").is_running
+    assert not host.file("/etc/systemd/system/pacs-sync.service").exists, "HQ syncs to nobody"
+    shown = dict(line.split("=", 1) for line in host.run(
+        "systemctl show pacs-hq -p User -p ProtectSystem -p MemoryMax").stdout.split())
+    assert shown == {"User": "gotg-pacs", "ProtectSystem": "strict", "MemoryMax": str(1 << 30)}
+    assert _ask(host)["holdings"] == 401
+    added = host.run("pacs hq site add molecule-site --json")
+    assert added.rc == 0, added.stderr
+    token = json.loads(added.stdout)["hq_token"]
+    assert _ask(host, token)["holdings"] == 200
+    assert host.run("pacs hq site revoke molecule-site").rc == 0
+    assert _ask(host, token)["holdings"] == 401, "a revoked site is refused at once"
