@@ -26,11 +26,10 @@ import pytest
 from gotg_pacs.process import wait_until
 from tests.support.container import REPO
 from tests.support.site import free_port
-from tests.support.vm import PiVM
+from tests.support.vm import MTOOLS, PiVM, fat_read, pi_boot_files
 
 pytestmark = [pytest.mark.timeout(2400), pytest.mark.started_first]
 
-MTOOLS = {"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}
 AARCH64 = b"\xb7\x00"  # ELF e_machine, little-endian, at offset 18
 
 
@@ -56,22 +55,6 @@ def _fat(image: Path) -> str:
     return f"{image}@@{_partitions(image)[0]['start'] * 512}"
 
 
-def _fat_text(image: Path, name: str) -> str:
-    done = subprocess.run(["mtype", "-i", _fat(image), f"::/{name}"], env=MTOOLS,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, f"{name} is not on the firmware partition: {done.stderr}"
-    return done.stdout
-
-
-def _boot_files(image: Path) -> tuple[str, str]:
-    """The kernel and initramfs config.txt tells the Pi's firmware to load."""
-    config = _fat_text(image, "config.txt")
-    kernel = re.search(r"^kernel=(\S+)", config, re.M)
-    initramfs = re.search(r"^initramfs (\S+)", config, re.M)
-    assert kernel and initramfs, config
-    return kernel.group(1), initramfs.group(1)
-
-
 def _root_read(image: Path, path: str) -> bytes:
     """A file of the image's root file system, read without mounting it."""
     offset = _partitions(image)[1]["start"] * 512
@@ -81,14 +64,7 @@ def _root_read(image: Path, path: str) -> bytes:
     return done.stdout
 
 
-def _fat_bytes(image: Path, name: str, scratch: Path) -> bytes:
-    copy = scratch / name
-    subprocess.run(["mcopy", "-n", "-i", _fat(image), f"::/{name}", str(copy)], check=True,
-                   env=MTOOLS)
-    return copy.read_bytes()
-
-
-def test_the_firmware_partition_boots_a_pi_4_and_points_at_the_root(pi_image, tmp_path):
+def test_the_firmware_partition_boots_a_pi_4_and_points_at_the_root(pi_image):
     sums = subprocess.run(["sha256sum", "-c", pi_image.name + ".sha256"], cwd=pi_image.parent,
                           capture_output=True, text=True)
     assert sums.returncode == 0, sums.stdout + sums.stderr
@@ -102,10 +78,10 @@ def test_the_firmware_partition_boots_a_pi_4_and_points_at_the_root(pi_image, tm
     listing = subprocess.run(["mdir", "-i", _fat(pi_image), "-b", "::/"], env=MTOOLS,
                              capture_output=True, text=True).stdout
     names = {line.rsplit("/", 1)[-1] for line in listing.split()}
-    kernel, initramfs = _boot_files(pi_image)
+    kernel, initramfs = pi_boot_files(pi_image)
     assert {"start4.elf", "fixup4.dat", "bcm2711-rpi-4-b.dtb", kernel, initramfs} <= names, names
-    assert "arm_64bit=1" in _fat_text(pi_image, "config.txt")
-    cmdline = _fat_text(pi_image, "cmdline.txt")
+    assert "arm_64bit=1" in fat_read(pi_image, "config.txt").decode()
+    cmdline = fat_read(pi_image, "cmdline.txt").decode()
     assert len(cmdline.splitlines()) == 1, "the firmware reads cmdline.txt's first line only"
     assert "root=LABEL=gotg-root" in cmdline.split() and "rootwait" in cmdline.split()
 
@@ -121,21 +97,14 @@ def test_the_firmware_partition_boots_a_pi_4_and_points_at_the_root(pi_image, tm
     # What the firmware loads is the root's own kernel and the initramfs made last, after the
     # roles: not a copy left from an earlier step of the build.
     for name in (kernel, initramfs):
-        assert _fat_bytes(pi_image, name, tmp_path) == _root_read(pi_image, f"/boot/{name}"), name
+        assert fat_read(pi_image, name) == _root_read(pi_image, f"/boot/{name}"), name
 
 
 def test_the_pi_image_boots_its_own_kernel_and_root_on_arm64(pi_image, tmp_path):
     disk = tmp_path / "sd.img"
     subprocess.run(["cp", "--sparse=always", str(pi_image), str(disk)], check=True)
-    kernel, initramfs = _boot_files(disk)
-    for name in (kernel, initramfs):
-        subprocess.run(["mcopy", "-i", _fat(disk), f"::/{name}", str(tmp_path / name)],
-                       check=True, env=MTOOLS)
-    # The image's own command line, with the console on the virt board's serial port.
-    cmdline = " ".join([word for word in _fat_text(disk, "cmdline.txt").split()
-                        if not word.startswith("console=")] + ["console=ttyAMA0"])
-    vm = PiVM(disk, tmp_path, {22: free_port()}, tmp_path / kernel, tmp_path / initramfs,
-              cmdline)
+    # The image's own kernel, initramfs and command line (console on the virt serial port).
+    vm = PiVM.from_image(disk, tmp_path, {22: free_port()})
     try:
         vm.start()
         assert wait_until(lambda: "login:" in vm.console_text(), 1200, interval=5), \

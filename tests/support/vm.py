@@ -9,6 +9,8 @@ written to its disk, exactly as when the power goes.
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import shutil
 import signal
@@ -16,6 +18,7 @@ import socket
 import subprocess
 from pathlib import Path
 
+MTOOLS = {"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"}
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
@@ -127,8 +130,44 @@ class PiVM(VM):
         super().__init__(disk, workdir, forwards, memory_mb)
         self.kernel, self.initrd, self.cmdline = kernel, initrd, cmdline
 
+    @classmethod
+    def from_image(cls, disk: Path, workdir: Path, forwards: dict[int, int],
+                   memory_mb: int = 1024) -> PiVM:
+        """Start what the Pi's firmware would: config.txt's kernel and initramfs with
+        cmdline.txt's line, its console moved to the virt board's serial port."""
+        kernel, initramfs = pi_boot_files(disk)
+        for name in (kernel, initramfs):
+            (workdir / name).write_bytes(fat_read(disk, name))
+        cmdline = " ".join([word for word in fat_read(disk, "cmdline.txt").decode().split()
+                            if not word.startswith("console=")] + ["console=ttyAMA0"])
+        return cls(disk, workdir, forwards, workdir / kernel, workdir / initramfs, cmdline,
+                   memory_mb)
+
     def machine(self) -> list[str]:
         # cortex-a72 is the Pi 4's CPU; qemu's "max" emulates pointer authentication slowly.
         return ["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72",
                 "-kernel", str(self.kernel), "-initrd", str(self.initrd),
                 "-append", self.cmdline]
+
+
+def fat_read(image: Path, name: str) -> bytes:
+    """A file of a disk image's first partition (FAT: the Pi's firmware partition)."""
+    table = json.loads(subprocess.run(["sfdisk", "--json", str(image)], check=True,
+                                      capture_output=True, text=True).stdout)["partitiontable"]
+    fat = f"{image}@@{table['partitions'][0]['start'] * 512}"
+    done = subprocess.run(["mcopy", "-n", "-i", fat, f"::/{name}", "-"], env=MTOOLS,
+                          capture_output=True)
+    if done.returncode != 0:
+        raise FileNotFoundError(f"{name} is not on the firmware partition: "
+                                f"{done.stderr.decode(errors='replace')}")
+    return done.stdout
+
+
+def pi_boot_files(image: Path) -> tuple[str, str]:
+    """The kernel and initramfs config.txt tells the Pi's firmware to load."""
+    config = fat_read(image, "config.txt").decode()
+    kernel = re.search(r"^kernel=(\S+)", config, re.M)
+    initramfs = re.search(r"^initramfs (\S+)", config, re.M)
+    if not (kernel and initramfs):
+        raise ValueError(f"config.txt names no kernel and initramfs:\n{config}")
+    return kernel.group(1), initramfs.group(1)
