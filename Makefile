@@ -13,7 +13,7 @@ ENV_FILE ?= pacs.dev.env
 DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgresql dcmtk \
 	python3-venv python3-dev gcc iproute2 mmdebstrap systemd-container curl \
 	e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 ovmf openssh-client \
-	qemu-user-static binfmt-support arch-test qemu-system-arm
+	qemu-user-static binfmt-support arch-test qemu-system-arm borgbackup
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test deps system-deps bench-ingest bench-sync bench-image bench-report reference constraints clean \
@@ -80,7 +80,7 @@ image: deps
 
 # Builds the NUC image and a bare Debian one, boots both under qemu (TCG); about 20 minutes.
 bench-image: deps
-	mkdir -p build && $(BIN)/python bench/image.py
+	mkdir -p build && $(BIN)/python bench/image.py --target $(TARGET)
 
 bench-report: deps
 	$(BIN)/python bench/report.py

@@ -1,0 +1,258 @@
+"""The appliance's backups, driven through borgmatic (borg underneath, both maintained upstream).
+
+borgmatic's configuration is not kept by hand: every run renders it from the settings into
+STATE_PATH/backup/borgmatic.yaml, so pacs.env stays the one configuration the site edits. What an
+archive holds:
+
+- Orthanc's storage area: every DICOM file exactly as stored (the data itself);
+- a snapshot of the appliance's own state taken just before: the sync outbox (which instances HQ
+  confirmed, through SQLite's online backup, so it is consistent) and pacs.env.
+
+Orthanc's SQLite index is not in it: Orthanc holds it under an exclusive lock while it runs, so
+no consistent copy can be taken without stopping it; it is rebuilt from the files on restore.
+
+The repository lives on the backup disk mounted at BACKUP_PATH, never on the disk that holds the
+images (a backup on the same disk dies with it). It is encrypted with repokey-blake2 unless
+ENCRYPTION is false; the passphrase is made on the box at first use and kept 0600 in
+STATE_PATH/backup.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import durable
+from ..config import Settings
+
+REPOSITORY_FOLDER = "gotg-pacs.borg"
+LOCAL = "local"
+# Retention of the local repository (pruned after each backup; HQ prunes its own copy).
+KEEP = {"keep_daily": 7, "keep_weekly": 4, "keep_monthly": 12}
+PATHS_PER_CALL = 400  # paths per `list` call: well inside the kernel's argument limit
+_LISTED = re.compile(r"^([0-9a-f]{32}) (\d+) (.+)$")
+
+
+class BackupError(Exception):
+    """A backup that cannot be made or read, worded for site IT."""
+
+
+@dataclass(frozen=True)
+class Repository:
+    label: str
+    path: str
+
+
+class Backups:
+    def __init__(self, settings: Settings, env_file: Path | None = None) -> None:
+        self.settings = settings
+        self.env_file = env_file
+        self.folder = settings.state_path / "backup"
+
+    # --- places ------------------------------------------------------------------------------
+
+    @property
+    def config_file(self) -> Path:
+        return self.folder / "borgmatic.yaml"
+
+    @property
+    def passphrase_file(self) -> Path:
+        return self.folder / "passphrase"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.folder / "snapshot"
+
+    @property
+    def status_file(self) -> Path:
+        return self.folder / "status.json"
+
+    def repositories(self) -> list[Repository]:
+        """The repositories this box writes to (the USB backup disk when BACKUP_PATH is set)."""
+        if self.settings.backup_path is None:
+            return []
+        return [Repository(LOCAL, str(self.settings.backup_path / REPOSITORY_FOLDER))]
+
+    def sources(self) -> list[Path]:
+        return [self.settings.orthanc_storage_dir, self.snapshot_dir]
+
+    # --- configuration -----------------------------------------------------------------------
+
+    def config(self) -> dict:
+        """borgmatic's configuration for this box, from the settings alone."""
+        return {
+            "source_directories": [str(path) for path in self.sources()],
+            "repositories": [{"path": repo.path, "label": repo.label}
+                             for repo in self.repositories()],
+            "one_file_system": True,
+            "archive_name_format": f"{self.settings.site_code}-{{now:%Y-%m-%dT%H:%M:%S.%f}}",
+            "encryption_passcommand": f"cat {shlex.quote(str(self.passphrase_file))}",
+            # DICOM is often compressed already: borg tries zstd and keeps what pays.
+            "compression": "auto,zstd,3",
+            "lock_wait": 120,
+            "borg_base_directory": str(self.folder / "borg"),
+            "user_runtime_directory": str(self.folder / "run"),
+            "user_state_directory": str(self.folder / "state"),
+            **KEEP,
+            "checks": [{"name": "repository"}, {"name": "archives"}],
+        }
+
+    def _prepare(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.passphrase_file.exists():
+            durable.write_bytes(self.passphrase_file.with_suffix(".new"),
+                                secrets.token_urlsafe(32).encode())
+            os.chmod(self.passphrase_file.with_suffix(".new"), 0o600)
+            os.replace(self.passphrase_file.with_suffix(".new"), self.passphrase_file)
+            durable.fsync_dir(self.folder)
+        durable.replace_text(self.config_file, json.dumps(self.config(), indent=2) + "\n",
+                             mode=0o600)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One backup at a time: a second `pacs backup now` waits for the first."""
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.folder / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        borgmatic = Path(sys.executable).parent / "borgmatic"
+        if not borgmatic.exists():
+            borgmatic = Path(shutil.which("borgmatic") or "borgmatic")
+        done = subprocess.run([str(borgmatic), "--config", str(self.config_file),
+                               "--no-color", *args], capture_output=True, text=True)
+        if check and done.returncode != 0:
+            lines = [line for line in (done.stderr + done.stdout).splitlines()
+                     if line.strip() and "torsion.org" not in line]
+            raise BackupError(f"borgmatic {args[0]} failed: " + " | ".join(lines[-4:]))
+        return done
+
+    # --- the disk ----------------------------------------------------------------------------
+
+    def _check_disk(self, repo: Repository) -> None:
+        where = self.settings.backup_path
+        assert where is not None
+        if not where.is_dir():
+            raise BackupError(f"backup disk missing: BACKUP_PATH {where} does not exist; "
+                              "plug in the backup disk")
+        if where.stat().st_dev == self.settings.storage_path.stat().st_dev:
+            raise BackupError(f"BACKUP_PATH {where} is on the same disk as the images "
+                              "(STORAGE_PATH): a backup there dies with them. Mount the backup "
+                              "disk at BACKUP_PATH")
+
+    def _ensure_repository(self, repo: Repository) -> bool:
+        """Make the repository on first use. True when it was made now."""
+        if (Path(repo.path) / "config").exists():
+            return False
+        mode = "repokey-blake2" if self.settings.encryption else "none"
+        self._run("repo-create", "--repository", repo.label, "--encryption", mode)
+        return True
+
+    # --- what staff and timers ask for -------------------------------------------------------
+
+    def snapshot(self) -> None:
+        """The appliance's own state as of now, consistent, ready to be archived."""
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        outbox = self.settings.sync_outbox_file
+        target = self.snapshot_dir / "outbox.sqlite"
+        if outbox.exists():
+            partial = target.with_suffix(".partial")
+            partial.unlink(missing_ok=True)
+            with closing(sqlite3.connect(f"file:{outbox}?mode=ro", uri=True,
+                                         timeout=30)) as source, \
+                    closing(sqlite3.connect(partial)) as copy:
+                source.backup(copy)
+            os.replace(partial, target)
+        if self.env_file is not None and self.env_file.exists():
+            shutil.copyfile(self.env_file, self.snapshot_dir / "pacs.env")
+            os.chmod(self.snapshot_dir / "pacs.env", 0o600)
+
+    def create(self) -> dict:
+        """Back up now to every repository; prune the local one. Returns what was made."""
+        if not self.repositories():
+            raise BackupError("no backup repository: set BACKUP_PATH to the backup disk")
+        with self._locked():
+            self._prepare()
+            self.snapshot()
+            made = []
+            for repo in self.repositories():
+                self._check_disk(repo)
+                self._ensure_repository(repo)
+                started = time.time()
+                done = self._run("create", "--repository", repo.label, "--json")
+                archive = json.loads(done.stdout)[0]["archive"]
+                self._run("prune", "--repository", repo.label)
+                made.append({"repository": repo.label, "archive": archive["name"],
+                             "seconds": round(time.time() - started, 1),
+                             "files": archive["stats"]["nfiles"],
+                             "original_bytes": archive["stats"]["original_size"],
+                             "added_bytes": archive["stats"]["deduplicated_size"]})
+            status = {"finished_at": time.time(), "archives": made}
+            durable.replace_text(self.status_file, json.dumps(status, indent=2) + "\n",
+                                 mode=0o600)
+            return status
+
+    def archives(self) -> list[dict]:
+        """Every archive of every repository, oldest first."""
+        listed = []
+        for repo in self.repositories():
+            if not (Path(repo.path) / "config").exists():
+                continue
+            self._prepare()
+            done = self._run("repo-list", "--repository", repo.label, "--json")
+            for answer in json.loads(done.stdout):
+                listed += [{"repository": repo.label, "name": archive["name"],
+                            "time": archive["time"]} for archive in answer["archives"]]
+        return listed
+
+    def check(self, verify_data: bool = False) -> None:
+        """Check the repositories and their archives (and every chunk's data when asked)."""
+        with self._locked():
+            self._prepare()
+            for repo in self.repositories():
+                self._check_disk(repo)
+                only = ["--only", "data"] if verify_data else \
+                    ["--only", "repository", "--only", "archives"]
+                self._run("check", "--repository", repo.label, "--force", *only)
+
+    def last(self) -> dict | None:
+        """The last successful backup (time and archives), as `create` recorded it."""
+        try:
+            return json.loads(self.status_file.read_text())
+        except FileNotFoundError:
+            return None
+
+    def held(self, paths: list[Path]) -> dict[Path, str]:
+        """Which of these files the newest archive of a repository holds, with the MD5 of the
+        content it holds (read back from the repository, not assumed)."""
+        found: dict[Path, str] = {}
+        wanted = {str(path).lstrip("/"): path for path in paths}
+        for repo in self.repositories():
+            if not (Path(repo.path) / "config").exists():
+                continue
+            self._prepare()
+            names = [name for name in wanted if wanted[name] not in found]
+            for first in range(0, len(names), PATHS_PER_CALL):
+                batch = names[first:first + PATHS_PER_CALL]
+                done = self._run("list", "--repository", repo.label, "--archive", "latest",
+                                 "--format", "{md5} {size} {path}{NL}",
+                                 *[arg for name in batch for arg in ("--path", name)])
+                for line in done.stdout.splitlines():
+                    match = _LISTED.match(line)
+                    if match and match.group(3) in wanted:
+                        found[wanted[match.group(3)]] = match.group(1)
+        return found

@@ -1,0 +1,57 @@
+"""borgmatic's configuration as rendered from the settings: what a backup holds is decided here."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gotg_pacs.backup.borgmatic import Backups
+from gotg_pacs.config import Settings
+
+BORGMATIC = Path(sys.executable).parent / "borgmatic"
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings(storage_path=tmp_path / "orthanc", state_path=tmp_path / "state",
+                    backup_path=tmp_path / "usb", site_code="field-7",
+                    admin_password="correct horse battery")
+
+
+def test_the_images_and_the_state_snapshot_are_backed_up_not_the_locked_index(settings):
+    rendered = Backups(settings).config()
+    assert rendered["source_directories"] == [str(settings.orthanc_storage_dir),
+                                              str(settings.state_path / "backup" / "snapshot")]
+    assert str(settings.orthanc_index_dir) not in json.dumps(rendered)
+    assert rendered["repositories"] == [{"path": str(settings.backup_path / "gotg-pacs.borg"),
+                                         "label": "local"}]
+    assert rendered["archive_name_format"].startswith("field-7-")
+    assert (rendered["keep_daily"], rendered["keep_weekly"], rendered["keep_monthly"]) == \
+        (7, 4, 12)
+    assert rendered["one_file_system"] is True
+
+
+def test_no_backup_disk_means_no_repository(settings):
+    assert Backups(replace(settings, backup_path=None)).repositories() == []
+
+
+def test_borgmatic_accepts_the_configuration_and_the_passphrase_stays_out_of_it(settings):
+    backups = Backups(settings)
+    backups._prepare()
+    written = backups.config_file.read_text()
+    passphrase = backups.passphrase_file.read_text()
+    assert len(passphrase) >= 32 and passphrase not in written
+    for secret in (backups.config_file, backups.passphrase_file):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    checked = subprocess.run([str(BORGMATIC), "config", "validate", "--config",
+                              str(backups.config_file)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # A second run keeps the passphrase: a new one would lock the box out of its own backups.
+    backups._prepare()
+    assert backups.passphrase_file.read_text() == passphrase
