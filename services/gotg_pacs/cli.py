@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__, durable, orthanc_conf, reference
+from .backup import commands as backup_commands
 from .clikit import Context, emit, json_option, matching, pass_context
 from .config import AETitle, ConfigError, default_env_file, read_env_file, schema
 from .hq import commands as hq_commands
@@ -336,6 +337,8 @@ def archive_command(ctx: Context, target: Path, studies: tuple[str, ...],
 
 cli.add_command(sync_commands.sync)
 cli.add_command(hq_commands.hq)
+cli.add_command(backup_commands.backup)
+cli.add_command(backup_commands.cleanup)
 
 
 def main() -> None:

@@ -9,12 +9,10 @@ Everything here runs the real Orthanc, DCMTK's storescu and the real `pacs` comm
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import subprocess
-import uuid
 from pathlib import Path
 
 import pydicom
@@ -24,6 +22,7 @@ from pydicom.fileset import FileSet, is_conformant_file_id
 from gotg_pacs import archive
 from tests.conftest import run_pacs
 from tests.support import corpus
+from tests.support.disk import tmpfs
 
 CT, MR, CR = "693_UNCR.dcm", "MR2_UNCR.dcm", "RG3_J2KR.dcm"
 BIG_CR = "RG1_UNCR.dcm"  # 7.2 MB
@@ -70,20 +69,6 @@ def _manifest_instances(root: Path) -> dict[str, dict]:
     manifest = json.loads((root / "GOTG_MANIFEST.json").read_text(encoding="utf-8"))
     return {instance["sop_instance_uid"]: instance for study in manifest["studies"]
             for series in study["series"] for instance in series["instances"]}
-
-
-@contextlib.contextmanager
-def _tmpfs(path: Path, size: str, *options: str):
-    """A small real filesystem (root only; CI runs as root), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]),
-                    f"gotg-test-{uuid.uuid4().hex[:8]}", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 # --- the normal case -----------------------------------------------------------------------------
@@ -257,7 +242,7 @@ def test_bad_targets_are_refused_with_a_clear_message(appliance, tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     assert "is not a folder" in _pacs_archive(appliance, a_file).stderr
-    with _tmpfs(tmp_path / "ro", "1m", "ro") as read_only:
+    with tmpfs(tmp_path / "ro", "1m", "ro") as read_only:
         refused = _pacs_archive(appliance, read_only)
         assert refused.returncode == 1 and "not writable" in refused.stderr
 
@@ -277,7 +262,7 @@ def test_bad_targets_are_refused_with_a_clear_message(appliance, tmp_path):
 
 def test_not_enough_space_is_found_before_writing_anything(appliance, tmp_path):
     assert appliance.modality.store(_files(MR, BIG_CR)).ok  # 9.3 MB
-    with _tmpfs(tmp_path / "usb", "4m") as usb:
+    with tmpfs(tmp_path / "usb", "4m") as usb:
         result = _pacs_archive(appliance, usb)
         assert result.returncode == 1
         assert "not enough space" in result.stderr and "nothing was written" in result.stderr
@@ -290,7 +275,7 @@ def test_disk_filling_up_mid_copy_leaves_the_previous_file_set_whole(appliance, 
                                                                     monkeypatch):
     """The free-space check is made to pass so the copy really runs into a full tmpfs."""
     assert appliance.modality.store(_files(CT)).ok
-    with _tmpfs(tmp_path / "usb", "6m") as usb:
+    with tmpfs(tmp_path / "usb", "6m") as usb:
         first = archive.export(appliance.settings, usb)
         assert first["ok"]
         before = _tree(usb)

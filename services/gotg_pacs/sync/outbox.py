@@ -278,6 +278,18 @@ class Outbox:
                        "original_md5 = ?, upload_url = NULL WHERE orthanc_id = ?",
                        (hq_id, time.time() if now is None else now, original_md5, instance_id))
 
+    def confirmations(self, instance_ids: Iterable[str]) -> dict[str, str]:
+        """For those of these instances HQ confirmed: the MD5 of the content it confirmed."""
+        ids = list(instance_ids)
+        found: dict[str, str] = {}
+        for first in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+            batch = ids[first:first + 500]
+            found.update(self.db.execute(
+                "SELECT orthanc_id, original_md5 FROM instances WHERE state = 'confirmed' "
+                f"AND original_md5 IS NOT NULL AND orthanc_id IN ({','.join('?' * len(batch))})",
+                batch).fetchall())
+        return found
+
     # --- staff and scheduling ------------------------------------------------------------------
 
     def prioritize(self, study_id: str, study_uid: str, now: float | None = None) -> None:

@@ -1,0 +1,115 @@
+"""`pacs backup ...` and `pacs cleanup`: what site IT and the backup timer ask for."""
+
+from __future__ import annotations
+
+import click
+
+from ..clikit import Context, emit, json_option, pass_context
+from ..config import Settings
+from .borgmatic import BackupError, Backups
+
+
+def _backups(ctx: Context) -> Backups:
+    return Backups(ctx.settings, ctx.env_file)
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""  # pragma: no cover - the loop always returns
+
+
+@click.group()
+def backup() -> None:
+    """Backups to the USB backup disk (borg through borgmatic)."""
+
+
+@backup.command("now")
+@json_option
+@pass_context
+def backup_now(ctx: Context, as_json: bool) -> None:
+    """Back up now (the timer runs this every BACKUP_INTERVAL); then, with AUTO_CLEANUP, remove
+    local copies older than RETENTION_DAYS that HQ and this backup both hold."""
+    try:
+        made = _backups(ctx).create()
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    lines = [f"backup {archive['archive']} to {archive['repository']}: {archive['files']} files, "
+             f"{_size(archive['original_bytes'])}, {_size(archive['added_bytes'])} new, "
+             f"{archive['seconds']} s" for archive in made["archives"]]
+    if ctx.settings.auto_cleanup:
+        verdicts = _cleanup(ctx.settings, _backups(ctx), ctx.settings.retention_days, False)
+        made["cleanup"] = [verdict.public() for verdict in verdicts]
+        lines.append(_cleanup_summary(verdicts, dry_run=False))
+    emit(made, as_json, "\n".join(lines))
+
+
+@backup.command("list")
+@json_option
+@pass_context
+def backup_list(ctx: Context, as_json: bool) -> None:
+    """The archives the backup disk holds, oldest first."""
+    try:
+        archives = _backups(ctx).archives()
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    emit(archives, as_json, "\n".join(f"{a['time']}  {a['name']}  ({a['repository']})"
+                                       for a in archives) or "no backup yet")
+
+
+@backup.command("check")
+@click.option("--verify-data", is_flag=True,
+              help="Read and verify every chunk of every archive (slow: the whole disk).")
+@json_option
+@pass_context
+def backup_check(ctx: Context, verify_data: bool, as_json: bool) -> None:
+    """Check the backup repository and its archives."""
+    try:
+        _backups(ctx).check(verify_data)
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    emit({"ok": True, "verify_data": verify_data}, as_json,
+         "backup repository and archives are consistent"
+         + (", every chunk read and verified" if verify_data else ""))
+
+
+def _cleanup(settings: Settings, backups: Backups, days: float, dry_run: bool):
+    from ..cleanup import Cleanup, CleanupError
+    from ..orthanc import Orthanc, OrthancError
+    from ..sync.outbox import Outbox, OutboxError
+    from ..sync.transport import HQClient
+
+    hq = HQClient(settings.hq_url, settings.hq_token, timeout=60) if settings.hq_url else None
+    try:
+        with Outbox(settings.sync_outbox_file, readonly=True) as outbox:
+            return Cleanup(settings, Orthanc.from_settings(settings), outbox, backups,
+                           hq).run(days, dry_run)
+    except (CleanupError, OutboxError, OrthancError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _cleanup_summary(verdicts, dry_run: bool) -> str:
+    removable = [v for v in verdicts if v.removable]
+    freed = sum(v.bytes for v in removable)
+    head = (f"cleanup{' (dry run)' if dry_run else ''}: {len(verdicts)} old studies, "
+            f"{len(removable)} {'removable' if dry_run else 'removed'} ({_size(freed)}), "
+            f"{len(verdicts) - len(removable)} kept")
+    kept = [f"  kept {v.study_uid} ({v.study_date or 'no date'}): {v.reason}"
+            for v in verdicts if not v.removable]
+    return "\n".join([head, *kept])
+
+
+@click.command("cleanup")
+@click.option("--older-than", "days", type=click.FloatRange(min=0), required=True,
+              metavar="DAYS", help="Only studies unchanged for at least this many days.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+@json_option
+@pass_context
+def cleanup(ctx: Context, days: float, dry_run: bool, as_json: bool) -> None:
+    """Remove local copies of old studies that HQ confirmed (and still holds, asked again) and
+    that the newest backup holds. Everything else stays."""
+    verdicts = _cleanup(ctx.settings, _backups(ctx), days, dry_run)
+    emit([verdict.public() for verdict in verdicts], as_json,
+         _cleanup_summary(verdicts, dry_run))

@@ -1,0 +1,136 @@
+"""Backups to the USB backup disk, and the cleanup that may delete only what is safe elsewhere.
+
+Why it matters: a clinic's disk fills up, and old studies must make room; but a study removed
+here must exist at HQ (confirmed, and still there when asked again) and in a backup that holds
+exactly the stored bytes. Every other case keeps the study. Real Orthanc, real HQ receiver on
+PostgreSQL, real borg through borgmatic, the backup disk a real (tmpfs) file system.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pydicom
+import pytest
+
+from gotg_pacs.sync.sender import Sender
+from gotg_pacs.sync.transport import HQClient
+from tests.conftest import run_pacs
+from tests.support import corpus
+from tests.support.disk import tmpfs
+from tests.support.site import owe
+
+pytestmark = pytest.mark.timeout(600)
+
+# One file per study, five different studies.
+SENT_AND_BACKED_UP = "693_UNCR.dcm"
+SENT_AFTER_THE_BACKUP = "OBXXXX1A_rle.dcm"
+NEVER_SENT = "emri_small_jpeg_ls_lossless.dcm"
+LOST_AT_HQ = "SC_rgb.dcm"
+CORRUPT_WHEN_BACKED_UP = "JPGLosslessP14SV1_1s_1f_8b.dcm"
+
+
+@pytest.fixture
+def backup_disk(tmp_path):
+    with tmpfs(tmp_path / "usb-backup", "256m") as disk:
+        yield disk
+
+
+def _study_uid(name: str) -> str:
+    return str(pydicom.dcmread(corpus.DATA_DIR / name, stop_before_pixels=True).StudyInstanceUID)
+
+
+def _send(clinic, hq, names: list[str]) -> None:
+    box = owe(clinic, [corpus.DATA_DIR / name for name in names])
+    sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
+    try:
+        assert len(sender.send().confirmed) == len(names)
+    finally:
+        sender.close()
+        box.close()
+
+
+def _stored_file(appliance, name: str):
+    sop = str(pydicom.dcmread(corpus.DATA_DIR / name, stop_before_pixels=True).SOPInstanceUID)
+    [instance] = appliance.orthanc.find_instance(sop)
+    uuid = appliance.orthanc.get(f"/instances/{instance}/attachments/dicom/info")["Uuid"]
+    return appliance.settings.orthanc_storage_dir / uuid[:2] / uuid[2:4] / uuid
+
+
+def _studies(appliance) -> set[str]:
+    return {appliance.orthanc.get(f"/studies/{study}")["MainDicomTags"]["StudyInstanceUID"]
+            for study in appliance.orthanc.get("/studies")}
+
+
+def test_cleanup_removes_only_studies_hq_holds_and_the_backup_holds_as_stored(
+        make_clinic, hq, backup_disk):
+    clinic = make_clinic(hq.url, BACKUP_PATH=str(backup_disk))
+    _send(clinic, hq, [SENT_AND_BACKED_UP, LOST_AT_HQ, CORRUPT_WHEN_BACKED_UP])
+    # Bit rot on the clinic's disk before the backup: the backup holds bytes Orthanc never had.
+    rotten = _stored_file(clinic, CORRUPT_WHEN_BACKED_UP)
+    data = bytearray(rotten.read_bytes())
+    data[-10] ^= 0xFF
+    rotten.write_bytes(bytes(data))
+
+    backed_up = run_pacs("backup", "now", "--json", env_file=clinic.env_file)
+    assert backed_up.returncode == 0, backed_up.stderr
+    [archive] = json.loads(backed_up.stdout)["archives"]
+    assert archive["repository"] == "local" and archive["files"] >= 3
+    listed = json.loads(run_pacs("backup", "list", "--json", env_file=clinic.env_file).stdout)
+    assert [entry["name"] for entry in listed] == [archive["archive"]]
+    assert (backup_disk / "gotg-pacs.borg" / "config").exists()
+
+    _send(clinic, hq, [SENT_AFTER_THE_BACKUP])
+    assert clinic.modality.store([corpus.DATA_DIR / NEVER_SENT]).ok
+    # HQ loses a study after confirming it (a restore gone wrong, a disk at HQ).
+    [at_hq] = hq.orthanc.find_instance(str(pydicom.dcmread(
+        corpus.DATA_DIR / LOST_AT_HQ, stop_before_pixels=True).SOPInstanceUID))
+    hq.orthanc.delete(f"/instances/{at_hq}")
+    before = _studies(clinic)
+    assert len(before) == 5
+
+    dry = run_pacs("cleanup", "--older-than", "0", "--dry-run", "--json",
+                   env_file=clinic.env_file)
+    assert dry.returncode == 0, dry.stderr
+    verdicts = {v["study_uid"]: v for v in json.loads(dry.stdout)}
+    assert set(verdicts) == before
+    assert verdicts[_study_uid(SENT_AND_BACKED_UP)]["removable"]
+    assert "not confirmed" in verdicts[_study_uid(NEVER_SENT)]["reason"]
+    assert "backup does not hold" in verdicts[_study_uid(SENT_AFTER_THE_BACKUP)]["reason"]
+    assert "backup does not hold" in verdicts[_study_uid(CORRUPT_WHEN_BACKED_UP)]["reason"]
+    assert "HQ no longer holds" in verdicts[_study_uid(LOST_AT_HQ)]["reason"]
+    assert sum(v["removable"] for v in verdicts.values()) == 1
+    assert _studies(clinic) == before, "a dry run removes nothing"
+
+    done = run_pacs("cleanup", "--older-than", "0", env_file=clinic.env_file)
+    assert done.returncode == 0, done.stderr
+    assert "1 removed" in done.stdout and "4 kept" in done.stdout, done.stdout
+    assert _studies(clinic) == before - {_study_uid(SENT_AND_BACKED_UP)}
+    [still_at_hq] = hq.orthanc.find_instance(str(pydicom.dcmread(
+        corpus.DATA_DIR / SENT_AND_BACKED_UP, stop_before_pixels=True).SOPInstanceUID))
+    assert still_at_hq
+
+
+def test_no_cleanup_without_a_backup_and_no_backup_on_the_images_own_disk(make_clinic, hq,
+                                                                          tmp_path):
+    # The folder is there but on the same file system as the images: the USB disk is not in.
+    same_disk = tmp_path / "mnt-backup"
+    same_disk.mkdir()
+    clinic = make_clinic(hq.url, BACKUP_PATH=str(same_disk))
+    refused = run_pacs("backup", "now", env_file=clinic.env_file)
+    assert refused.returncode == 1
+    assert "same disk as the images" in refused.stderr, refused.stderr
+    assert not (same_disk / "gotg-pacs.borg").exists()
+
+    env = clinic.env_file.read_text()
+    clinic.env_file.write_text(env.replace(f"BACKUP_PATH={same_disk}",
+                                           f"BACKUP_PATH={tmp_path / 'unplugged'}"))
+    missing = run_pacs("backup", "now", env_file=clinic.env_file)
+    assert missing.returncode == 1 and "backup disk missing" in missing.stderr, missing.stderr
+
+    _send(clinic, hq, [SENT_AND_BACKED_UP])
+    kept = run_pacs("cleanup", "--older-than", "0", "--json", env_file=clinic.env_file)
+    assert kept.returncode == 0, kept.stderr
+    [verdict] = json.loads(kept.stdout)
+    assert not verdict["removable"] and "backup" in verdict["reason"]
+    assert _study_uid(SENT_AND_BACKED_UP) in _studies(clinic)
