@@ -102,3 +102,24 @@ def test_a_modality_stores_a_study_and_the_archive_shows_it(host):
     assert seen["sent"] in seen["studies"]
     status = host.run("pacs status --json")
     assert status.rc == 0, status.stdout + status.stderr
+
+
+def test_the_timer_backs_up_to_the_usb_disk_and_never_to_the_images_own_disk(host):
+    timer = host.service("pacs-backup.timer")
+    assert timer.is_enabled and timer.is_running
+    # No USB disk: /mnt/backup is a folder of the root file system, like the images.
+    host.run("mkdir -p /mnt/backup")
+    refused = host.run("systemctl start pacs-backup.service")
+    assert refused.rc != 0
+    said = host.run("journalctl -u pacs-backup.service --no-pager -n 20").stdout
+    assert "same disk as the images" in said, said
+    assert not host.file("/mnt/backup/gotg-pacs.borg").exists
+    # The disk is plugged in: the same unit, sandboxed as it is, backs up to it.
+    assert host.run("mount -t tmpfs -o size=256m usb-backup /mnt/backup").rc == 0
+    try:
+        ran = host.run("systemctl start pacs-backup.service")
+        assert ran.rc == 0, host.run("journalctl -u pacs-backup.service --no-pager -n 30").stdout
+        archives = json.loads(host.check_output("pacs backup list --json"))
+        assert len(archives) == 1 and archives[0]["name"].startswith("field-9-")
+    finally:
+        host.run("umount /mnt/backup")
