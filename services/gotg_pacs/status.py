@@ -10,6 +10,7 @@ import platform
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,27 @@ def _sync(settings: Settings) -> dict[str, Any]:
     return {"name": "sync", "up": True, "heartbeat_age_s": round(age, 1)}
 
 
+def _backup(settings: Settings, now: float | None = None) -> dict[str, Any]:
+    """The last backup and whether backups are failing now (not a running part: never "down")."""
+    from .backup.borgmatic import Backups
+
+    if settings.backup_path is None:
+        return {"configured": False}
+    try:
+        last = Backups(settings).last() or {}
+    except PermissionError:
+        return {"configured": True, "error": "only root may read the backup's state"}
+    now = time.time() if now is None else now
+    success, failure = last.get("last_success"), last.get("last_failure")
+    failing = bool(failure and (not success or failure["at"] > success["finished_at"]))
+    return {"configured": True, "enabled": settings.backup_enabled,
+            "path": str(settings.backup_path),
+            "last_success_at": success["finished_at"] if success else None,
+            "age_s": round(now - success["finished_at"]) if success else None,
+            "archives": [made["archive"] for made in success["archives"]] if success else [],
+            "failing": failing, "last_error": failure["error"] if failing else None}
+
+
 def collect(settings: Settings) -> dict[str, Any]:
     orthanc = _orthanc(settings)
     services = [orthanc, _sync(settings)]  # each capability adds its service here
@@ -86,6 +108,7 @@ def collect(settings: Settings) -> dict[str, Any]:
             "max_storage_gb": settings.max_storage_gb,
         },
         "counts": orthanc.get("counts"),
+        "backup": _backup(settings),
         "versions": {"gotg_pacs": __version__, "python": platform.python_version(),
                      "orthanc": orthanc.get("version"), "dcmtk": _dcmtk_version(),
                      "plugins": orthanc.get("plugins", {})},
@@ -124,9 +147,23 @@ def render_text(report: dict[str, Any]) -> str:
     if counts:
         lines.append(f"  archive    {counts['patients']} patients, {counts['studies']} studies, "
                      f"{counts['series']} series, {counts['instances']} instances")
+    lines.append("  backup     " + _backup_text(report["backup"]))
     versions = report["versions"]
     plugins = ", ".join(f"{name} {ver}" for name, ver in sorted(versions["plugins"].items()))
     lines.append(f"  versions   gotg-pacs {versions['gotg_pacs']}, Orthanc "
                  f"{versions['orthanc'] or '?'}, DCMTK {versions['dcmtk'] or 'not installed'}, "
                  f"Python {versions['python']}" + (f"; plugins: {plugins}" if plugins else ""))
     return "\n".join(lines)
+
+
+def _backup_text(backup: dict[str, Any]) -> str:
+    if not backup["configured"]:
+        return "NOT CONFIGURED (BACKUP_PATH is empty)"
+    if "error" in backup:
+        return f"unknown: {backup['error']}"
+    hours = None if backup["age_s"] is None else backup["age_s"] / 3600
+    last = ("never made" if hours is None
+            else f"last {hours:.1f} h ago ({', '.join(backup['archives'])})")
+    failing = f"; FAILING: {backup['last_error']}" if backup["failing"] else ""
+    disabled = "" if backup["enabled"] else " (scheduled backups off: BACKUP_ENABLED)"
+    return f"{last} to {backup['path']}{disabled}{failing}"

@@ -79,6 +79,9 @@ def test_cleanup_removes_only_studies_hq_holds_and_the_backup_holds_as_stored(
     listed = json.loads(run_pacs("backup", "list", "--json", env_file=clinic.env_file).stdout)
     assert [entry["name"] for entry in listed] == [archive["archive"]]
     assert (backup_disk / "gotg-pacs.borg" / "config").exists()
+    shown = json.loads(run_pacs("status", "--json", env_file=clinic.env_file).stdout)["backup"]
+    assert shown["archives"] == [archive["archive"]] and not shown["failing"]
+    assert shown["age_s"] < 300
 
     _send(clinic, hq, [SENT_AFTER_THE_BACKUP])
     assert clinic.modality.store([corpus.DATA_DIR / NEVER_SENT]).ok
@@ -121,6 +124,9 @@ def test_no_cleanup_without_a_backup_and_no_backup_on_the_images_own_disk(make_c
     assert refused.returncode == 1
     assert "same disk as the images" in refused.stderr, refused.stderr
     assert not (same_disk / "gotg-pacs.borg").exists()
+    shown = json.loads(run_pacs("status", "--json", env_file=clinic.env_file).stdout)["backup"]
+    assert shown["failing"] and "same disk" in shown["last_error"] and shown["archives"] == []
+    assert "FAILING" in run_pacs("status", env_file=clinic.env_file).stdout
 
     env = clinic.env_file.read_text()
     clinic.env_file.write_text(env.replace(f"BACKUP_PATH={same_disk}",

@@ -182,29 +182,42 @@ class Backups:
             os.chmod(self.snapshot_dir / "pacs.env", 0o600)
 
     def create(self) -> dict:
-        """Back up now to every repository; prune the local one. Returns what was made."""
+        """Back up now to every repository; prune the local one. Returns what was made. The
+        outcome, success or the reason for a failure, is kept for `pacs status`."""
+        with self._locked():
+            try:
+                made = self._create()
+            except BackupError as exc:
+                self._record("last_failure", {"at": time.time(), "error": str(exc)})
+                raise
+            success = {"finished_at": time.time(), "archives": made}
+            self._record("last_success", success)
+            return success
+
+    def _create(self) -> list[dict]:
         if not self.repositories():
             raise BackupError("no backup repository: set BACKUP_PATH to the backup disk")
-        with self._locked():
-            self._prepare()
-            self.snapshot()
-            made = []
-            for repo in self.repositories():
-                self._check_disk(repo)
-                self._ensure_repository(repo)
-                started = time.time()
-                done = self._run("create", "--repository", repo.label, "--json")
-                archive = json.loads(done.stdout)[0]["archive"]
-                self._run("prune", "--repository", repo.label)
-                made.append({"repository": repo.label, "archive": archive["name"],
-                             "seconds": round(time.time() - started, 1),
-                             "files": archive["stats"]["nfiles"],
-                             "original_bytes": archive["stats"]["original_size"],
-                             "added_bytes": archive["stats"]["deduplicated_size"]})
-            status = {"finished_at": time.time(), "archives": made}
-            durable.replace_text(self.status_file, json.dumps(status, indent=2) + "\n",
-                                 mode=0o600)
-            return status
+        self._prepare()
+        self.snapshot()
+        made = []
+        for repo in self.repositories():
+            self._check_disk(repo)
+            self._ensure_repository(repo)
+            started = time.time()
+            done = self._run("create", "--repository", repo.label, "--json")
+            archive = json.loads(done.stdout)[0]["archive"]
+            self._run("prune", "--repository", repo.label)
+            made.append({"repository": repo.label, "archive": archive["name"],
+                         "seconds": round(time.time() - started, 1),
+                         "files": archive["stats"]["nfiles"],
+                         "original_bytes": archive["stats"]["original_size"],
+                         "added_bytes": archive["stats"]["deduplicated_size"]})
+        return made
+
+    def _record(self, key: str, outcome: dict) -> None:
+        status = self.last() or {}
+        status[key] = outcome
+        durable.replace_text(self.status_file, json.dumps(status, indent=2) + "\n", mode=0o600)
 
     def archives(self) -> list[dict]:
         """Every archive of every repository, oldest first."""
@@ -230,7 +243,7 @@ class Backups:
                 self._run("check", "--repository", repo.label, "--force", *only)
 
     def last(self) -> dict | None:
-        """The last successful backup (time and archives), as `create` recorded it."""
+        """The last success (time, archives) and the last failure (time, reason) of `create`."""
         try:
             return json.loads(self.status_file.read_text())
         except FileNotFoundError:
