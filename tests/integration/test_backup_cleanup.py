@@ -9,6 +9,9 @@ PostgreSQL, real borg through borgmatic, the backup disk a real (tmpfs) file sys
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -63,7 +66,7 @@ def _studies(appliance) -> set[str]:
 
 
 def test_cleanup_removes_only_studies_hq_holds_and_the_backup_holds_as_stored(
-        make_clinic, hq, backup_disk):
+        make_clinic, hq, backup_disk, tmp_path):
     clinic = make_clinic(hq.url, BACKUP_PATH=str(backup_disk))
     _send(clinic, hq, [SENT_AND_BACKED_UP, LOST_AT_HQ, CORRUPT_WHEN_BACKED_UP])
     # Bit rot on the clinic's disk before the backup: the backup holds bytes Orthanc never had.
@@ -72,6 +75,9 @@ def test_cleanup_removes_only_studies_hq_holds_and_the_backup_holds_as_stored(
     data[-10] ^= 0xFF
     rotten.write_bytes(bytes(data))
 
+    declared = run_pacs("modality", "add", "xray-tent", "XRAY_TENT", "10.0.0.9", "104",
+                        env_file=clinic.env_file)
+    assert declared.returncode == 0, declared.stderr
     backed_up = run_pacs("backup", "now", "--json", env_file=clinic.env_file)
     assert backed_up.returncode == 0, backed_up.stderr
     [archive] = json.loads(backed_up.stdout)["archives"]
@@ -82,6 +88,18 @@ def test_cleanup_removes_only_studies_hq_holds_and_the_backup_holds_as_stored(
     shown = json.loads(run_pacs("status", "--json", env_file=clinic.env_file).stdout)["backup"]
     assert shown["archives"] == [archive["archive"]] and not shown["failing"]
     assert shown["age_s"] < 300
+    # Read back from the archive: the modality declared in Orthanc's index, which is not in it.
+    snapshot = clinic.settings.state_path / "backup" / "snapshot"
+    out = tmp_path / "extracted"
+    out.mkdir()
+    extracted = subprocess.run(
+        [str(Path(sys.executable).parent / "borgmatic"), "--config",
+         str(clinic.settings.state_path / "backup" / "borgmatic.yaml"), "extract",
+         "--archive", "latest", "--path", str(snapshot / "modalities.json").lstrip("/"),
+         "--destination", str(out)], capture_output=True, text=True)
+    assert extracted.returncode == 0, extracted.stderr
+    modalities = json.loads((out / str(snapshot).lstrip("/") / "modalities.json").read_text())
+    assert modalities["xray-tent"]["AET"] == "XRAY_TENT"
 
     _send(clinic, hq, [SENT_AFTER_THE_BACKUP])
     assert clinic.modality.store([corpus.DATA_DIR / NEVER_SENT]).ok

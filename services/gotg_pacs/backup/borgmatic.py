@@ -6,7 +6,8 @@ archive holds:
 
 - Orthanc's storage area: every DICOM file exactly as stored (the data itself);
 - a snapshot of the appliance's own state taken just before: the sync outbox (which instances HQ
-  confirmed, through SQLite's online backup, so it is consistent) and pacs.env.
+  confirmed, through SQLite's online backup, so it is consistent), pacs.env and the modalities
+  declared to Orthanc.
 
 Orthanc's SQLite index is not in it: Orthanc holds it under an exclusive lock while it runs, so
 no consistent copy can be taken without stopping it; it is rebuilt from the files on restore.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
@@ -37,7 +39,9 @@ from pathlib import Path
 
 from .. import durable
 from ..config import Settings
+from ..orthanc import Orthanc, OrthancError
 
+log = logging.getLogger(__name__)
 REPOSITORY_FOLDER = "gotg-pacs.borg"
 LOCAL = "local"
 # Retention of the local repository (pruned after each backup; HQ prunes its own copy).
@@ -180,6 +184,14 @@ class Backups:
         if self.env_file is not None and self.env_file.exists():
             shutil.copyfile(self.env_file, self.snapshot_dir / "pacs.env")
             os.chmod(self.snapshot_dir / "pacs.env", 0o600)
+        # The declared modalities live in Orthanc's index, which the archive does not hold.
+        try:
+            declared = Orthanc.from_settings(self.settings, timeout=10).modalities()
+        except OrthancError as exc:  # Orthanc down: the previous export stays, the backup goes on
+            log.warning("modalities not exported (Orthanc: %s); keeping the last export", exc)
+        else:
+            durable.replace_text(self.snapshot_dir / "modalities.json",
+                                 json.dumps(declared, indent=2) + "\n", mode=0o600)
 
     def create(self) -> dict:
         """Back up now to every repository; prune the local one. Returns what was made. The
