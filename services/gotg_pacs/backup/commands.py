@@ -40,7 +40,12 @@ def backup_now(ctx: Context, as_json: bool) -> None:
              f"{_size(archive['original_bytes'])}, {_size(archive['added_bytes'])} new, "
              f"{archive['seconds']} s" for archive in made["archives"]]
     if ctx.settings.auto_cleanup:
-        verdicts = _cleanup(ctx.settings, _backups(ctx), ctx.settings.retention_days, False)
+        try:
+            verdicts = _cleanup(ctx.settings, _backups(ctx), ctx.settings.retention_days, False)
+        except click.ClickException as exc:
+            emit(made, as_json, "\n".join(lines))
+            raise click.ClickException("the backup is made, but the cleanup (AUTO_CLEANUP) did "
+                                       f"not run: {exc.message}") from None
         made["cleanup"] = [verdict.public() for verdict in verdicts]
         lines.append(_cleanup_summary(verdicts, dry_run=False))
     emit(made, as_json, "\n".join(lines))
