@@ -158,3 +158,17 @@ def test_no_cleanup_without_a_backup_and_no_backup_on_the_images_own_disk(make_c
     [verdict] = json.loads(kept.stdout)
     assert not verdict["removable"] and "backup" in verdict["reason"]
     assert _study_uid(SENT_AND_BACKED_UP) in _studies(clinic)
+
+
+def test_auto_cleanup_after_a_backup_keeps_everything_younger_than_retention_days(
+        make_clinic, hq, backup_disk):
+    clinic = make_clinic(hq.url, BACKUP_PATH=str(backup_disk), AUTO_CLEANUP="true",
+                         RETENTION_DAYS="1")
+    _send(clinic, hq, [SENT_AND_BACKED_UP])
+    first = run_pacs("backup", "now", env_file=clinic.env_file)
+    assert first.returncode == 0, first.stderr
+    assert "cleanup: 0 old studies" in first.stdout, first.stdout
+    # The same study, old enough by the command line's own limit: the backup now holds it.
+    assert "1 removed" in run_pacs("cleanup", "--older-than", "0",
+                                   env_file=clinic.env_file).stdout
+    assert _studies(clinic) == set()
