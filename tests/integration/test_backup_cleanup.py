@@ -21,7 +21,7 @@ from gotg_pacs.sync.transport import HQClient
 from tests.conftest import run_pacs
 from tests.support import corpus
 from tests.support.disk import tmpfs
-from tests.support.site import owe
+from tests.support.site import free_port, owe
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -168,7 +168,17 @@ def test_auto_cleanup_after_a_backup_keeps_everything_younger_than_retention_day
     first = run_pacs("backup", "now", env_file=clinic.env_file)
     assert first.returncode == 0, first.stderr
     assert "cleanup: 0 old studies" in first.stdout, first.stdout
-    # The same study, old enough by the command line's own limit: the backup now holds it.
+    # Old enough by the command line's own limit, and in the backup now; but HQ cannot be
+    # asked again (the link is down): kept.
+    env = clinic.env_file.read_text()
+    dead = f"http://127.0.0.1:{free_port()}"
+    clinic.env_file.write_text(env.replace(f"HQ_URL={hq.url}", f"HQ_URL={dead}"))
+    offline = run_pacs("cleanup", "--older-than", "0", "--json", env_file=clinic.env_file)
+    assert offline.returncode == 0, offline.stderr
+    [verdict] = json.loads(offline.stdout)
+    assert not verdict["removable"] and "HQ could not be asked" in verdict["reason"]
+    assert _studies(clinic) == {_study_uid(SENT_AND_BACKED_UP)}
+    clinic.env_file.write_text(env)
     assert "1 removed" in run_pacs("cleanup", "--older-than", "0",
                                    env_file=clinic.env_file).stdout
     assert _studies(clinic) == set()
