@@ -37,7 +37,7 @@ import wheelhouse  # noqa: E402  (this folder is scripts, not a package)
 ROOT = Path(__file__).resolve().parent.parent
 COLLECTIONS = ["ansible/posix"]  # what the clinic roles use beyond ansible.builtin
 PLAYBOOKS = ["clinic.yml", "ansible.cfg"]
-ROLE_PREFIXES = ("base_", "pacs_services_", "pacs_config_", "orthanc_", "clinic_")
+ROLE_PREFIXES = ("base_", "pacs_services_", "pacs_config_", "orthanc_", "backup_", "clinic_")
 
 
 def site_variables(inventory: Path, host: str) -> dict:
