@@ -13,6 +13,18 @@ import click
 from .config import Settings, load
 
 
+def size_text(value: float | None) -> str:
+    """Bytes as a person reads them: 512 B, 3.4 MB, 1.2 TB."""
+    if value is None:
+        return "unknown"
+    size, unit = float(value), "B"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            break
+        size /= 1024
+    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+
+
 def emit(data: Any, as_json: bool, text: str) -> None:
     """JSON for scripts, or the sentence a person reads."""
     click.echo(json.dumps(data, indent=2, default=str) if as_json else text)

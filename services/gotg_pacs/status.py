@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .clikit import size_text
 from .config import Settings
 from .orthanc import Orthanc, OrthancError
 
@@ -115,17 +116,6 @@ def collect(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _size(value: int | None) -> str:
-    if value is None:
-        return "unknown"
-    size, unit = float(value), "B"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            break
-        size /= 1024
-    return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-
-
 def render_text(report: dict[str, Any]) -> str:
     site = report["site"]
     lines = [f"{site['name']} (site {site['code']}, AET {site['aet']}): "
@@ -140,8 +130,8 @@ def render_text(report: dict[str, Any]) -> str:
         else:
             lines.append(f"  {service['name']:<10} DOWN  {service['error']}")
     storage = report["storage"]
-    lines.append(f"  storage    {_size(storage['archive_bytes'])} archived, "
-                 f"{_size(storage['free_bytes'])} free of {_size(storage['total_bytes'])} "
+    lines.append(f"  storage    {size_text(storage['archive_bytes'])} archived, "
+                 f"{size_text(storage['free_bytes'])} free of {size_text(storage['total_bytes'])} "
                  f"on {storage['path']}")
     counts = report["counts"]
     if counts:

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import click
 
-from ..clikit import Context, emit, json_option, pass_context
+from ..clikit import Context, emit, json_option, pass_context, size_text
 from ..config import Settings
 from .borgmatic import BackupError, Backups
 
 
 def _backups(ctx: Context) -> Backups:
     return Backups(ctx.settings, ctx.env_file)
-
-
-def _size(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1024 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return ""  # pragma: no cover - the loop always returns
 
 
 @click.group()
@@ -37,7 +29,7 @@ def backup_now(ctx: Context, as_json: bool) -> None:
     except BackupError as exc:
         raise click.ClickException(str(exc)) from None
     lines = [f"backup {archive['archive']} to {archive['repository']}: {archive['files']} files, "
-             f"{_size(archive['original_bytes'])}, {_size(archive['added_bytes'])} new, "
+             f"{size_text(archive['original_bytes'])}, {size_text(archive['added_bytes'])} new, "
              f"{archive['seconds']} s" for archive in made["archives"]]
     if ctx.settings.auto_cleanup:
         try:
@@ -99,7 +91,7 @@ def _cleanup_summary(verdicts, dry_run: bool) -> str:
     removable = [v for v in verdicts if v.removable]
     freed = sum(v.bytes for v in removable)
     head = (f"cleanup{' (dry run)' if dry_run else ''}: {len(verdicts)} old studies, "
-            f"{len(removable)} {'removable' if dry_run else 'removed'} ({_size(freed)}), "
+            f"{len(removable)} {'removable' if dry_run else 'removed'} ({size_text(freed)}), "
             f"{len(verdicts) - len(removable)} kept")
     kept = [f"  kept {v.study_uid} ({v.study_date or 'no date'}): {v.reason}"
             for v in verdicts if not v.removable]
