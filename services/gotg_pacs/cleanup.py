@@ -62,8 +62,8 @@ class Verdict:
 
 
 def _age_limit(older_than_days: float, now: float) -> str:
-    """Orthanc's LastUpdate format (its local time), for a plain string comparison."""
-    return time.strftime("%Y%m%dT%H%M%S", time.localtime(now - older_than_days * 86400))
+    """Orthanc's LastUpdate format (UTC), for a plain string comparison."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now - older_than_days * 86400))
 
 
 class Cleanup:
@@ -101,8 +101,9 @@ class Cleanup:
                 info["CompressedSize"]))
         return listed
 
-    def judge(self, verdict: Verdict) -> Verdict:
-        """Decide for one study, cheapest question first (HQ, over the network, last)."""
+    def judge(self, verdict: Verdict, archive: str) -> Verdict:
+        """Decide for one study against one backup archive, cheapest question first (HQ, over
+        the network, last)."""
         instances = self._instances(verdict.study_id)
         verdict.instances = len(instances)
         verdict.bytes = sum(instance.size for instance in instances)
@@ -118,7 +119,7 @@ class Cleanup:
         if changed:
             verdict.reason = f"{len(changed)} instance(s) differ from what HQ confirmed"
             return verdict
-        held = self.backups.held([i.path for i in instances])
+        held = self.backups.held([i.path for i in instances], archive)
         unbacked = [i for i in instances if held.get(i.path) != i.stored_md5]
         if unbacked:
             verdict.reason = (f"the newest backup does not hold {len(unbacked)} instance(s) "
@@ -145,30 +146,56 @@ class Cleanup:
         if not self.backups.repositories():
             raise CleanupError("BACKUP_PATH is not set: no backup holds any study, "
                                "none is removed")
-        verdicts, unreachable = [], None
-        for verdict in self.candidates(older_than_days, now):
-            verdicts.append(verdict)
+        candidates = self.candidates(older_than_days, now)
+        if not candidates:
+            return []
+        try:
+            archive = self.backups.newest()
+        except BackupError as exc:
+            for verdict in candidates:
+                verdict.reason = f"kept: {exc}"
+            return candidates
+        if archive is None:
+            for verdict in candidates:
+                verdict.reason = "kept: no backup has been made yet"
+            return candidates
+        unreachable = None
+        for verdict in candidates:
             if unreachable:  # the link is down: ask about the rest another time
                 verdict.reason = f"not checked: HQ could not be asked again ({unreachable})"
                 continue
             try:
-                self.judge(verdict)
+                self.judge(verdict, archive)
+                if verdict.removable and not dry_run:
+                    # Pruning would drop this archive within a day; it is now the backup of a
+                    # study that leaves this box, so it is kept out of pruning first.
+                    archive = self.backups.keep(archive)
+                    self._remove(verdict)
             except HQUnreachable as exc:
                 unreachable = str(exc)
+                verdict.removable = False
                 verdict.reason = f"HQ could not be asked again ({exc})"
             except (HQRefused, BackupError, OrthancError) as exc:
-                verdict.reason = f"could not be checked: {exc}"
-            if verdict.removable and not dry_run:
-                self._remove(verdict)
-        return verdicts
+                verdict.removable = False
+                verdict.reason = (f"{verdict.removed} of {verdict.instances} instances removed, "
+                                  f"then: {exc}" if verdict.removed
+                                  else f"could not be checked: {exc}")
+        return candidates
 
     def _remove(self, verdict: Verdict) -> None:
+        """Delete exactly the instances checked, each only if it is still the file checked
+        (an instance deleted and received again meanwhile has the same ID, not the same file)."""
         for instance in verdict._checked:
             try:
-                self.orthanc.delete(f"/instances/{instance.orthanc_id}")
-                verdict.removed += 1
+                info = self.orthanc.get(f"/instances/{instance.orthanc_id}/attachments/dicom/info")
             except OrthancError as exc:
-                if exc.status != 404:  # already gone is what was wanted
-                    raise
-        log.info("removed study %s (%d instances, %d bytes): %s", verdict.study_uid,
-                 verdict.removed, verdict.bytes, verdict.reason)
+                if exc.status == 404:  # already gone is what was wanted
+                    continue
+                raise
+            if (info["Uuid"], info["UncompressedMD5"]) != (instance.path.name, instance.md5):
+                verdict.reason += f"; {instance.sop_uid} changed during the cleanup and is kept"
+                continue
+            self.orthanc.delete(f"/instances/{instance.orthanc_id}")
+            verdict.removed += 1
+        log.info("removed %d instances of study %s (%d bytes): %s", verdict.removed,
+                 verdict.study_uid, verdict.bytes, verdict.reason)

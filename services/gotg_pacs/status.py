@@ -87,7 +87,10 @@ def _backup(settings: Settings, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     success, failure = last.get("last_success"), last.get("last_failure")
     failing = bool(failure and (not success or failure["at"] > success["finished_at"]))
-    return {"configured": True, "enabled": settings.backup_enabled,
+    # Two intervals without a success: the timer, the disk or the run is stuck.
+    overdue = bool(settings.backup_enabled and success
+                   and now - success["finished_at"] > 2 * settings.backup_interval)
+    return {"configured": True, "enabled": settings.backup_enabled, "overdue": overdue,
             "path": str(settings.backup_path),
             "last_success_at": success["finished_at"] if success else None,
             "age_s": round(now - success["finished_at"]) if success else None,
@@ -155,5 +158,6 @@ def _backup_text(backup: dict[str, Any]) -> str:
     last = ("never made" if hours is None
             else f"last {hours:.1f} h ago ({', '.join(backup['archives'])})")
     failing = f"; FAILING: {backup['last_error']}" if backup["failing"] else ""
+    failing += "; OVERDUE" if backup["overdue"] else ""
     disabled = "" if backup["enabled"] else " (scheduled backups off: BACKUP_ENABLED)"
     return f"{last} to {backup['path']}{disabled}{failing}"

@@ -35,7 +35,7 @@ CORRUPT_WHEN_BACKED_UP = "JPGLosslessP14SV1_1s_1f_8b.dcm"
 
 @pytest.fixture
 def backup_disk(tmp_path):
-    with tmpfs(tmp_path / "usb-backup", "256m") as disk:
+    with tmpfs(tmp_path / "usb-backup", "2g") as disk:
         yield disk
 
 
@@ -43,7 +43,7 @@ def _study_uid(name: str) -> str:
     return str(pydicom.dcmread(corpus.DATA_DIR / name, stop_before_pixels=True).StudyInstanceUID)
 
 
-def _send(clinic, hq, names: list[str]) -> None:
+def _send(clinic, hq, names: list[str | Path]) -> None:
     box = owe(clinic, [corpus.DATA_DIR / name for name in names])
     sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
     try:
@@ -68,7 +68,12 @@ def _studies(appliance) -> set[str]:
 def test_cleanup_removes_only_studies_hq_holds_and_the_backup_holds_as_stored(
         make_clinic, hq, backup_disk, tmp_path):
     clinic = make_clinic(hq.url, BACKUP_PATH=str(backup_disk))
-    _send(clinic, hq, [SENT_AND_BACKED_UP, LOST_AT_HQ, CORRUPT_WHEN_BACKED_UP])
+    # A study whose second instance arrives after the backup.
+    early, late = corpus.renumbered_study([corpus.DATA_DIR / SENT_AND_BACKED_UP,
+                                           corpus.DATA_DIR / NEVER_SENT], tmp_path / "partly",
+                                          PatientID="PARTLY-1", PatientName="Partly^Test")
+    partly = str(pydicom.dcmread(early, stop_before_pixels=True).StudyInstanceUID)
+    _send(clinic, hq, [SENT_AND_BACKED_UP, LOST_AT_HQ, CORRUPT_WHEN_BACKED_UP, early])
     # Bit rot on the clinic's disk before the backup: the backup holds bytes Orthanc never had.
     rotten = _stored_file(clinic, CORRUPT_WHEN_BACKED_UP)
     data = bytearray(rotten.read_bytes())
@@ -101,14 +106,14 @@ def test_cleanup_removes_only_studies_hq_holds_and_the_backup_holds_as_stored(
     modalities = json.loads((out / str(snapshot).lstrip("/") / "modalities.json").read_text())
     assert modalities["xray-tent"]["AET"] == "XRAY_TENT"
 
-    _send(clinic, hq, [SENT_AFTER_THE_BACKUP])
+    _send(clinic, hq, [SENT_AFTER_THE_BACKUP, late])
     assert clinic.modality.store([corpus.DATA_DIR / NEVER_SENT]).ok
     # HQ loses a study after confirming it (a restore gone wrong, a disk at HQ).
     [at_hq] = hq.orthanc.find_instance(str(pydicom.dcmread(
         corpus.DATA_DIR / LOST_AT_HQ, stop_before_pixels=True).SOPInstanceUID))
     hq.orthanc.delete(f"/instances/{at_hq}")
     before = _studies(clinic)
-    assert len(before) == 5
+    assert len(before) == 6
 
     dry = run_pacs("cleanup", "--older-than", "0", "--dry-run", "--json",
                    env_file=clinic.env_file)
@@ -120,16 +125,29 @@ def test_cleanup_removes_only_studies_hq_holds_and_the_backup_holds_as_stored(
     assert "backup does not hold" in verdicts[_study_uid(SENT_AFTER_THE_BACKUP)]["reason"]
     assert "backup does not hold" in verdicts[_study_uid(CORRUPT_WHEN_BACKED_UP)]["reason"]
     assert "HQ no longer holds" in verdicts[_study_uid(LOST_AT_HQ)]["reason"]
+    assert "backup does not hold 1 instance(s)" in verdicts[partly]["reason"]
+    assert verdicts[partly]["instances"] == 2
     assert sum(v["removable"] for v in verdicts.values()) == 1
     assert _studies(clinic) == before, "a dry run removes nothing"
 
     done = run_pacs("cleanup", "--older-than", "0", env_file=clinic.env_file)
     assert done.returncode == 0, done.stderr
-    assert "1 removed" in done.stdout and "4 kept" in done.stdout, done.stdout
+    assert "1 removed" in done.stdout and "5 kept" in done.stdout, done.stdout
     assert _studies(clinic) == before - {_study_uid(SENT_AND_BACKED_UP)}
     [still_at_hq] = hq.orthanc.find_instance(str(pydicom.dcmread(
         corpus.DATA_DIR / SENT_AND_BACKED_UP, stop_before_pixels=True).SOPInstanceUID))
     assert still_at_hq
+
+    # The archive that held the removed study is kept out of pruning: four more backups today,
+    # pruning drops the oldest regular archives of the day, and the kept one, older still, stays.
+    for _ in range(4):
+        again = run_pacs("backup", "now", env_file=clinic.env_file)
+        assert again.returncode == 0, again.stderr
+    names = [entry["name"] for entry in json.loads(
+        run_pacs("backup", "list", "--json", env_file=clinic.env_file).stdout)]
+    assert f"kept.{archive['archive']}" in names and archive["archive"] not in names, names
+    regular = [name for name in names if not name.startswith("kept.")]
+    assert len(regular) < 4 and min(regular) > archive["archive"], names
 
 
 def test_no_cleanup_without_a_backup_and_no_backup_on_the_images_own_disk(make_clinic, hq,
@@ -140,10 +158,11 @@ def test_no_cleanup_without_a_backup_and_no_backup_on_the_images_own_disk(make_c
     clinic = make_clinic(hq.url, BACKUP_PATH=str(same_disk))
     refused = run_pacs("backup", "now", env_file=clinic.env_file)
     assert refused.returncode == 1
-    assert "same disk as the images" in refused.stderr, refused.stderr
+    assert "nothing is mounted at BACKUP_PATH" in refused.stderr, refused.stderr
     assert not (same_disk / "gotg-pacs.borg").exists()
     shown = json.loads(run_pacs("status", "--json", env_file=clinic.env_file).stdout)["backup"]
-    assert shown["failing"] and "same disk" in shown["last_error"] and shown["archives"] == []
+    assert shown["failing"] and "nothing is mounted" in shown["last_error"]
+    assert shown["archives"] == []
     assert "FAILING" in run_pacs("status", env_file=clinic.env_file).stdout
 
     env = clinic.env_file.read_text()
@@ -182,3 +201,11 @@ def test_auto_cleanup_after_a_backup_keeps_everything_younger_than_retention_day
     assert "1 removed" in run_pacs("cleanup", "--older-than", "0",
                                    env_file=clinic.env_file).stdout
     assert _studies(clinic) == set()
+
+    # The box loses its passphrase (its state disk replaced): no new one is made beside the
+    # old repository, which it would not open; the reason is said in words.
+    passphrase = clinic.settings.state_path / "backup" / "passphrase"
+    passphrase.unlink()
+    lost = run_pacs("backup", "now", env_file=clinic.env_file)
+    assert lost.returncode == 1 and "lost its passphrase" in lost.stderr, lost.stderr
+    assert not passphrase.exists()

@@ -46,6 +46,7 @@ REPOSITORY_FOLDER = "gotg-pacs.borg"
 LOCAL = "local"
 # Retention of the local repository (pruned after each backup; HQ prunes its own copy).
 KEEP = {"keep_daily": 7, "keep_weekly": 4, "keep_monthly": 12}
+KEPT = "kept."  # prefix of archives kept out of pruning (they hold studies cleaned up here)
 PATHS_PER_CALL = 400  # paths per `list` call: well inside the kernel's argument limit
 _LISTED = re.compile(r"^([0-9a-f]{32}) (\d+) (.+)$")
 
@@ -117,10 +118,21 @@ class Backups:
     def _prepare(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not self.passphrase_file.exists():
-            durable.write_bytes(self.passphrase_file.with_suffix(".new"),
-                                secrets.token_urlsafe(32).encode())
-            os.chmod(self.passphrase_file.with_suffix(".new"), 0o600)
-            os.replace(self.passphrase_file.with_suffix(".new"), self.passphrase_file)
+            existing = [repo.path for repo in self.repositories()
+                        if (Path(repo.path) / "config").exists()]
+            if existing:
+                # A new passphrase would not open it, and borg would only say "incorrect".
+                raise BackupError(
+                    f"the backup disk holds a repository ({existing[0]}) but this box has lost "
+                    f"its passphrase ({self.passphrase_file} is missing): put the passphrase "
+                    "back from where it was kept (HQ), or use an empty backup disk")
+            fresh = self.passphrase_file.with_suffix(".new")
+            descriptor = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "wb") as out:
+                out.write(secrets.token_urlsafe(32).encode())
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(fresh, self.passphrase_file)
             durable.fsync_dir(self.folder)
         durable.replace_text(self.config_file, json.dumps(self.config(), indent=2) + "\n",
                              mode=0o600)
@@ -140,9 +152,14 @@ class Backups:
         done = subprocess.run([str(borgmatic), "--config", str(self.config_file),
                                "--no-color", *args], capture_output=True, text=True)
         if check and done.returncode != 0:
-            lines = [line for line in (done.stderr + done.stdout).splitlines()
-                     if line.strip() and "torsion.org" not in line]
-            raise BackupError(f"borgmatic {args[0]} failed: " + " | ".join(lines[-4:]))
+            noise = ("torsion.org", "returned non-zero exit status", "Error running actions",
+                     "An error occurred", "summary:")
+            lines = [line.removeprefix(f"{args[2]}: ") if len(args) > 2 else line
+                     for line in done.stderr.splitlines()
+                     if line.strip() and not any(word in line for word in noise)
+                     and not line.startswith("/")]
+            raise BackupError(f"borgmatic {args[0]} failed: "
+                              + " | ".join(dict.fromkeys(lines[-6:])))
         return done
 
     # --- the disk ----------------------------------------------------------------------------
@@ -153,6 +170,11 @@ class Backups:
         if not where.is_dir():
             raise BackupError(f"backup disk missing: BACKUP_PATH {where} does not exist; "
                               "plug in the backup disk")
+        if not os.path.ismount(where):
+            # An empty folder where the disk is mounted: a repository made there would fill
+            # the system disk and vanish under the USB disk once it is plugged in again.
+            raise BackupError(f"backup disk missing: nothing is mounted at BACKUP_PATH {where}; "
+                              "plug in the USB backup disk")
         if where.stat().st_dev == self.settings.storage_path.stat().st_dev:
             raise BackupError(f"BACKUP_PATH {where} is on the same disk as the images "
                               "(STORAGE_PATH): a backup there dies with them. Mount the backup "
@@ -199,9 +221,11 @@ class Backups:
         with self._locked():
             try:
                 made = self._create()
-            except BackupError as exc:
+            except Exception as exc:  # recorded whatever it is, so pacs status says FAILING
                 self._record("last_failure", {"at": time.time(), "error": str(exc)})
-                raise
+                if isinstance(exc, BackupError):
+                    raise
+                raise BackupError(f"backup failed: {exc}") from exc
             success = {"finished_at": time.time(), "archives": made}
             self._record("last_success", success)
             return success
@@ -238,7 +262,8 @@ class Backups:
             if not (Path(repo.path) / "config").exists():
                 continue
             self._prepare()
-            done = self._run("repo-list", "--repository", repo.label, "--json")
+            done = self._run("repo-list", "--repository", repo.label, "--json",
+                             "--match-archives", "sh:*")
             for answer in json.loads(done.stdout):
                 listed += [{"repository": repo.label, "name": archive["name"],
                             "time": archive["time"]} for archive in answer["archives"]]
@@ -261,23 +286,49 @@ class Backups:
         except FileNotFoundError:
             return None
 
-    def held(self, paths: list[Path]) -> dict[Path, str]:
-        """Which of these files the newest archive of a repository holds, with the MD5 of the
-        content it holds (read back from the repository, not assumed)."""
+    def _local(self) -> Repository:
+        repos = self.repositories()
+        if not repos:
+            raise BackupError("BACKUP_PATH is not set: there is no backup")
+        self._check_disk(repos[0])
+        if not (Path(repos[0].path) / "config").exists():
+            raise BackupError(f"no backup repository at {repos[0].path} yet")
+        self._prepare()
+        return repos[0]
+
+    def newest(self) -> str | None:
+        """The name of the newest regular archive (not a kept one), None if there is none."""
+        repo = self._local()
+        done = self._run("repo-list", "--repository", repo.label, "--json")
+        archives = [archive for answer in json.loads(done.stdout)
+                    for archive in answer["archives"]]
+        return max(archives, key=lambda archive: archive["time"])["name"] if archives else None
+
+    def keep(self, archive: str) -> str:
+        """Take an archive out of pruning for good (renamed `kept.NAME`): it holds studies
+        removed from this box since, and pruning would otherwise drop it within a day."""
+        if archive.startswith(KEPT):
+            return archive
+        with self._locked():
+            repo = self._local()
+            self._run("borg", "--repository", repo.label, "rename", f"::{archive}",
+                      KEPT + archive)
+        return KEPT + archive
+
+    def held(self, paths: list[Path], archive: str) -> dict[Path, str]:
+        """Which of these files `archive` holds, with the MD5 of the content it holds (read
+        back from the repository, not assumed)."""
+        repo = self._local()
         found: dict[Path, str] = {}
         wanted = {str(path).lstrip("/"): path for path in paths}
-        for repo in self.repositories():
-            if not (Path(repo.path) / "config").exists():
-                continue
-            self._prepare()
-            names = [name for name in wanted if wanted[name] not in found]
-            for first in range(0, len(names), PATHS_PER_CALL):
-                batch = names[first:first + PATHS_PER_CALL]
-                done = self._run("list", "--repository", repo.label, "--archive", "latest",
-                                 "--format", "{md5} {size} {path}{NL}",
-                                 *[arg for name in batch for arg in ("--path", name)])
-                for line in done.stdout.splitlines():
-                    match = _LISTED.match(line)
-                    if match and match.group(3) in wanted:
-                        found[wanted[match.group(3)]] = match.group(1)
+        names = list(wanted)
+        for first in range(0, len(names), PATHS_PER_CALL):
+            batch = names[first:first + PATHS_PER_CALL]
+            done = self._run("list", "--repository", repo.label, "--archive", archive,
+                             "--format", "{md5} {size} {path}{NL}",
+                             *[arg for name in batch for arg in ("--path", name)])
+            for line in done.stdout.splitlines():
+                match = _LISTED.match(line)
+                if match and match.group(3) in wanted:
+                    found[wanted[match.group(3)]] = match.group(1)
         return found

@@ -88,13 +88,13 @@ def _cleanup(settings: Settings, backups: Backups, days: float, dry_run: bool):
 
 
 def _cleanup_summary(verdicts, dry_run: bool) -> str:
-    removable = [v for v in verdicts if v.removable]
-    freed = sum(v.bytes for v in removable)
+    gone = [v for v in verdicts if (v.removable if dry_run else v.removed)]
+    freed = sum(v.bytes for v in gone)
     head = (f"cleanup{' (dry run)' if dry_run else ''}: {len(verdicts)} old studies, "
-            f"{len(removable)} {'removable' if dry_run else 'removed'} ({size_text(freed)}), "
-            f"{len(verdicts) - len(removable)} kept")
+            f"{len(gone)} {'removable' if dry_run else 'removed'} ({size_text(freed)}), "
+            f"{len(verdicts) - len(gone)} kept")
     kept = [f"  kept {v.study_uid} ({v.study_date or 'no date'}): {v.reason}"
-            for v in verdicts if not v.removable]
+            for v in verdicts if v not in gone or not v.removable]
     return "\n".join([head, *kept])
 
 
