@@ -107,6 +107,8 @@ def test_a_modality_stores_a_study_and_the_archive_shows_it(host):
 def test_the_timer_backs_up_to_the_usb_disk_and_never_to_the_images_own_disk(host):
     timer = host.service("pacs-backup.timer")
     assert timer.is_enabled and timer.is_running
+    declared = host.run("findmnt --fstab --noheadings -o SOURCE,FSTYPE,OPTIONS /mnt/backup").stdout
+    assert declared.split()[:2] == ["LABEL=GOTG-BACKUP", "ext4"] and "nofail" in declared
     # No USB disk: /mnt/backup is a folder of the root file system, like the images.
     host.run("mkdir -p /mnt/backup")
     refused = host.run("systemctl start pacs-backup.service")
