@@ -205,6 +205,8 @@ def test_auto_cleanup_after_a_backup_keeps_everything_younger_than_retention_day
     # The box loses its passphrase (its state disk replaced): no new one is made beside the
     # old repository, which it would not open; the reason is said in words.
     passphrase = clinic.settings.state_path / "backup" / "passphrase"
+    shown = run_pacs("backup", "passphrase", env_file=clinic.env_file)
+    assert shown.returncode == 0 and shown.stdout.strip() == passphrase.read_text().strip()
     passphrase.unlink()
     lost = run_pacs("backup", "now", env_file=clinic.env_file)
     assert lost.returncode == 1 and "lost its passphrase" in lost.stderr, lost.stderr

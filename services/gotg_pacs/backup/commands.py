@@ -72,6 +72,22 @@ def backup_check(ctx: Context, verify_data: bool, as_json: bool) -> None:
          + (", every chunk read and verified" if verify_data else ""))
 
 
+@backup.command("passphrase")
+@json_option
+@pass_context
+def backup_passphrase(ctx: Context, as_json: bool) -> None:
+    """Show the backup's passphrase, to keep off the box (HQ, a sealed envelope): without it
+    the backup disk cannot be read once this box is gone."""
+    backups = _backups(ctx)
+    try:
+        secret = backups.passphrase_file.read_text().strip()
+    except FileNotFoundError:
+        raise click.ClickException("no passphrase yet: it is made by the first backup") from None
+    except PermissionError:
+        raise click.ClickException("only root may read the backup's passphrase") from None
+    emit({"passphrase": secret, "file": str(backups.passphrase_file)}, as_json, secret)
+
+
 def _cleanup(settings: Settings, backups: Backups, days: float, dry_run: bool):
     from ..cleanup import Cleanup, CleanupError
     from ..orthanc import Orthanc, OrthancError
