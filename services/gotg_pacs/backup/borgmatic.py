@@ -10,7 +10,8 @@ archive holds:
   declared to Orthanc.
 
 Orthanc's SQLite index is not in it: Orthanc holds it under an exclusive lock while it runs, so
-no consistent copy can be taken without stopping it; it is rebuilt from the files on restore.
+no consistent copy can be taken without stopping it. The files are complete DICOM: an index can
+be rebuilt from them by storing them again.
 
 The repository lives on the backup disk mounted at BACKUP_PATH, never on the disk that holds the
 images (a backup on the same disk dies with it). It is encrypted with repokey-blake2 unless
