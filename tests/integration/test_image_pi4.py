@@ -105,6 +105,9 @@ def test_the_pi_image_boots_its_own_kernel_and_root_on_arm64(pi_image, tmp_path)
     subprocess.run(["cp", "--sparse=always", str(pi_image), str(disk)], check=True)
     # The image's own kernel, initramfs and command line (console on the virt serial port).
     vm = PiVM.from_image(disk, tmp_path, {22: free_port()})
+    # systemd prints unit status on the console only until the boot is finished; its log, sent
+    # to the kernel's, says when a mount that ends later is done too.
+    vm.cmdline += " systemd.log_target=kmsg"
     try:
         vm.start()
 
