@@ -53,5 +53,5 @@ def test_borgmatic_accepts_the_configuration_and_the_passphrase_stays_out_of_it(
                               str(backups.config_file)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     # A second run keeps the passphrase: a new one would lock the box out of its own backups.
-    backups._prepare()
+    Backups(settings)._prepare()  # a later command, its own instance
     assert backups.passphrase_file.read_text() == passphrase

@@ -67,6 +67,7 @@ class Backups:
         self.settings = settings
         self.env_file = env_file
         self.folder = settings.state_path / "backup"
+        self._prepared = False
 
     # --- places ------------------------------------------------------------------------------
 
@@ -117,6 +118,10 @@ class Backups:
         }
 
     def _prepare(self) -> None:
+        """The passphrase (made once, ever) and borgmatic's configuration (once per command: a
+        cleanup asks about every study, and the settings do not change meanwhile)."""
+        if self._prepared:
+            return
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not self.passphrase_file.exists():
             existing = [repo.path for repo in self.repositories()
@@ -127,16 +132,10 @@ class Backups:
                     f"the backup disk holds a repository ({existing[0]}) but this box has lost "
                     f"its passphrase ({self.passphrase_file} is missing): put the passphrase "
                     "back from where it was kept (HQ), or use an empty backup disk")
-            fresh = self.passphrase_file.with_suffix(".new")
-            descriptor = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(descriptor, "wb") as out:
-                out.write(secrets.token_urlsafe(32).encode())
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(fresh, self.passphrase_file)
-            durable.fsync_dir(self.folder)
+            durable.replace_text(self.passphrase_file, secrets.token_urlsafe(32), mode=0o600)
         durable.replace_text(self.config_file, json.dumps(self.config(), indent=2) + "\n",
                              mode=0o600)
+        self._prepared = True
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
