@@ -11,6 +11,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -209,6 +210,41 @@ def test_a_last_chunk_sent_twice_at_once_stores_once_and_answers_both(hq):
     assert HQClient(hq.url, hq.token).offset(url) == (len(payload), hq_id)
     assert HQClient(hq.url, hq.token).append(url, len(payload), b"") == (len(payload), hq_id)
     assert list((hq.settings.hq_dir / "uploads").glob("*.part")) == []
+
+
+def test_a_chunk_cut_off_by_an_outage_does_not_hold_the_upload_when_the_clinic_returns(hq):
+    """A link that drops mid-chunk sends HQ no FIN: the request reading that chunk would hold
+    the upload for the receiver's socket timeout (a minute) while the clinic, its link back,
+    waits. The clinic's next HEAD must cut the stale request off, count the bytes it had, and
+    the resumed PATCH go through at once."""
+    source = corpus.DATA_DIR / "MR2_UNCR.dcm"
+    payload = source.read_bytes()
+    uid = str(pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID)
+    client = HQClient(hq.url, hq.token, timeout=30)
+    url = client.create(len(payload), {"sop_uid": uid, "codec": "identity",
+                                       "payload_md5": hashlib.md5(payload).hexdigest(),
+                                       "original_md5": hashlib.md5(payload).hexdigest()})
+    path = url.removeprefix(hq.url)
+    arrived = 300_000  # of a chunk announced as the whole payload
+    stale = socket.create_connection(("127.0.0.1", int(hq.url.rsplit(":", 1)[1])))
+    try:
+        stale.sendall(
+            f"PATCH {path} HTTP/1.1\r\nHost: hq\r\nAuthorization: Bearer {hq.token}\r\n"
+            f"Tus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\n"
+            f"Content-Type: application/offset+octet-stream\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload[:arrived])
+        time.sleep(1)  # the receiver reads what arrived; the rest never comes, nor a FIN
+        started = time.monotonic()
+        offset, confirmed = client.offset(url)
+        assert (offset, confirmed) == (arrived, None), "the bytes that arrived are kept"
+        assert client.append(url, offset, payload[offset:], total=len(payload))[1]
+        assert time.monotonic() - started < 10, "the resume did not wait for the stale request"
+    finally:
+        stale.close()
+    [hq_id] = hq.orthanc.find_instance(uid)
+    # HQ verified the reassembled payload against the original's MD5 before storing it.
+    assert hq.orthanc.request("GET", f"/instances/{hq_id}/metadata/GotgOriginalMd5"
+                              ).text.strip() == hashlib.md5(payload).hexdigest()
 
 
 def test_a_refusal_is_answered_again_the_same_and_another_site_sees_nothing(hq):

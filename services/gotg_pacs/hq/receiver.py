@@ -10,7 +10,9 @@ HQ" on that header alone (or, for a batch of small instances, on its per-instanc
 An upload is locked (flock on its `.part`) from its first byte to its outcome, and the outcome
 (HQ's instance, or why it was refused) is kept for a week as `.done`: a last chunk retried
 because its answer was lost, or sent while a slow finalization runs, gets the same answer and
-never stores the instance twice. Uploads idle for a week are forgotten.
+never stores the instance twice. Uploads idle for a week are forgotten. A clinic whose link
+dropped mid-chunk sends no FIN, so its stale request would hold the lock until the socket
+timeout; the clinic's next request for that upload cuts the stale one off instead (`Readers`).
 
 Routes for sites (`Authorization: Bearer <site token>`):
   POST  /files              create an upload (Upload-Length, Upload-Metadata)
@@ -38,9 +40,13 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from flask import Flask, Response, abort, g, jsonify, request, send_file
@@ -64,6 +70,62 @@ OPERATOR_ROUTES = ("/api/v1/reconciliation", "/api/v1/revisions")
 REVISION_ID = re.compile(r"rev-[0-9a-f]{32}")
 REQUIRED_METADATA = ("sop_uid", "codec", "payload_md5", "original_md5")
 BATCH_METADATA = ("codec", "payload_md5")
+
+
+class Readers:
+    """The connection of each request still reading a chunk, by upload.
+
+    After an outage the clinic's old connection is dead without a FIN, and the request reading
+    from it would hold the upload's lock for the socket timeout (a minute of the clinic waiting
+    with its link back). Its next HEAD or PATCH for the same upload (the same site: `load`
+    checks) cuts the stale reader off instead; what had arrived is kept, and the offset says
+    so. The registry is per receiver process; between receivers the socket timeout still ends
+    a stale request. A request storing a finished upload is no longer reading and is never cut.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reading: dict[str, socket.socket] = {}
+
+    @contextmanager
+    def reading(self, upload_id: str, connection: socket.socket | None) -> Iterator[None]:
+        if connection is None:  # a server that does not expose its socket: nothing to cut
+            yield
+            return
+        with self._lock:
+            self._reading[upload_id] = connection
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._reading.get(upload_id) is connection:
+                    del self._reading[upload_id]
+
+    def cut_off(self, upload_id: str) -> bool:
+        """End the read of a stale request for this upload, if one is reading."""
+        with self._lock:
+            connection = self._reading.pop(upload_id, None)
+        if connection is None:
+            return False
+        try:
+            connection.shutdown(socket.SHUT_RD)  # its blocked read returns at once
+        except OSError:
+            pass  # closed meanwhile
+        return True
+
+
+def _lock_soon(handle, seconds: float) -> bool:
+    """The upload's lock within `seconds`, polling; False if another request keeps it (a
+    finished upload being stored, say)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
 
 def _tus(response: Response) -> Response:
@@ -132,6 +194,7 @@ def create_app(settings: Settings) -> Flask:
     ledger = Ledger(settings.hq_dir)
     archive = Archive(orthanc, settings.hq_dir / "transfers.jsonl", ledger)
     outgoing = outbound.register(app, orthanc, settings.hq_dir / "outbound.sqlite")
+    readers = Readers()
     swept = {"at": 0.0}
 
     def paths(upload_id: str) -> tuple[Path, Path, Path]:
@@ -239,8 +302,13 @@ def create_app(settings: Settings) -> Flask:
         if (result := outcome(paths(upload_id)[2])) is not None:
             return ended(result)
         part, _, meta = load(upload_id, ended)
+        # A stale request still reading this upload would grow it after we answer: cut it off
+        # and let it write what it has, so the offset given is the one to resume from.
+        readers.cut_off(upload_id)
         try:
-            size = part.stat().st_size
+            with open(part, "rb") as handle:
+                _lock_soon(handle, 2.0)  # held longer only while storing: the size is final
+                size = handle.seek(0, os.SEEK_END)
         except FileNotFoundError:
             finished(paths(upload_id)[2], ended)
         response = Response(status=200)
@@ -264,6 +332,7 @@ def create_app(settings: Settings) -> Flask:
         with handle:
             # One writer per upload, whatever the receiver, from the first byte to the
             # confirmation: a retried last chunk waits here and then gets the same answer.
+            readers.cut_off(upload_id)
             fcntl.flock(handle, fcntl.LOCK_EX)
             if (result := outcome(done)) is not None:
                 return replay(result)
@@ -274,10 +343,11 @@ def create_app(settings: Settings) -> Flask:
             stale = int(request.headers.get("Upload-Offset", -1)) != current
             written = 0
             try:
-                while block := request.stream.read(codecs.BLOCK):
-                    written += len(block)
-                    if not stale and current + written <= meta["length"]:
-                        handle.write(block)
+                with readers.reading(upload_id, request.environ.get("werkzeug.socket")):
+                    while block := request.stream.read(codecs.BLOCK):
+                        written += len(block)
+                        if not stale and current + written <= meta["length"]:
+                            handle.write(block)
             finally:  # a clinic cut off mid-chunk keeps what arrived: the offset says so
                 meta["received"] += written  # every byte that crossed the link, even refused
                 meta["max_chunk"] = max(meta.get("max_chunk", 0), written)
