@@ -339,6 +339,8 @@ cli.add_command(sync_commands.sync)
 cli.add_command(hq_commands.hq)
 cli.add_command(backup_commands.backup)
 cli.add_command(backup_commands.cleanup)
+cli.add_command(backup_commands.restore)
+cli.add_command(backup_commands.integrity)
 
 
 def main() -> None:

@@ -137,6 +137,20 @@ class Backups:
                              mode=0o600)
         self._prepared = True
 
+    def put_back_passphrase(self, secret: str) -> None:
+        """The passphrase kept off the box, put back (a new box and the old backup disk).
+        Never over another one: that one may be all that opens archives made since."""
+        secret = secret.strip()
+        if not secret or any(char.isspace() for char in secret):
+            raise BackupError("no passphrase given (one line, no spaces, on standard input)")
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.passphrase_file.exists():
+            if self.passphrase_file.read_text().strip() == secret:
+                return
+            raise BackupError(f"this box has another passphrase already "
+                              f"({self.passphrase_file}); it is left as it is")
+        durable.replace_text(self.passphrase_file, secret, mode=0o600)
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
         """One backup at a time: a second `pacs backup now` waits for the first."""
@@ -314,6 +328,43 @@ class Backups:
             self._run("borg", "--repository", repo.label, "rename", f"::{archive}",
                       KEPT + archive)
         return KEPT + archive
+
+    def resolve(self, archive: str | None) -> str:
+        """The archive named (it must exist), or the newest of all when None."""
+        archives = self.archives()
+        if not archives:
+            raise BackupError("the backup disk holds no archive yet")
+        if archive is None:
+            return max(archives, key=lambda item: item["time"])["name"]
+        if archive not in {item["name"] for item in archives}:
+            raise BackupError(f"no archive named {archive!r} (see `pacs backup list`)")
+        return archive
+
+    def contents(self, archive: str) -> dict[Path, tuple[str, int]]:
+        """Every file the archive holds: its MD5 (read back from the repository) and size, by
+        the absolute path it was backed up from (another box's paths, maybe)."""
+        repo = self._local()
+        done = self._run("list", "--repository", repo.label, "--archive", archive,
+                         "--format", "{type} {md5} {size} {path}{NL}")
+        found = {}
+        for line in done.stdout.splitlines():
+            kind, _, rest = line.partition(" ")
+            match = _LISTED.match(rest)
+            if kind == "-" and match:
+                found[Path("/") / match.group(3)] = (match.group(1), int(match.group(2)))
+        return found
+
+    def extract(self, archive: str, paths: list[Path], destination: Path) -> None:
+        """Extract these files (absolute paths as backed up) below `destination`, each at its
+        full path there (destination/var/lib/...): never over the live files."""
+        repo = self._local()
+        destination.mkdir(parents=True, exist_ok=True, mode=0o700)
+        names = [str(path).lstrip("/") for path in paths]
+        for first in range(0, len(names), PATHS_PER_CALL):
+            self._run("extract", "--repository", repo.label, "--archive", archive,
+                      "--destination", str(destination),
+                      *[arg for name in names[first:first + PATHS_PER_CALL]
+                        for arg in ("--path", name)])
 
     def held(self, paths: list[Path], archive: str) -> dict[Path, str]:
         """Which of these files `archive` holds, with the MD5 of the content it holds (read

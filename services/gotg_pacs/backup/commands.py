@@ -1,6 +1,9 @@
-"""`pacs backup ...` and `pacs cleanup`: what site IT and the backup timer ask for."""
+"""`pacs backup ...`, `pacs cleanup`, `pacs restore` and `pacs integrity check`: what site IT
+and the backup timers ask for."""
 
 from __future__ import annotations
+
+import sys
 
 import click
 
@@ -73,12 +76,23 @@ def backup_check(ctx: Context, verify_data: bool, as_json: bool) -> None:
 
 
 @backup.command("passphrase")
+@click.option("--set", "put_back", is_flag=True,
+              help="Put back a kept passphrase, read from standard input (a new box reading "
+                   "the old box's backup disk).")
 @json_option
 @pass_context
-def backup_passphrase(ctx: Context, as_json: bool) -> None:
+def backup_passphrase(ctx: Context, put_back: bool, as_json: bool) -> None:
     """Show the backup's passphrase, to keep off the box (HQ, a sealed envelope): without it
     the backup disk cannot be read once this box is gone."""
     backups = _backups(ctx)
+    if put_back:
+        try:
+            backups.put_back_passphrase(click.get_text_stream("stdin").read())
+        except BackupError as exc:
+            raise click.ClickException(str(exc)) from None
+        emit({"file": str(backups.passphrase_file)}, as_json,
+             f"passphrase kept in {backups.passphrase_file}")
+        return
     try:
         secret = backups.passphrase_file.read_text().strip()
     except FileNotFoundError:
@@ -126,3 +140,80 @@ def cleanup(ctx: Context, days: float, dry_run: bool, as_json: bool) -> None:
     verdicts = _cleanup(ctx.settings, _backups(ctx), days, dry_run)
     emit([verdict.public() for verdict in verdicts], as_json,
          _cleanup_summary(verdicts, dry_run))
+
+
+@click.command("restore")
+@click.option("--latest", "latest", is_flag=True, help="From the newest archive (the default).")
+@click.option("--archive", metavar="NAME", help="From this archive (see `pacs backup list`).")
+@json_option
+@pass_context
+def restore(ctx: Context, latest: bool, archive: str | None, as_json: bool) -> None:
+    """Store every study of a backup archive back into Orthanc, each one verified by MD5.
+    Orthanc keeps running (modalities can store meanwhile); instances already here stay."""
+    from ..orthanc import Orthanc, OrthancError
+    from .restore import Restore
+
+    if latest and archive:
+        raise click.UsageError("--latest or --archive NAME, not both")
+    try:
+        done = Restore(ctx.settings, _backups(ctx),
+                       Orthanc.from_settings(ctx.settings, timeout=300)).run(archive)
+    except (BackupError, OrthancError) as exc:
+        raise click.ClickException(str(exc)) from None
+    lines = [f"restored from {done.archive}: {len(done.restored)} instances stored and verified, "
+             f"{len(done.present)} already here, in {done.seconds:.0f} s"]
+    lines += [f"  declared modality {name} again" for name in done.modalities]
+    lines += [f"  kept as it is here (differs from the backup): {uid}" for uid in done.differs]
+    lines += [f"  FAILED {failure['file']}: {failure['reason']}" for failure in done.failed]
+    emit(done.public(), as_json, "\n".join(lines))
+    if done.failed:
+        sys.exit(1)
+
+
+@click.group()
+def integrity() -> None:
+    """The stored images checked against what Orthanc recorded when it received them."""
+
+
+@integrity.command("check")
+@click.option("--repair", is_flag=True,
+              help="Put damaged files back from the newest backup that holds them as stored.")
+@json_option
+@pass_context
+def integrity_check(ctx: Context, repair: bool, as_json: bool) -> None:
+    """Every stored instance: its file present, its MD5 as Orthanc recorded, a DICOM parse.
+    Exits 1 while damage remains."""
+    from ..orthanc import Orthanc, OrthancError
+    from ..sync.outbox import Outbox, OutboxError
+    from .integrity import Integrity
+
+    settings = ctx.settings
+
+    def confirmed(instance_ids):
+        try:
+            with Outbox(settings.sync_outbox_file, readonly=True) as outbox:
+                return outbox.confirmations(instance_ids)
+        except OutboxError:
+            return {}
+
+    checker = Integrity(settings, Orthanc.from_settings(settings, timeout=120),
+                        _backups(ctx) if settings.backup_path else None, confirmed)
+    try:
+        findings = checker.check()
+        if repair:
+            checker.repair(findings)
+    except (BackupError, OrthancError) as exc:
+        raise click.ClickException(str(exc)) from None
+    left = [f for f in findings if f.damaged and not f.repaired_from]
+    lines = [f"{checker.checked} instances checked: "
+             f"{sum(1 for f in findings if f.damaged)} damaged"
+             + (f", {sum(1 for f in findings if f.repaired_from)} repaired" if repair else "")
+             + f", {len(left)} not repaired"]
+    for f in findings:
+        state = (f"repaired from {f.repaired_from}" if f.repaired_from
+                 else "HQ confirmed a copy" if f.at_hq else "no copy known")
+        lines.append(f"  {f.problem} {f.sop_uid} ({f.detail}): {state}")
+    emit({"checked": checker.checked, "findings": [checker.public(f) for f in findings]},
+         as_json, "\n".join(lines))
+    if left:
+        sys.exit(1)

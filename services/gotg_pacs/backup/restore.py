@@ -1,0 +1,164 @@
+"""`pacs restore`: studies back from a backup archive into the running Orthanc, each verified.
+
+The archive holds Orthanc's storage files (complete DICOM) but not its index, so a restore stores
+every file again through Orthanc's REST API: Orthanc rebuilds its index as it goes, nothing has
+to stop, and modalities keep storing meanwhile. Each file is checked three times: extracted by
+borg (which verifies every chunk), its MD5 against the one the repository recorded, and Orthanc's
+MD5 of what it stored against both. An instance already here with the same content is left as
+it is; one here with other content is never overwritten, only reported.
+
+Files are extracted into a folder on the images' own disk (so the room checked is the room
+used), at most a batch at a time, and removed as soon as they are stored. The sync service sees
+restored instances as new: its holdings question confirms at once those HQ already holds. The
+declared modalities come back from the archive's snapshot; pacs.env is not touched (a new box
+has its own, made by the image or the playbook).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import Settings
+from ..orthanc import Orthanc, OrthancError, OrthancUnreachable
+from .borgmatic import BackupError, Backups
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 512 * 2**20  # extracted at once: room for this much is enough to restore
+ROOM_MARGIN = 256 * 2**20  # left free on the images' disk (Orthanc needs room to store)
+ORTHANC_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{8}-[0-9a-f-]{27}")
+SNAPSHOT_MODALITIES = ("backup", "snapshot", "modalities.json")
+
+
+@dataclass
+class Restored:
+    archive: str
+    restored: list[str] = field(default_factory=list)   # SOP Instance UIDs stored again
+    present: list[str] = field(default_factory=list)    # here already, the same content
+    differs: list[str] = field(default_factory=list)    # here already with other content
+    failed: list[dict] = field(default_factory=list)    # {"file", "reason"}
+    modalities: list[str] = field(default_factory=list)  # declared again
+    seconds: float = 0.0
+
+    def public(self) -> dict:
+        return {"archive": self.archive, "restored": len(self.restored),
+                "present": len(self.present), "differs": self.differs,
+                "failed": self.failed, "modalities": self.modalities,
+                "seconds": round(self.seconds, 1)}
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        while block := handle.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Restore:
+    def __init__(self, settings: Settings, backups: Backups, orthanc: Orthanc) -> None:
+        self.settings = settings
+        self.backups = backups
+        self.orthanc = orthanc
+        self.staging = settings.storage_path / "restore-staging"
+
+    def run(self, archive: str | None = None) -> Restored:
+        started = time.monotonic()
+        name = self.backups.resolve(archive)
+        report = Restored(name)
+        contents = self.backups.contents(name)
+        # By the shape of Orthanc's storage area, not by this box's paths: the archive may come
+        # from a box whose STORAGE_PATH differed.
+        files = {path: found for path, found in contents.items()
+                 if ORTHANC_FILE.fullmatch("/".join(path.parts[-3:]))}
+        largest = max((size for _, size in files.values()), default=0)
+        free = shutil.disk_usage(self.settings.storage_path).free
+        if free < min(BATCH_BYTES, sum(size for _, size in files.values())) + largest \
+                + ROOM_MARGIN:
+            raise BackupError(
+                f"not enough room on the images' disk to restore ({free // 2**20} MB free; "
+                f"the archive holds {sum(s for _, s in files.values()) // 2**20} MB): "
+                "make room, or restore onto a larger disk")
+        shutil.rmtree(self.staging, ignore_errors=True)  # a restore that died left it
+        try:
+            for batch in self._batches(files):
+                self.backups.extract(name, batch, self.staging)
+                for path in batch:
+                    self._store(path, files[path][0], report)
+            self._modalities(name, contents, report)
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        report.seconds = time.monotonic() - started
+        log.info("restore from %s: %d restored, %d present, %d differ, %d failed", name,
+                 len(report.restored), len(report.present), len(report.differs),
+                 len(report.failed))
+        return report
+
+    @staticmethod
+    def _batches(files: dict[Path, tuple[str, int]]):
+        batch, size = [], 0
+        for path, (_, length) in sorted(files.items()):
+            if batch and size + length > BATCH_BYTES:
+                yield batch
+                batch, size = [], 0
+            batch.append(path)
+            size += length
+        if batch:
+            yield batch
+
+    def _store(self, path: Path, recorded_md5: str, report: Restored) -> None:
+        extracted = self.staging / str(path).lstrip("/")
+        try:
+            if not extracted.is_file():
+                raise BackupError("not extracted from the archive")
+            md5 = _md5(extracted)
+            if md5 != recorded_md5:
+                raise BackupError(f"extracted MD5 {md5} is not the recorded {recorded_md5}")
+            with open(extracted, "rb") as handle:
+                answer = self.orthanc.post("/instances", data=handle,
+                                           headers={"Content-Type": "application/dicom"})
+            instance = answer["ID"]
+            here = self.orthanc.request(
+                "GET", f"/instances/{instance}/attachments/dicom/md5").text.strip()
+            uid = self.orthanc.get(f"/instances/{instance}")["MainDicomTags"].get(
+                "SOPInstanceUID", instance)
+            if answer.get("Status") == "AlreadyStored":
+                (report.present if here == md5 else report.differs).append(uid)
+            elif here == md5:
+                report.restored.append(uid)
+            else:
+                raise BackupError(f"Orthanc stored MD5 {here}, not {md5}")
+        except OrthancUnreachable:
+            raise  # Orthanc down: stop here rather than fail every file
+        except OrthancError as exc:
+            report.failed.append({"file": str(path), "reason": f"Orthanc refused it: {exc}"})
+        except BackupError as exc:
+            report.failed.append({"file": str(path), "reason": str(exc)})
+        finally:
+            extracted.unlink(missing_ok=True)
+
+    def _modalities(self, archive: str, contents: dict, report: Restored) -> None:
+        """The modalities the archive's snapshot declares and this Orthanc does not."""
+        exported = [path for path in contents if path.parts[-3:] == SNAPSHOT_MODALITIES]
+        if not exported:
+            return
+        snapshot = exported[0]
+        self.backups.extract(archive, [snapshot], self.staging)
+        try:
+            declared = json.loads((self.staging / str(snapshot).lstrip("/")).read_text())
+        except ValueError:
+            log.warning("the archive's modalities.json is not JSON; modalities not restored")
+            return
+        here = self.orthanc.modalities()
+        for name, modality in declared.items():
+            if name not in here:
+                self.orthanc.put_modality(name, modality["AET"], modality["Host"],
+                                          int(modality["Port"]))
+                report.modalities.append(name)

@@ -1,0 +1,191 @@
+"""Restores and the integrity check: every path proven by restoring, with real borg and Orthanc.
+
+Why it matters: a dead SD card or a flooded clinic must cost minutes, not studies. A restore into
+an empty appliance must give back the same instances (same UIDs, same MD5s); damaged files must
+be found and put back from the backup; what cannot be repaired must be said; and a backup killed
+halfway (a power cut) must not spoil the next one or the restore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pydicom
+import pytest
+
+from gotg_pacs.process import wait_until
+from tests.conftest import run_pacs
+from tests.support import corpus
+from tests.support.disk import tmpfs
+
+pytestmark = pytest.mark.timeout(900)
+
+MIX = ["693_UNCR.dcm", "MR2_UNCR.dcm", "US1_UNCR.dcm", "SC_rgb.dcm",
+       "emri_small_jpeg_ls_lossless.dcm"]
+
+
+@pytest.fixture
+def backup_disk(tmp_path):
+    with tmpfs(tmp_path / "usb-backup", "2g") as disk:
+        yield disk
+
+
+def _held(appliance) -> dict[str, str]:
+    """SOP Instance UID -> Orthanc's MD5 of the stored file, for every instance."""
+    held = {}
+    for instance in appliance.orthanc.get("/instances", params={"expand": ""}):
+        md5 = appliance.orthanc.request(
+            "GET", f"/instances/{instance['ID']}/attachments/dicom/md5").text.strip()
+        held[instance["MainDicomTags"]["SOPInstanceUID"]] = md5
+    return held
+
+
+def _stored_file(appliance, path):
+    sop = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    [instance] = appliance.orthanc.find_instance(sop)
+    uuid = appliance.orthanc.get(f"/instances/{instance}/attachments/dicom/info")["Uuid"]
+    return sop, instance, appliance.settings.orthanc_storage_dir / uuid[:2] / uuid[2:4] / uuid
+
+
+def _backup(appliance) -> str:
+    done = run_pacs("backup", "now", "--json", env_file=appliance.env_file, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["archives"][0]["archive"]
+
+
+def _move_passphrase(old, new) -> None:
+    """What HQ's escrow does for a replaced box: the old box's passphrase onto the new one."""
+    shown = run_pacs("backup", "passphrase", env_file=old.env_file)
+    assert shown.returncode == 0, shown.stderr
+    put = run_pacs("backup", "passphrase", "--set", input=shown.stdout, env_file=new.env_file)
+    assert put.returncode == 0, put.stderr
+
+
+def test_a_backup_restores_into_an_empty_appliance_identical_and_again_changes_nothing(
+        appliance_factory, backup_disk):
+    old = appliance_factory("old", BACKUP_PATH=str(backup_disk))
+    assert old.modality.store([corpus.DATA_DIR / name for name in MIX]).ok
+    declared = run_pacs("modality", "add", "xray-tent", "XRAY_TENT", "10.0.0.9", "104",
+                        env_file=old.env_file)
+    assert declared.returncode == 0, declared.stderr
+    archive = _backup(old)
+    expected = _held(old)
+    assert len(expected) == len(MIX)
+    old.stop()  # the SD card died; the backup disk moves to a freshly flashed box
+
+    new = appliance_factory("new", BACKUP_PATH=str(backup_disk))
+    assert _held(new) == {}
+    refused = run_pacs("restore", "--latest", env_file=new.env_file)
+    assert refused.returncode == 1
+    assert "lost its passphrase" in refused.stderr, refused.stderr
+    _move_passphrase(old, new)
+    restored = run_pacs("restore", "--latest", "--json", env_file=new.env_file, timeout=600)
+    assert restored.returncode == 0, restored.stderr
+    report = json.loads(restored.stdout)
+    assert report["archive"] == archive
+    assert (report["restored"], report["present"], report["failed"]) == (len(MIX), 0, [])
+    assert report["modalities"] == ["xray-tent"]
+    assert _held(new) == expected, "the same instances, byte for byte as Orthanc recorded"
+    for instance in new.orthanc.get("/instances"):
+        assert new.orthanc.verify_md5(instance)
+    assert new.orthanc.modalities()["xray-tent"]["AET"] == "XRAY_TENT"
+    # Healthy: it stores what a modality sends next.
+    assert new.modality.store([corpus.DATA_DIR / "OBXXXX1A.dcm"]).ok
+    assert len(_held(new)) == len(MIX) + 1
+
+    again = run_pacs("restore", "--archive", archive, "--json", env_file=new.env_file,
+                     timeout=600)
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert (report["restored"], report["present"], report["modalities"]) == (0, len(MIX), [])
+    missing = run_pacs("restore", "--archive", "no-such-archive", env_file=new.env_file)
+    assert missing.returncode == 1 and "no archive named" in missing.stderr
+
+
+def test_damaged_files_are_found_put_back_from_the_backup_and_the_rest_reported(
+        appliance_factory, backup_disk):
+    box = appliance_factory("site", BACKUP_PATH=str(backup_disk))
+    files = [corpus.DATA_DIR / name for name in MIX]
+    assert box.modality.store(files[:4]).ok
+    archive = _backup(box)
+    assert box.modality.store(files[4:]).ok  # after the backup: no copy of it anywhere
+
+    clean = run_pacs("integrity", "check", "--json", env_file=box.env_file)
+    assert clean.returncode == 0, clean.stderr
+    assert json.loads(clean.stdout) == {"checked": len(MIX), "findings": []}
+
+    rotten_uid, rotten_id, rotten = _stored_file(box, files[0])
+    good_bytes = rotten.read_bytes()
+    data = bytearray(good_bytes)
+    data[len(data) // 2] ^= 0x01  # one bit flipped: the file still parses
+    rotten.write_bytes(bytes(data))
+    gone_uid, gone_id, gone = _stored_file(box, files[1])
+    gone_bytes = gone.read_bytes()
+    gone.unlink()
+    lost_uid, _, lost = _stored_file(box, files[4])
+    lost.write_bytes(lost.read_bytes()[:-100])
+
+    found = run_pacs("integrity", "check", "--json", env_file=box.env_file)
+    assert found.returncode == 1
+    problems = {f["sop_uid"]: f["problem"] for f in json.loads(found.stdout)["findings"]}
+    assert problems == {rotten_uid: "corrupt", gone_uid: "missing", lost_uid: "corrupt"}
+    assert rotten.read_bytes() == bytes(data), "a check alone changes nothing"
+
+    repaired = run_pacs("integrity", "check", "--repair", "--json", env_file=box.env_file,
+                        timeout=600)
+    assert repaired.returncode == 1, "one file could not be repaired"
+    outcome = {f["sop_uid"]: f["repaired_from"] for f in json.loads(repaired.stdout)["findings"]}
+    assert outcome == {rotten_uid: archive, gone_uid: archive, lost_uid: None}
+    assert rotten.read_bytes() == good_bytes and gone.read_bytes() == gone_bytes
+    assert box.orthanc.verify_md5(rotten_id) and box.orthanc.verify_md5(gone_id)
+    said = run_pacs("integrity", "check", env_file=box.env_file)
+    assert said.returncode == 1
+    assert "1 damaged" in said.stdout and lost_uid in said.stdout and "no copy known" in said.stdout
+    assert not list(box.settings.storage_path.glob("*-staging")), "no scratch left behind"
+
+
+def _noisy(source, count: int, where) -> list:
+    """Copies of an instance with random pixels: 100 MB that borg can neither deduplicate nor
+    compress, so a backup of them takes long enough to be killed halfway."""
+    copies = corpus.renumbered_copies([source], count, where)
+    for path in copies:
+        dataset = pydicom.dcmread(path)
+        dataset.PixelData = os.urandom(len(dataset.PixelData))
+        dataset.save_as(path)
+    return copies
+
+
+def test_a_backup_killed_midway_leaves_the_next_backup_and_the_restore_whole(
+        appliance_factory, backup_disk, tmp_path):
+    box = appliance_factory("old", BACKUP_PATH=str(backup_disk))
+    _backup(box)  # the repository and a first archive exist
+    assert box.modality.store(_noisy(corpus.DATA_DIR / "MR2_UNCR.dcm", 50, tmp_path)).ok
+    # Everything dies at once, as in a power cut: the command, borgmatic, borg.
+    killed = subprocess.Popen([sys.executable, "-m", "gotg_pacs", "--env-file",
+                               str(box.env_file), "backup", "now"], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    repo = backup_disk / "gotg-pacs.borg"
+    assert wait_until(lambda: (repo / "lock.exclusive").exists(), 60, interval=0.05)
+    time.sleep(0.5)
+    os.killpg(killed.pid, signal.SIGKILL)
+    assert killed.wait(30) == -signal.SIGKILL, "killed while borg was writing"
+    listed = run_pacs("backup", "list", "--json", env_file=box.env_file)
+    assert listed.returncode == 0, listed.stderr
+    assert len(json.loads(listed.stdout)) == 1, "the killed backup made no archive"
+
+    archive = _backup(box)
+    checked = run_pacs("backup", "check", env_file=box.env_file, timeout=600)
+    assert checked.returncode == 0, checked.stderr
+    expected = _held(box)
+    new = appliance_factory("new", BACKUP_PATH=str(backup_disk))
+    _move_passphrase(box, new)
+    restored = run_pacs("restore", "--archive", archive, "--json", env_file=new.env_file,
+                        timeout=600)
+    assert restored.returncode == 0, restored.stderr
+    assert json.loads(restored.stdout)["failed"] == []
+    assert _held(new) == expected
