@@ -74,28 +74,40 @@ def _sync(settings: Settings) -> dict[str, Any]:
     return {"name": "sync", "up": True, "heartbeat_age_s": round(age, 1)}
 
 
+def _outcome(last: dict, now: float) -> dict[str, Any]:
+    """One repository's state from its last success and last failure."""
+    success, failure = last.get("last_success"), last.get("last_failure")
+    failing = bool(failure and (not success or failure["at"] > success["finished_at"]))
+    return {"last_success_at": success["finished_at"] if success else None,
+            "age_s": round(now - success["finished_at"]) if success else None,
+            "archives": [made["archive"] for made in success["archives"]] if success else [],
+            "failing": failing, "last_error": failure["error"] if failing else None}
+
+
 def _backup(settings: Settings, now: float | None = None) -> dict[str, Any]:
-    """The last backup and whether backups are failing now (not a running part: never "down")."""
+    """The last backup and whether backups are failing now (not a running part: never "down").
+    With both a backup disk and HQ, the disk's state is the box's; HQ's is shown beside it (a
+    clinic offline for a week has no failing backup while the disk takes them)."""
     from .backup.borgmatic import Backups
 
-    if settings.backup_path is None:
+    if settings.backup_path is None and not settings.remote_backup_url:
         return {"configured": False}
     try:
         last = Backups(settings).last() or {}
     except PermissionError:
         return {"configured": True, "error": "only root may read the backup's state"}
     now = time.time() if now is None else now
-    success, failure = last.get("last_success"), last.get("last_failure")
-    failing = bool(failure and (not success or failure["at"] > success["finished_at"]))
+    state = _outcome(last, now)
     # Two intervals without a success: the timer, the disk or the run is stuck.
-    overdue = bool(settings.backup_enabled and success
-                   and now - success["finished_at"] > 2 * settings.backup_interval)
-    return {"configured": True, "enabled": settings.backup_enabled, "overdue": overdue,
-            "path": str(settings.backup_path),
-            "last_success_at": success["finished_at"] if success else None,
-            "age_s": round(now - success["finished_at"]) if success else None,
-            "archives": [made["archive"] for made in success["archives"]] if success else [],
-            "failing": failing, "last_error": failure["error"] if failing else None}
+    overdue = bool(settings.backup_enabled and state["last_success_at"]
+                   and now - state["last_success_at"] > 2 * settings.backup_interval)
+    where = str(settings.backup_path) if settings.backup_path else settings.remote_backup_url
+    report = {"configured": True, "enabled": settings.backup_enabled, "overdue": overdue,
+              "path": where, **state}
+    if settings.backup_path and settings.remote_backup_url:
+        report["remote"] = {"url": settings.remote_backup_url,
+                            **_outcome(last.get("remote", {}), now)}
+    return report
 
 
 def collect(settings: Settings) -> dict[str, Any]:
@@ -160,4 +172,9 @@ def _backup_text(backup: dict[str, Any]) -> str:
     failing = f"; FAILING: {backup['last_error']}" if backup["failing"] else ""
     failing += "; OVERDUE" if backup["overdue"] else ""
     disabled = "" if backup["enabled"] else " (scheduled backups off: BACKUP_ENABLED)"
-    return f"{last} to {backup['path']}{disabled}{failing}"
+    text = f"{last} to {backup['path']}{disabled}{failing}"
+    if remote := backup.get("remote"):
+        hours = None if remote["age_s"] is None else remote["age_s"] / 3600
+        text += ("; at HQ: " + ("none yet" if hours is None else f"last {hours:.1f} h ago")
+                 + (f" (failing: {remote['last_error']})" if remote["failing"] else ""))
+    return text

@@ -22,6 +22,7 @@ from gotg_pacs.process import wait_until
 from tests.conftest import run_pacs
 from tests.support import corpus
 from tests.support.disk import tmpfs
+from tests.support.sshd import BackupServer, borg_as_clinic
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -189,3 +190,71 @@ def test_a_backup_killed_midway_leaves_the_next_backup_and_the_restore_whole(
     assert restored.returncode == 0, restored.stderr
     assert json.loads(restored.stdout)["failed"] == []
     assert _held(new) == expected
+
+
+def _transactions(repository) -> list[int]:
+    """The transaction log borg keeps in an append-only repository, oldest first."""
+    return [int(line.split(",")[0].split()[1])
+            for line in (repository / "transactions").read_text().splitlines() if line]
+
+
+def _roll_back(repository, transaction: int) -> None:
+    """What HQ IT does after a clinic's key was misused (borg's documented append-only
+    recovery): drop every segment written after `transaction` and the caches built on them."""
+    for segment in repository.glob("data/*/*"):
+        if segment.name.isdigit() and int(segment.name) > transaction:
+            segment.unlink()
+    for cache in [*repository.glob("index.*"), *repository.glob("hints.*"),
+                  *repository.glob("integrity.*")]:
+        cache.unlink()
+
+
+def test_backups_go_to_hq_over_ssh_append_only_and_a_new_box_restores_from_there(
+        appliance_factory, tmp_path):
+    server = BackupServer(tmp_path / "hq-backups").start()
+    try:
+        old = appliance_factory("old", BACKUP_PATH="", REMOTE_BACKUP_URL=server.url)
+        assert old.modality.store([corpus.DATA_DIR / name for name in MIX[:3]]).ok
+        denied = run_pacs("backup", "now", env_file=old.env_file, timeout=300)
+        assert denied.returncode == 1, "HQ has not allowed this box's key yet"
+        access = json.loads(run_pacs("backup", "key", "--json", env_file=old.env_file).stdout)
+        line = access["authorized_keys"]
+        assert "borg serve --append-only" in line and line.startswith("restrict,")
+        assert f"--restrict-to-repository {server.repository('test-site')}" in line
+        server.authorize(line)
+        first = _backup(old)
+        second = _backup(old)
+        expected = _held(old)
+        shown = json.loads(run_pacs("status", "--json", env_file=old.env_file).stdout)["backup"]
+        assert shown["archives"] == [second] and not shown["failing"]
+
+        # The clinic's key (or a thief holding the box) tries to erase HQ's history.
+        state = old.settings.state_path / "backup"
+        repo = server.repository("test-site")
+        kept = _transactions(repo)[-1]
+        size = sum(p.stat().st_size for p in repo.glob("data/*/*"))
+        url = f"{server.url}/test-site.borg"
+        clinic = (state / "ssh" / "id_ed25519", state / "ssh" / "known_hosts")
+        secret = (state / "passphrase").read_text().strip()
+        for archive in (first, second):
+            borg_as_clinic(*clinic, "delete", f"{url}::{archive}", passphrase=secret)
+        borg_as_clinic(*clinic, "compact", url, passphrase=secret)
+        listed = borg_as_clinic(*clinic, "list", "--short", url, passphrase=secret)
+        assert listed.returncode == 0 and listed.stdout.split() == []
+        assert sum(p.stat().st_size for p in repo.glob("data/*/*")) >= size, \
+            "nothing was erased at HQ: only deletions appended"
+        _roll_back(repo, kept)  # HQ undoes it
+        old.stop()
+
+        new = appliance_factory("new", BACKUP_PATH="", REMOTE_BACKUP_URL=server.url)
+        _move_passphrase(old, new)
+        server.authorize(json.loads(run_pacs("backup", "key", "--json",
+                                             env_file=new.env_file).stdout)["authorized_keys"])
+        restored = run_pacs("restore", "--remote", "--site", "test-site", "--json",
+                            env_file=new.env_file, timeout=600)
+        assert restored.returncode == 0, restored.stderr
+        report = json.loads(restored.stdout)
+        assert (report["archive"], report["restored"], report["failed"]) == (second, 3, [])
+        assert _held(new) == expected
+    finally:
+        server.stop()

@@ -13,10 +13,14 @@ Orthanc's SQLite index is not in it: Orthanc holds it under an exclusive lock wh
 no consistent copy can be taken without stopping it. The files are complete DICOM: an index can
 be rebuilt from them by storing them again.
 
-The repository lives on the backup disk mounted at BACKUP_PATH, never on the disk that holds the
-images (a backup on the same disk dies with it). It is encrypted with repokey-blake2 unless
-ENCRYPTION is false; the passphrase is made on the box at first use and kept 0600 in
-STATE_PATH/backup.
+The local repository lives on the backup disk mounted at BACKUP_PATH, never on the disk that
+holds the images (a backup on the same disk dies with it). With REMOTE_BACKUP_URL, every backup
+also goes to HQ over SSH, to REMOTE_BACKUP_URL/SITE_CODE.borg, with a key HQ allows only
+`borg serve --append-only` for that one repository: the clinic (or a thief holding the box) can
+add archives but not erase HQ's history, and only HQ prunes there. A site offline for days keeps
+backing up locally; the remote copy catches up when the link allows (borg sends only new chunks).
+Both are encrypted with repokey-blake2 unless ENCRYPTION is false; the passphrase is made on the
+box at first use and kept 0600 in STATE_PATH/backup.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from ..orthanc import Orthanc, OrthancError
 log = logging.getLogger(__name__)
 REPOSITORY_FOLDER = "gotg-pacs.borg"
 LOCAL = "local"
+REMOTE = "hq"
 # Retention of the local repository (pruned after each backup; HQ prunes its own copy).
 KEEP = {"keep_daily": 7, "keep_weekly": 4, "keep_monthly": 12}
 KEPT = "kept."  # prefix of archives kept out of pruning (they hold studies cleaned up here)
@@ -63,10 +68,15 @@ class Repository:
 
 
 class Backups:
-    def __init__(self, settings: Settings, env_file: Path | None = None) -> None:
+    def __init__(self, settings: Settings, env_file: Path | None = None,
+                 reading: str = LOCAL, site: str | None = None) -> None:
+        """`reading`: the repository restores and checks read (LOCAL or REMOTE); `site`: whose
+        repository at HQ (another site's, to rebuild it on a new box; default this one)."""
         self.settings = settings
         self.env_file = env_file
         self.folder = settings.state_path / "backup"
+        self.reading = reading
+        self.site = site or settings.site_code
         self._prepared = False
 
     # --- places ------------------------------------------------------------------------------
@@ -87,11 +97,20 @@ class Backups:
     def status_file(self) -> Path:
         return self.folder / "status.json"
 
+    @property
+    def ssh_key(self) -> Path:
+        return self.folder / "ssh" / "id_ed25519"
+
     def repositories(self) -> list[Repository]:
-        """The repositories this box writes to (the USB backup disk when BACKUP_PATH is set)."""
-        if self.settings.backup_path is None:
-            return []
-        return [Repository(LOCAL, str(self.settings.backup_path / REPOSITORY_FOLDER))]
+        """The repositories this box writes to: the USB backup disk when BACKUP_PATH is set,
+        HQ when REMOTE_BACKUP_URL is."""
+        repos = []
+        if self.settings.backup_path is not None:
+            repos.append(Repository(LOCAL, str(self.settings.backup_path / REPOSITORY_FOLDER)))
+        if self.settings.remote_backup_url:
+            repos.append(Repository(
+                REMOTE, f"{self.settings.remote_backup_url.rstrip('/')}/{self.site}.borg"))
+        return repos
 
     def sources(self) -> list[Path]:
         return [self.settings.orthanc_storage_dir, self.snapshot_dir]
@@ -110,6 +129,13 @@ class Backups:
             # DICOM is often compressed already: borg tries zstd and keeps what pays.
             "compression": "auto,zstd,3",
             "lock_wait": 120,
+            # HQ's host key is learnt on first contact and held to after; never a prompt.
+            "ssh_command": " ".join([
+                "ssh", "-i", shlex.quote(str(self.ssh_key)), "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=accept-new",
+                "-o", f"UserKnownHostsFile={shlex.quote(str(self.ssh_key.parent / 'known_hosts'))}",
+                "-o", "ConnectTimeout=30", "-o", "ServerAliveInterval=30",
+                "-o", "ServerAliveCountMax=6"]),
             "borg_base_directory": str(self.folder / "borg"),
             "user_runtime_directory": str(self.folder / "run"),
             "user_state_directory": str(self.folder / "state"),
@@ -133,6 +159,8 @@ class Backups:
                     f"its passphrase ({self.passphrase_file} is missing): put the passphrase "
                     "back from where it was kept (HQ), or use an empty backup disk")
             durable.replace_text(self.passphrase_file, secrets.token_urlsafe(32), mode=0o600)
+        if self.settings.remote_backup_url and not self.ssh_key.exists():
+            self.make_ssh_key()
         durable.replace_text(self.config_file, json.dumps(self.config(), indent=2) + "\n",
                              mode=0o600)
         self._prepared = True
@@ -150,6 +178,27 @@ class Backups:
             raise BackupError(f"this box has another passphrase already "
                               f"({self.passphrase_file}); it is left as it is")
         durable.replace_text(self.passphrase_file, secret, mode=0o600)
+
+    def make_ssh_key(self) -> str:
+        """The box's key for HQ's backup server (made once); its public half."""
+        if not self.ssh_key.exists():
+            self.ssh_key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            made = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                                   f"gotg-pacs-backup@{self.settings.site_code}",
+                                   "-f", str(self.ssh_key)], capture_output=True, text=True)
+            if made.returncode != 0:
+                raise BackupError(f"cannot make the backup's SSH key: {made.stderr.strip()}")
+        return self.ssh_key.with_suffix(".pub").read_text().strip()
+
+    def hq_access_line(self) -> str | None:
+        """The authorized_keys line HQ installs for this site: this key may only append to
+        this site's repository (no shell, no forwarding, no other repository)."""
+        remote = [repo for repo in self.repositories() if repo.label == REMOTE]
+        if not remote:
+            return None
+        path = re.sub(r"^ssh://[^/]+", "", remote[0].path)
+        return (f'restrict,command="borg serve --append-only --restrict-to-repository '
+                f'{path}" {self.make_ssh_key()}')
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -231,49 +280,72 @@ class Backups:
 
     def create(self) -> dict:
         """Back up now to every repository; prune the local one. Returns what was made. The
-        outcome, success or the reason for a failure, is kept for `pacs status`."""
+        outcome per repository, success or the reason for a failure, is kept for `pacs status`:
+        the backup disk's as the box's backup state, HQ's apart (a clinic offline for days is
+        no failing backup while its disk takes them), and a failure at HQ is in `remote_error`."""
         with self._locked():
+            repos = self.repositories()
+            if not repos:
+                raise BackupError("no backup repository: set BACKUP_PATH to the backup disk "
+                                  "(and REMOTE_BACKUP_URL for HQ)")
+            made, remote_error = [], None
             try:
-                made = self._create()
-            except Exception as exc:  # recorded whatever it is, so pacs status says FAILING
-                self._record("last_failure", {"at": time.time(), "error": str(exc)})
-                if isinstance(exc, BackupError):
-                    raise
-                raise BackupError(f"backup failed: {exc}") from exc
-            success = {"finished_at": time.time(), "archives": made}
-            self._record("last_success", success)
-            return success
+                self._prepare()
+                self.snapshot()
+            except Exception as exc:  # noqa: BLE001 - recorded whatever it is
+                raise self._failed(repos[0], exc) from None
+            for repo in repos:
+                try:
+                    made.append(self._create_in(repo))
+                except Exception as exc:  # noqa: BLE001 - recorded, then said
+                    error = self._failed(repo, exc)
+                    if repo.label != REMOTE or len(repos) == 1:
+                        raise error from None
+                    remote_error = str(error)
+            return {"finished_at": time.time(), "archives": made, "remote_error": remote_error}
 
-    def _create(self) -> list[dict]:
-        if not self.repositories():
-            raise BackupError("no backup repository: set BACKUP_PATH to the backup disk")
-        self._prepare()
-        self.snapshot()
-        made = []
-        for repo in self.repositories():
+    def _failed(self, repo: Repository, exc: Exception) -> BackupError:
+        error = exc if isinstance(exc, BackupError) else BackupError(f"backup failed: {exc}")
+        self._record(repo, "last_failure", {"at": time.time(), "error": str(error)})
+        return error
+
+    def _create_in(self, repo: Repository) -> dict:
+        if repo.label == LOCAL:
             self._check_disk(repo)
             self._ensure_repository(repo)
-            started = time.time()
-            done = self._run("create", "--repository", repo.label, "--json")
-            archive = json.loads(done.stdout)[0]["archive"]
+        else:  # borgmatic skips the creation when HQ's repository exists already
+            self._run("repo-create", "--repository", repo.label, "--encryption",
+                      "repokey-blake2" if self.settings.encryption else "none")
+        started = time.time()
+        done = self._run("create", "--repository", repo.label, "--json")
+        archive = json.loads(done.stdout)[0]["archive"]
+        if repo.label == LOCAL:  # HQ prunes its own copy: an append-only key could not
             self._run("prune", "--repository", repo.label)
-            made.append({"repository": repo.label, "archive": archive["name"],
-                         "seconds": round(time.time() - started, 1),
-                         "files": archive["stats"]["nfiles"],
-                         "original_bytes": archive["stats"]["original_size"],
-                         "added_bytes": archive["stats"]["deduplicated_size"]})
+        made = {"repository": repo.label, "archive": archive["name"],
+                "seconds": round(time.time() - started, 1),
+                "files": archive["stats"]["nfiles"],
+                "original_bytes": archive["stats"]["original_size"],
+                "added_bytes": archive["stats"]["deduplicated_size"]}
+        self._record(repo, "last_success", {"finished_at": time.time(), "archives": [made]})
         return made
 
-    def _record(self, key: str, outcome: dict) -> None:
+    def _record(self, repo: Repository, key: str, outcome: dict) -> None:
+        """The box's state is the first repository's (the disk, or HQ when it is the only
+        one); HQ's, when there is a disk too, is kept under "remote"."""
         status = self.last() or {}
-        status[key] = outcome
+        if repo.label == REMOTE and self.settings.backup_path is not None:
+            status.setdefault("remote", {})[key] = outcome
+        else:
+            status[key] = outcome
         durable.replace_text(self.status_file, json.dumps(status, indent=2) + "\n", mode=0o600)
 
-    def archives(self) -> list[dict]:
-        """Every archive of every repository, oldest first."""
+    def archives(self, only: str | None = None) -> list[dict]:
+        """Every archive of every repository (or of the one labelled `only`), oldest first."""
         listed = []
         for repo in self.repositories():
-            if not (Path(repo.path) / "config").exists():
+            if only is not None and repo.label != only:
+                continue
+            if repo.label == LOCAL and not (Path(repo.path) / "config").exists():
                 continue
             self._prepare()
             done = self._run("repo-list", "--repository", repo.label, "--json",
@@ -288,7 +360,8 @@ class Backups:
         with self._locked():
             self._prepare()
             for repo in self.repositories():
-                self._check_disk(repo)
+                if repo.label == LOCAL:
+                    self._check_disk(repo)
                 only = ["--only", "data"] if verify_data else \
                     ["--only", "repository", "--only", "archives"]
                 self._run("check", "--repository", repo.label, "--force", *only)
@@ -301,14 +374,20 @@ class Backups:
             return None
 
     def _local(self) -> Repository:
-        repos = self.repositories()
-        if not repos:
+        """The repository read from: the backup disk, or HQ's when `reading` says so."""
+        repos = {repo.label: repo for repo in self.repositories()}
+        if self.reading == REMOTE:
+            if REMOTE not in repos:
+                raise BackupError("REMOTE_BACKUP_URL is not set: there is no backup at HQ")
+            self._prepare()
+            return repos[REMOTE]
+        if LOCAL not in repos:
             raise BackupError("BACKUP_PATH is not set: there is no backup")
-        self._check_disk(repos[0])
-        if not (Path(repos[0].path) / "config").exists():
-            raise BackupError(f"no backup repository at {repos[0].path} yet")
+        self._check_disk(repos[LOCAL])
+        if not (Path(repos[LOCAL].path) / "config").exists():
+            raise BackupError(f"no backup repository at {repos[LOCAL].path} yet")
         self._prepare()
-        return repos[0]
+        return repos[LOCAL]
 
     def newest(self) -> str | None:
         """The name of the newest regular archive (not a kept one), None if there is none."""
@@ -331,9 +410,9 @@ class Backups:
 
     def resolve(self, archive: str | None) -> str:
         """The archive named (it must exist), or the newest of all when None."""
-        archives = self.archives()
+        archives = self.archives(only=self._local().label)
         if not archives:
-            raise BackupError("the backup disk holds no archive yet")
+            raise BackupError(f"the {self.reading} repository holds no archive yet")
         if archive is None:
             return max(archives, key=lambda item: item["time"])["name"]
         if archive not in {item["name"] for item in archives}:

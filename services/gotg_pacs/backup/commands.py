@@ -9,7 +9,7 @@ import click
 
 from ..clikit import Context, emit, json_option, pass_context, size_text
 from ..config import Settings
-from .borgmatic import BackupError, Backups
+from .borgmatic import LOCAL, REMOTE, BackupError, Backups
 
 
 def _backups(ctx: Context) -> Backups:
@@ -34,6 +34,8 @@ def backup_now(ctx: Context, as_json: bool) -> None:
     lines = [f"backup {archive['archive']} to {archive['repository']}: {archive['files']} files, "
              f"{size_text(archive['original_bytes'])}, {size_text(archive['added_bytes'])} new, "
              f"{archive['seconds']} s" for archive in made["archives"]]
+    if made["remote_error"]:
+        lines.append(f"not sent to HQ this time (the backup disk has it): {made['remote_error']}")
     if ctx.settings.auto_cleanup:
         try:
             verdicts = _cleanup(ctx.settings, _backups(ctx), ctx.settings.retention_days, False)
@@ -73,6 +75,22 @@ def backup_check(ctx: Context, verify_data: bool, as_json: bool) -> None:
     emit({"ok": True, "verify_data": verify_data}, as_json,
          "backup repository and archives are consistent"
          + (", every chunk read and verified" if verify_data else ""))
+
+
+@backup.command("key")
+@json_option
+@pass_context
+def backup_key(ctx: Context, as_json: bool) -> None:
+    """This box's SSH key for HQ's backup server, and the line HQ adds to its authorized_keys:
+    the key may only append to this site's repository."""
+    backups = _backups(ctx)
+    try:
+        line = backups.hq_access_line()
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    if line is None:
+        raise click.ClickException("REMOTE_BACKUP_URL is not set: no backups go to HQ")
+    emit({"public_key": backups.make_ssh_key(), "authorized_keys": line}, as_json, line)
 
 
 @backup.command("passphrase")
@@ -145,9 +163,14 @@ def cleanup(ctx: Context, days: float, dry_run: bool, as_json: bool) -> None:
 @click.command("restore")
 @click.option("--latest", "latest", is_flag=True, help="From the newest archive (the default).")
 @click.option("--archive", metavar="NAME", help="From this archive (see `pacs backup list`).")
+@click.option("--remote", is_flag=True,
+              help="From HQ's copy (REMOTE_BACKUP_URL) instead of the backup disk.")
+@click.option("--site", metavar="SITE",
+              help="With --remote: that site's repository (a new box replacing a lost one).")
 @json_option
 @pass_context
-def restore(ctx: Context, latest: bool, archive: str | None, as_json: bool) -> None:
+def restore(ctx: Context, latest: bool, archive: str | None, remote: bool, site: str | None,
+            as_json: bool) -> None:
     """Store every study of a backup archive back into Orthanc, each one verified by MD5.
     Orthanc keeps running (modalities can store meanwhile); instances already here stay."""
     from ..orthanc import Orthanc, OrthancError
@@ -155,8 +178,12 @@ def restore(ctx: Context, latest: bool, archive: str | None, as_json: bool) -> N
 
     if latest and archive:
         raise click.UsageError("--latest or --archive NAME, not both")
+    if site and not remote:
+        raise click.UsageError("--site SITE reads HQ's copy: add --remote")
+    backups = Backups(ctx.settings, ctx.env_file, reading=REMOTE if remote else LOCAL,
+                      site=site)
     try:
-        done = Restore(ctx.settings, _backups(ctx),
+        done = Restore(ctx.settings, backups,
                        Orthanc.from_settings(ctx.settings, timeout=300)).run(archive)
     except (BackupError, OrthancError) as exc:
         raise click.ClickException(str(exc)) from None
