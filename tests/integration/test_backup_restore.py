@@ -258,3 +258,33 @@ def test_backups_go_to_hq_over_ssh_append_only_and_a_new_box_restores_from_there
         assert _held(new) == expected
     finally:
         server.stop()
+
+
+def test_the_passphrase_is_kept_at_hq_and_a_new_box_for_the_site_takes_it_back(
+        appliance_factory, hq, backup_disk):
+    at_hq = {"HQ_URL": hq.url, "HQ_TOKEN": hq.token, "BACKUP_PATH": str(backup_disk)}
+    old = appliance_factory("old", **at_hq)
+    assert old.modality.store([corpus.DATA_DIR / MIX[0]]).ok
+    first = run_pacs("backup", "now", env_file=old.env_file, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "passphrase handed to HQ" in first.stdout, first.stdout
+    second = run_pacs("backup", "now", env_file=old.env_file, timeout=300)
+    assert second.returncode == 0 and "passphrase" not in second.stdout, "handed over once"
+    secret = (old.settings.state_path / "backup" / "passphrase").read_text().strip()
+    kept = run_pacs("hq", "site", "passphrase", "test-site", "--json", env_file=hq.env_file)
+    assert kept.returncode == 0, kept.stderr
+    assert [entry["passphrase"] for entry in json.loads(kept.stdout)] == [secret]
+    # Another site's credential reads nothing of this one's.
+    other = json.loads(run_pacs("hq", "site", "add", "other-site", "--json",
+                                env_file=hq.env_file).stdout)["hq_token"]
+    stranger = appliance_factory("stranger", HQ_URL=hq.url, HQ_TOKEN=other, BACKUP_PATH="")
+    refused = run_pacs("backup", "passphrase", "--from-hq", env_file=stranger.env_file)
+    assert refused.returncode == 1 and "404" in refused.stderr, refused.stderr
+    old.stop()
+
+    new = appliance_factory("new", **at_hq)
+    taken = run_pacs("backup", "passphrase", "--from-hq", env_file=new.env_file)
+    assert taken.returncode == 0, taken.stderr
+    restored = run_pacs("restore", "--latest", "--json", env_file=new.env_file, timeout=600)
+    assert restored.returncode == 0, restored.stderr
+    assert json.loads(restored.stdout)["restored"] == 1

@@ -34,6 +34,12 @@ def backup_now(ctx: Context, as_json: bool) -> None:
     lines = [f"backup {archive['archive']} to {archive['repository']}: {archive['files']} files, "
              f"{size_text(archive['original_bytes'])}, {size_text(archive['added_bytes'])} new, "
              f"{archive['seconds']} s" for archive in made["archives"]]
+    if ctx.settings.hq_url:
+        from ..sync.transport import HQClient
+
+        hq = HQClient(ctx.settings.hq_url, ctx.settings.hq_token, timeout=60)
+        if _backups(ctx).hand_over_passphrase(hq):
+            lines.append("backup passphrase handed to HQ (kept there for a new box)")
     if made["remote_error"]:
         lines.append(f"not sent to HQ this time (the backup disk has it): {made['remote_error']}")
     if ctx.settings.auto_cleanup:
@@ -97,15 +103,30 @@ def backup_key(ctx: Context, as_json: bool) -> None:
 @click.option("--set", "put_back", is_flag=True,
               help="Put back a kept passphrase, read from standard input (a new box reading "
                    "the old box's backup disk).")
+@click.option("--from-hq", "from_hq", is_flag=True,
+              help="Put back the passphrase HQ keeps for this site (HQ_URL, HQ_TOKEN).")
 @json_option
 @pass_context
-def backup_passphrase(ctx: Context, put_back: bool, as_json: bool) -> None:
-    """Show the backup's passphrase, to keep off the box (HQ, a sealed envelope): without it
-    the backup disk cannot be read once this box is gone."""
+def backup_passphrase(ctx: Context, put_back: bool, from_hq: bool, as_json: bool) -> None:
+    """Show the backup's passphrase, to keep off the box (a sealed envelope; every backup also
+    hands it to HQ when HQ_URL is set): without it the backups cannot be read once this box
+    is gone."""
     backups = _backups(ctx)
-    if put_back:
+    if put_back or from_hq:
         try:
-            backups.put_back_passphrase(click.get_text_stream("stdin").read())
+            if from_hq:
+                from ..sync.transport import HQClient, HQRefused, HQUnreachable
+
+                if not ctx.settings.hq_url:
+                    raise BackupError("HQ_URL is not set")
+                try:
+                    secret = HQClient(ctx.settings.hq_url, ctx.settings.hq_token,
+                                      timeout=60).kept_passphrases()[-1]
+                except (HQRefused, HQUnreachable) as exc:
+                    raise BackupError(f"HQ did not give the passphrase back: {exc}") from None
+            else:
+                secret = click.get_text_stream("stdin").read()
+            backups.put_back_passphrase(secret)
         except BackupError as exc:
             raise click.ClickException(str(exc)) from None
         emit({"file": str(backups.passphrase_file)}, as_json,

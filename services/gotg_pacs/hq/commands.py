@@ -85,6 +85,21 @@ def site_revoke(ctx: Context, code: str, as_json: bool) -> None:
     emit({"revoked": code}, as_json, f"revoked {code}")
 
 
+@site.command("passphrase")
+@click.argument("code", callback=_code)
+@json_option
+@pass_context
+def site_passphrase(ctx: Context, code: str, as_json: bool) -> None:
+    """CODE's backup passphrases as HQ keeps them (newest last): what reads its backups once
+    its box is gone (`pacs backup passphrase --set` on the new box)."""
+    from .escrow import Escrow
+
+    kept = Escrow(ctx.settings.hq_dir / "escrow").kept(code)
+    if not kept:
+        raise click.ClickException(f"HQ holds no backup passphrase for {code!r}")
+    emit(kept, as_json, "\n".join(entry["passphrase"] for entry in kept))
+
+
 @hq.command("send")
 @click.option("--site", "code", required=True, callback=_code, help="The site to send to.")
 @click.option("--urgent", is_flag=True, help="Before anything else waiting for the site.")

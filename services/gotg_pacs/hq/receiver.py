@@ -22,6 +22,7 @@ Routes for sites (`Authorization: Bearer <site token>`):
   GET   /files/<id>/outcome how a finished upload ended, per instance for a batch
   POST  /api/v1/holdings    which of these (SOP Instance UID, original MD5) HQ already holds
   ...   /api/v1/outbound    what HQ sends back to the site (`outbound`)
+  PUT/GET /api/v1/escrow    the site's backup passphrase, kept at HQ (`escrow`)
 
 Routes for HQ operators (`Authorization: Bearer <operator token>`, `pacs hq operator add`; a
 site's token gets 403: the list holds every site's patients; see conflicts.py):
@@ -54,7 +55,7 @@ from flask import Flask, Response, abort, g, jsonify, request, send_file
 from ..config import Settings
 from ..orthanc import Orthanc
 from ..sync import codecs
-from . import outbound
+from . import escrow, outbound
 from .archive import BATCH_CODEC, Archive, Refused
 from .conflicts import DECISIONS, Ledger
 from .sites import Sites
@@ -194,6 +195,7 @@ def create_app(settings: Settings) -> Flask:
     ledger = Ledger(settings.hq_dir)
     archive = Archive(orthanc, settings.hq_dir / "transfers.jsonl", ledger)
     outgoing = outbound.register(app, orthanc, settings.hq_dir / "outbound.sqlite")
+    escrow.register(app, escrow.Escrow(settings.hq_dir / "escrow"))
     readers = Readers()
     swept = {"at": 0.0}
 

@@ -208,3 +208,20 @@ class HQClient:
                               json={"md5": md5, "clinic_id": clinic_id})
         if response.status_code != 200:
             raise HQRefused(response.status_code, response.text[:200])
+
+    # --- the backup passphrase, kept at HQ (`hq.escrow`) -----------------------------------
+
+    def hand_over_passphrase(self, passphrase: str) -> None:
+        response = self._call("PUT", f"{self.url}/api/v1/escrow", json={"passphrase": passphrase})
+        if response.status_code != 200:
+            raise HQRefused(response.status_code, response.text[:200])
+
+    def kept_passphrases(self) -> list[str]:
+        """Every backup passphrase HQ keeps for this site, oldest first."""
+        response = self._call("GET", f"{self.url}/api/v1/escrow")
+        if response.status_code != 200:
+            raise HQRefused(response.status_code, response.text[:200])
+        try:
+            return [str(entry["passphrase"]) for entry in response.json()["passphrases"]]
+        except (ValueError, KeyError, TypeError):
+            raise HQUnreachable(f"HQ at {self.url} answered something that is not HQ") from None
