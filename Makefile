@@ -12,11 +12,11 @@ ENV_FILE ?= pacs.dev.env
 # tree is built through qemu-user (binfmt_misc) and booted by qemu-system-aarch64.
 DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgresql dcmtk \
 	python3-venv python3-dev gcc iproute2 mmdebstrap systemd-container curl \
-	e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 ovmf openssh-client \
+	e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 ovmf openssh-client openssh-server \
 	qemu-user-static binfmt-support arch-test qemu-system-arm borgbackup
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps system-deps bench-ingest bench-sync bench-image bench-report reference constraints clean \
+.PHONY: run test deps system-deps bench-ingest bench-sync bench-backup bench-image bench-report reference constraints clean \
 	wheelhouse image
 
 deps: system-deps $(VENV)/.installed
@@ -79,6 +79,10 @@ image: deps
 	$(BIN)/python image-build/image.py --target $(TARGET) $(if $(SITE_VARS),--vars $(SITE_VARS))
 
 # Builds the NUC image and a bare Debian one, boots both under qemu (TCG); about 20 minutes.
+# Root: it loop-mounts the backup disk and drops page caches between timed reads.
+bench-backup: deps
+	mkdir -p build && $(BIN)/python bench/backup.py
+
 bench-image: deps
 	mkdir -p build && $(BIN)/python bench/image.py --target $(TARGET)
 

@@ -395,7 +395,8 @@ class Settings:
     remote_backup_url: str = setting(
         "REMOTE_BACKUP_URL", Text(allowed="an ssh:// Borg repository URL, or empty",
                                   pattern=r"ssh://[^\s]+"), "",
-        "Off-site backup repository at HQ, reached over SSH.", "Backup")
+        "HQ's backup server: each backup also goes to URL/SITE_CODE.borg over SSH, with a "
+        "key HQ allows only to append (`pacs backup key`).", "Backup")
     encryption: bool = setting(
         "ENCRYPTION", Boolean(), "true",
         "Encrypt backups (keys escrowed at HQ) and, where set up, the data partition.", "Backup")

@@ -104,6 +104,10 @@ def _backup(settings: Settings, now: float | None = None) -> dict[str, Any]:
     where = str(settings.backup_path) if settings.backup_path else settings.remote_backup_url
     report = {"configured": True, "enabled": settings.backup_enabled, "overdue": overdue,
               "path": where, **state}
+    report["checks"] = {kind: {"ok": outcome.get("ok", False),
+                               "age_s": round(now - outcome["at"]),
+                               "error": outcome.get("error")}
+                        for kind, outcome in last.get("checks", {}).items()}
     if settings.backup_path and settings.remote_backup_url:
         report["remote"] = {"url": settings.remote_backup_url,
                             **_outcome(last.get("remote", {}), now)}
@@ -173,6 +177,11 @@ def _backup_text(backup: dict[str, Any]) -> str:
     failing += "; OVERDUE" if backup["overdue"] else ""
     disabled = "" if backup["enabled"] else " (scheduled backups off: BACKUP_ENABLED)"
     text = f"{last} to {backup['path']}{disabled}{failing}"
+    names = {"check": "checked", "verify_data": "data verified", "drill": "restore drill",
+             "integrity": "integrity check"}
+    for kind, outcome in backup.get("checks", {}).items():
+        text += (f"; {names.get(kind, kind)} {outcome['age_s'] / 86400:.1f} d ago"
+                 + ("" if outcome["ok"] else " FAILED"))
     if remote := backup.get("remote"):
         hours = None if remote["age_s"] is None else remote["age_s"] / 3600
         text += ("; at HQ: " + ("none yet" if hours is None else f"last {hours:.1f} h ago")

@@ -36,6 +36,13 @@ def backup_disk(tmp_path):
         yield disk
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 100 MB disk for images (set up before the appliances, so unmounted after them)."""
+    with tmpfs(tmp_path / "small-disk", "100m") as disk:
+        yield disk
+
+
 def _held(appliance) -> dict[str, str]:
     """SOP Instance UID -> Orthanc's MD5 of the stored file, for every instance."""
     held = {}
@@ -68,7 +75,7 @@ def _move_passphrase(old, new) -> None:
 
 
 def test_a_backup_restores_into_an_empty_appliance_identical_and_again_changes_nothing(
-        appliance_factory, backup_disk):
+        small_disk, appliance_factory, backup_disk):
     old = appliance_factory("old", BACKUP_PATH=str(backup_disk))
     assert old.modality.store([corpus.DATA_DIR / name for name in MIX]).ok
     declared = run_pacs("modality", "add", "xray-tent", "XRAY_TENT", "10.0.0.9", "104",
@@ -77,6 +84,12 @@ def test_a_backup_restores_into_an_empty_appliance_identical_and_again_changes_n
     archive = _backup(old)
     expected = _held(old)
     assert len(expected) == len(MIX)
+    drill = run_pacs("backup", "drill", "--json", env_file=old.env_file, timeout=300)
+    assert drill.returncode == 0, drill.stderr
+    rehearsed = json.loads(drill.stdout)
+    assert (rehearsed["files"], rehearsed["held_here"], rehearsed["failures"]) == \
+        (len(MIX), len(MIX), [])
+    assert not list(old.settings.storage_path.glob("*-staging"))
     old.stop()  # the SD card died; the backup disk moves to a freshly flashed box
 
     new = appliance_factory("new", BACKUP_PATH=str(backup_disk))
@@ -85,6 +98,13 @@ def test_a_backup_restores_into_an_empty_appliance_identical_and_again_changes_n
     assert refused.returncode == 1
     assert "lost its passphrase" in refused.stderr, refused.stderr
     _move_passphrase(old, new)
+    # A box whose images' disk cannot take the archive is told so before anything is written.
+    small = appliance_factory("small", BACKUP_PATH=str(backup_disk),
+                              STORAGE_PATH=str(small_disk))
+    _move_passphrase(old, small)
+    cramped = run_pacs("restore", "--latest", env_file=small.env_file)
+    assert cramped.returncode == 1 and "not enough room" in cramped.stderr, cramped.stderr
+    assert _held(small) == {}
     restored = run_pacs("restore", "--latest", "--json", env_file=new.env_file, timeout=600)
     assert restored.returncode == 0, restored.stderr
     report = json.loads(restored.stdout)
@@ -148,6 +168,26 @@ def test_damaged_files_are_found_put_back_from_the_backup_and_the_rest_reported(
     assert said.returncode == 1
     assert "1 damaged" in said.stdout and lost_uid in said.stdout and "no copy known" in said.stdout
     assert not list(box.settings.storage_path.glob("*-staging")), "no scratch left behind"
+
+    # Bit rot on the backup disk itself: the weekly check (segment checksums) and the monthly
+    # one (every chunk decrypted and verified) both find it, and status says so.
+    checked = run_pacs("backup", "check", "--verify-data", env_file=box.env_file, timeout=600)
+    assert checked.returncode == 0, checked.stderr
+    segment = max((backup_disk / "gotg-pacs.borg").glob("data/*/*"),
+                  key=lambda path: path.stat().st_size)
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    weekly = run_pacs("backup", "check", env_file=box.env_file, timeout=600)
+    assert weekly.returncode == 1 and "checksum mismatch" in weekly.stderr, weekly.stderr
+    monthly = run_pacs("backup", "check", "--verify-data", env_file=box.env_file, timeout=600)
+    assert monthly.returncode == 1
+    shown = json.loads(run_pacs("status", "--json", env_file=box.env_file).stdout)["backup"]
+    assert shown["checks"]["verify_data"]["ok"] is False
+    assert shown["checks"]["check"]["ok"] is False
+    assert shown["checks"]["integrity"]["ok"] is False  # the file no backup held
+    text = run_pacs("status", env_file=box.env_file).stdout
+    assert "data verified 0.0 d ago FAILED" in text, text
 
 
 def _noisy(source, count: int, where) -> list:

@@ -105,8 +105,10 @@ def test_a_modality_stores_a_study_and_the_archive_shows_it(host):
 
 
 def test_the_timer_backs_up_to_the_usb_disk_and_never_to_the_images_own_disk(host):
-    timer = host.service("pacs-backup.timer")
-    assert timer.is_enabled and timer.is_running
+    for name in ("pacs-backup", "pacs-backup-check", "pacs-backup-verify", "pacs-backup-drill",
+                 "pacs-integrity"):
+        timer = host.service(f"{name}.timer")
+        assert timer.is_enabled and timer.is_running, name
     declared = host.run("findmnt --fstab --noheadings -o SOURCE,FSTYPE,OPTIONS /mnt/backup").stdout
     assert declared.split()[:2] == ["LABEL=GOTG-BACKUP", "ext4"] and "nofail" in declared
     # No USB disk: /mnt/backup is a folder of the root file system, like the images.
@@ -123,5 +125,12 @@ def test_the_timer_backs_up_to_the_usb_disk_and_never_to_the_images_own_disk(hos
         assert ran.rc == 0, host.run("journalctl -u pacs-backup.service --no-pager -n 30").stdout
         archives = json.loads(host.check_output("pacs backup list --json"))
         assert len(archives) == 1 and archives[0]["name"].startswith("field-9-")
+        # The checks, sandboxed as their timers run them, work on that backup.
+        for unit in ("pacs-backup-check", "pacs-backup-drill", "pacs-integrity"):
+            done = host.run(f"systemctl start {unit}.service")
+            assert done.rc == 0, host.run(f"journalctl -u {unit} --no-pager -n 30").stdout
+        checks = json.loads(host.check_output("pacs status --json"))["backup"]["checks"]
+        assert {kind: outcome["ok"] for kind, outcome in checks.items()} == \
+            {"check": True, "drill": True, "integrity": True}
     finally:
         host.run("umount /mnt/backup")

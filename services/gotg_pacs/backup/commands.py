@@ -4,6 +4,7 @@ and the backup timers ask for."""
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
@@ -81,6 +82,33 @@ def backup_check(ctx: Context, verify_data: bool, as_json: bool) -> None:
     emit({"ok": True, "verify_data": verify_data}, as_json,
          "backup repository and archives are consistent"
          + (", every chunk read and verified" if verify_data else ""))
+
+
+@backup.command("drill")
+@json_option
+@pass_context
+def backup_drill(ctx: Context, as_json: bool) -> None:
+    """Rehearse a restore without touching anything: a random sample (256 MB) of the newest
+    archive's images extracted to scratch, each checked by MD5 and parsed. Exits 1 on a
+    failure; the outcome shows in `pacs status`."""
+    from ..orthanc import Orthanc, OrthancError
+    from .restore import Drill
+
+    backups = _backups(ctx)
+    try:
+        outcome = Drill(ctx.settings, backups, Orthanc.from_settings(ctx.settings)).run()
+    except (BackupError, OrthancError) as exc:
+        backups.note("drill", {"at": time.time(), "ok": False, "error": str(exc)})
+        raise click.ClickException(str(exc)) from None
+    ok = not outcome["failures"]
+    backups.note("drill", {"at": time.time(), "ok": ok, **outcome})
+    lines = [f"restore drill from {outcome['archive']}: {outcome['files']} files "
+             f"({size_text(outcome['bytes'])}) extracted and checked in {outcome['seconds']} s, "
+             f"{len(outcome['failures'])} failed"]
+    lines += [f"  FAILED {f['file']}: {f['reason']}" for f in outcome["failures"]]
+    emit(outcome, as_json, "\n".join(lines))
+    if not ok:
+        sys.exit(1)
 
 
 @backup.command("key")
@@ -253,6 +281,11 @@ def integrity_check(ctx: Context, repair: bool, as_json: bool) -> None:
     except (BackupError, OrthancError) as exc:
         raise click.ClickException(str(exc)) from None
     left = [f for f in findings if f.damaged and not f.repaired_from]
+    if settings.backup_path or settings.remote_backup_url:
+        _backups(ctx).note("integrity", {
+            "at": time.time(), "ok": not left, "checked": checker.checked,
+            "damaged": sum(1 for f in findings if f.damaged),
+            "repaired": sum(1 for f in findings if f.repaired_from), "not_repaired": len(left)})
     lines = [f"{checker.checked} instances checked: "
              f"{sum(1 for f in findings if f.damaged)} damaged"
              + (f", {sum(1 for f in findings if f.repaired_from)} repaired" if repair else "")

@@ -78,13 +78,15 @@ class Restore:
         # from a box whose STORAGE_PATH differed.
         files = {path: found for path, found in contents.items()
                  if ORTHANC_FILE.fullmatch("/".join(path.parts[-3:]))}
+        total = sum(size for _, size in files.values())
         largest = max((size for _, size in files.values()), default=0)
+        # Orthanc's copies, plus one batch extracted beside them, plus room to keep working.
+        need = total + max(min(BATCH_BYTES, total), largest) + ROOM_MARGIN
         free = shutil.disk_usage(self.settings.storage_path).free
-        if free < min(BATCH_BYTES, sum(size for _, size in files.values())) + largest \
-                + ROOM_MARGIN:
+        if free < need:
             raise BackupError(
-                f"not enough room on the images' disk to restore ({free // 2**20} MB free; "
-                f"the archive holds {sum(s for _, s in files.values()) // 2**20} MB): "
+                f"not enough room on the images' disk to restore: {need // 2**20} MB needed "
+                f"(the archive holds {total // 2**20} MB of images), {free // 2**20} MB free; "
                 "make room, or restore onto a larger disk")
         shutil.rmtree(self.staging, ignore_errors=True)  # a restore that died left it
         try:
@@ -162,3 +164,59 @@ class Restore:
                 self.orthanc.put_modality(name, modality["AET"], modality["Host"],
                                           int(modality["Port"]))
                 report.modalities.append(name)
+
+
+DRILL_BYTES = 256 * 2**20  # extracted per drill: enough to prove the path, light on a Pi
+
+
+class Drill:
+    """A restore rehearsed, touching nothing: images picked at random from the newest archive
+    are extracted to a scratch folder, each checked against the MD5 the repository recorded
+    and parsed as DICOM, and found (or not) in Orthanc. Monthly by timer: a backup nobody ever
+    restored from is a hope, not a backup."""
+
+    def __init__(self, settings: Settings, backups: Backups, orthanc: Orthanc,
+                 budget: int = DRILL_BYTES) -> None:
+        self.settings = settings
+        self.backups = backups
+        self.orthanc = orthanc
+        self.budget = budget
+        self.staging = settings.storage_path / "drill-staging"
+
+    def run(self) -> dict:
+        import random
+
+        import pydicom
+
+        started = time.monotonic()
+        name = self.backups.resolve(None)
+        files = [(path, found) for path, found in self.backups.contents(name).items()
+                 if ORTHANC_FILE.fullmatch("/".join(path.parts[-3:]))]
+        random.shuffle(files)
+        sample, size = [], 0
+        for path, (md5, length) in files:
+            if sample and size + length > self.budget:
+                continue
+            sample.append((path, md5))
+            size += length
+        outcome = {"archive": name, "files": len(sample), "bytes": size, "held_here": 0,
+                   "failures": []}
+        shutil.rmtree(self.staging, ignore_errors=True)
+        try:
+            self.backups.extract(name, [path for path, _ in sample], self.staging)
+            for path, md5 in sample:
+                extracted = self.staging / str(path).lstrip("/")
+                try:
+                    if _md5(extracted) != md5:
+                        raise ValueError("MD5 differs from the one recorded at backup")
+                    uid = str(pydicom.dcmread(extracted, defer_size="1 MB",
+                                              stop_before_pixels=True).SOPInstanceUID)
+                except (OSError, ValueError, AttributeError) as exc:
+                    outcome["failures"].append({"file": str(path), "reason": str(exc)})
+                    continue
+                if self.orthanc.find_instance(uid):
+                    outcome["held_here"] += 1
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        outcome["seconds"] = round(time.monotonic() - started, 1)
+        return outcome
