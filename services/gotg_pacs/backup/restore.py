@@ -21,7 +21,9 @@ import json
 import logging
 import re
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from .borgmatic import BackupError, Backups
 log = logging.getLogger(__name__)
 
 BATCH_BYTES = 512 * 2**20  # extracted at once: room for this much is enough to restore
+STORERS = 3  # files stored at once: Orthanc parses and writes one while its index takes another
 ROOM_MARGIN = 256 * 2**20  # left free on the images' disk (Orthanc needs room to store)
 ORTHANC_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{8}-[0-9a-f-]{27}")
 SNAPSHOT_MODALITIES = ("backup", "snapshot", "modalities.json")
@@ -68,6 +71,14 @@ class Restore:
         self.backups = backups
         self.orthanc = orthanc
         self.staging = settings.storage_path / "restore-staging"
+        self._local = threading.local()
+
+    def _client(self) -> Orthanc:
+        """One Orthanc session per storing thread (a session is not shared)."""
+        if not hasattr(self._local, "orthanc"):
+            self._local.orthanc = Orthanc(self.orthanc.url, self.orthanc.session.auth,
+                                          self.orthanc.timeout)
+        return self._local.orthanc
 
     def run(self, archive: str | None = None) -> Restored:
         started = time.monotonic()
@@ -92,8 +103,9 @@ class Restore:
         try:
             for batch in self._batches(files):
                 self.backups.extract(name, batch, self.staging)
-                for path in batch:
-                    self._store(path, files[path][0], report)
+                with ThreadPoolExecutor(STORERS) as pool:
+                    list(pool.map(lambda path: self._store(path, files[path][0], report),
+                                  batch))
             self._modalities(name, contents, report)
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
@@ -123,13 +135,14 @@ class Restore:
             md5 = _md5(extracted)
             if md5 != recorded_md5:
                 raise BackupError(f"extracted MD5 {md5} is not the recorded {recorded_md5}")
+            orthanc = self._client()
             with open(extracted, "rb") as handle:
-                answer = self.orthanc.post("/instances", data=handle,
-                                           headers={"Content-Type": "application/dicom"})
+                answer = orthanc.post("/instances", data=handle,
+                                      headers={"Content-Type": "application/dicom"})
             instance = answer["ID"]
-            here = self.orthanc.request(
+            here = orthanc.request(
                 "GET", f"/instances/{instance}/attachments/dicom/md5").text.strip()
-            uid = self.orthanc.get(f"/instances/{instance}")["MainDicomTags"].get(
+            uid = orthanc.get(f"/instances/{instance}")["MainDicomTags"].get(
                 "SOPInstanceUID", instance)
             if answer.get("Status") == "AlreadyStored":
                 (report.present if here == md5 else report.differs).append(uid)
