@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import durable
+from .checksums import md5_of
 from .config import Settings
 from .orthanc import Orthanc, OrthancError, OrthancUnreachable
 
@@ -184,14 +185,6 @@ def collect(settings: Settings) -> int:
     return moved
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _served_md5(client: Orthanc, instance: str) -> str:
     """MD5 of the bytes Orthanc serves for the instance now (the file as it is on disk)."""
     digest = hashlib.md5()
@@ -220,7 +213,7 @@ def _readopt_one(settings: Settings, client: Orthanc, path: Path, report: Readop
         log.error("kept %s aside: a partial attachment (no pixel data), never stored as an "
                   "instance", path.name)
         return
-    expected = _md5(path)
+    expected = md5_of(path)
     with open(path, "rb") as body:  # streamed: a 1 GB multi-frame must not sit in memory
         answer = client.post("/instances", data=body,
                              headers={"Content-Type": "application/dicom"})

@@ -11,7 +11,6 @@ confirmed a copy of it.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from ..checksums import md5_of
 from ..config import Settings
 from ..orthanc import Orthanc
 from .borgmatic import BackupError, Backups
@@ -50,14 +50,6 @@ class _Stored:
     sop_uid: str
     md5: str  # of the file as stored (Orthanc's CompressedMD5: the same without compression)
     path: Path
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        while block := handle.read(2**20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Integrity:
@@ -104,7 +96,7 @@ class Integrity:
             return Finding(stored.instance_id, stored.sop_uid, str(stored.path), problem, detail)
 
         try:
-            md5 = _md5(stored.path)
+            md5 = md5_of(stored.path)
         except FileNotFoundError:
             return finding("missing", "the stored file is gone")
         except OSError as exc:  # an unreadable sector: as good as gone
@@ -150,7 +142,7 @@ class Integrity:
 
     def _put_back(self, path: Path, extracted: Path, md5: str, finding: Finding,
                   archive: str) -> None:
-        if not extracted.is_file() or _md5(extracted) != md5:
+        if not extracted.is_file() or md5_of(extracted) != md5:
             finding.detail += f"; {archive} did not give back the recorded bytes"
             return
         path.parent.mkdir(parents=True, exist_ok=True)

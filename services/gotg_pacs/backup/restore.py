@@ -16,7 +16,6 @@ has its own, made by the image or the playbook).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -27,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checksums import md5_of
 from ..config import Settings
 from ..orthanc import Orthanc, OrthancError, OrthancUnreachable
 from .borgmatic import BackupError, Backups
@@ -55,14 +55,6 @@ class Restored:
                 "present": len(self.present), "differs": self.differs,
                 "failed": self.failed, "modalities": self.modalities,
                 "seconds": round(self.seconds, 1)}
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        while block := handle.read(2**20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Restore:
@@ -132,7 +124,7 @@ class Restore:
         try:
             if not extracted.is_file():
                 raise BackupError("not extracted from the archive")
-            md5 = _md5(extracted)
+            md5 = md5_of(extracted)
             if md5 != recorded_md5:
                 raise BackupError(f"extracted MD5 {md5} is not the recorded {recorded_md5}")
             orthanc = self._client()
@@ -220,7 +212,7 @@ class Drill:
             for path, md5 in sample:
                 extracted = self.staging / str(path).lstrip("/")
                 try:
-                    if _md5(extracted) != md5:
+                    if md5_of(extracted) != md5:
                         raise ValueError("MD5 differs from the one recorded at backup")
                     uid = str(pydicom.dcmread(extracted, defer_size="1 MB",
                                               stop_before_pixels=True).SOPInstanceUID)

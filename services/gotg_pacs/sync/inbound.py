@@ -33,6 +33,7 @@ from pathlib import Path
 
 import requests
 
+from ..checksums import md5_of
 from ..config import Settings
 from ..orthanc import Orthanc, OrthancError, OrthancUnreachable
 from ..sqlite_tx import immediate, open_store
@@ -194,11 +195,6 @@ def _well_formed(item: dict) -> bool:
                 and re.fullmatch(r"[0-9a-f]{32}", item["md5"]) is not None)
     except (KeyError, TypeError, ValueError):
         return False
-
-
-def _md5_of(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 class Inbound:
@@ -369,7 +365,7 @@ class Inbound:
     def _store(self, row: sqlite3.Row, part: Path) -> str | None:
         """This archive's instance holding exactly HQ's bytes, or None (recorded why)."""
         seq = row["seq"]
-        if part.stat().st_size != row["size"] or _md5_of(part) != row["md5"]:
+        if part.stat().st_size != row["size"] or md5_of(part) != row["md5"]:
             part.unlink()
             self.inbox.failed(seq, "damaged in transit (MD5 differs from HQ's); fetching again")
             log.error("from HQ: %s damaged in transit; fetching it again", row["sop_uid"])
