@@ -249,24 +249,40 @@ def _roll_back(repository, transaction: int) -> None:
         cache.unlink()
 
 
+def _backed_up_to(appliance) -> dict[str, str]:
+    """`pacs backup now`: the archive made in each repository, by its label."""
+    done = run_pacs("backup", "now", "--json", env_file=appliance.env_file, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return {made["repository"]: made["archive"] for made in json.loads(done.stdout)["archives"]}
+
+
 def test_backups_go_to_hq_over_ssh_append_only_and_a_new_box_restores_from_there(
-        appliance_factory, tmp_path):
+        appliance_factory, backup_disk, tmp_path):
     server = BackupServer(tmp_path / "hq-backups").start()
     try:
-        old = appliance_factory("old", BACKUP_PATH="", REMOTE_BACKUP_URL=server.url)
+        old = appliance_factory("old", BACKUP_PATH=str(backup_disk),
+                                REMOTE_BACKUP_URL=server.url)
         assert old.modality.store([corpus.DATA_DIR / name for name in MIX[:3]]).ok
-        denied = run_pacs("backup", "now", env_file=old.env_file, timeout=300)
-        assert denied.returncode == 1, "HQ has not allowed this box's key yet"
+        # HQ has not allowed this box's key yet: the backup disk takes the backup all the same.
+        local_only = run_pacs("backup", "now", "--json", env_file=old.env_file, timeout=300)
+        assert local_only.returncode == 0, local_only.stderr
+        made = json.loads(local_only.stdout)
+        assert [archive["repository"] for archive in made["archives"]] == ["local"]
+        assert made["remote_error"]
+        shown = json.loads(run_pacs("status", "--json", env_file=old.env_file).stdout)["backup"]
+        assert not shown["failing"] and shown["remote"]["failing"]
+        assert "at HQ: none yet (failing" in run_pacs("status", env_file=old.env_file).stdout
+
         access = json.loads(run_pacs("backup", "key", "--json", env_file=old.env_file).stdout)
         line = access["authorized_keys"]
         assert "borg serve --append-only" in line and line.startswith("restrict,")
         assert f"--restrict-to-repository {server.repository('test-site')}" in line
         server.authorize(line)
-        first = _backup(old)
-        second = _backup(old)
+        first = _backed_up_to(old)["hq"]
+        second = _backed_up_to(old)["hq"]
         expected = _held(old)
         shown = json.loads(run_pacs("status", "--json", env_file=old.env_file).stdout)["backup"]
-        assert shown["archives"] == [second] and not shown["failing"]
+        assert shown["remote"]["archives"] == [second] and not shown["remote"]["failing"]
 
         # The clinic's key (or a thief holding the box) tries to erase HQ's history.
         state = old.settings.state_path / "backup"
@@ -286,7 +302,7 @@ def test_backups_go_to_hq_over_ssh_append_only_and_a_new_box_restores_from_there
         _roll_back(repo, kept)  # HQ undoes it
         old.stop()
 
-        new = appliance_factory("new", BACKUP_PATH="", REMOTE_BACKUP_URL=server.url)
+        new = appliance_factory("new", BACKUP_PATH="", REMOTE_BACKUP_URL=server.url)  # disk lost
         _move_passphrase(old, new)
         server.authorize(json.loads(run_pacs("backup", "key", "--json",
                                              env_file=new.env_file).stdout)["authorized_keys"])
