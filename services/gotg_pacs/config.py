@@ -393,8 +393,11 @@ class Settings:
         "BACKUP_PATH", PathValue(optional=True), "/mnt/backup",
         "Local backup repository folder (the USB backup disk).", "Backup")
     remote_backup_url: str = setting(
-        "REMOTE_BACKUP_URL", Text(allowed="an ssh:// Borg repository URL, or empty",
-                                  pattern=r"ssh://[^\s]+"), "",
+        "REMOTE_BACKUP_URL", Text(allowed="ssh://[user@]host[:port]/path (a plain folder "
+                                          "path), or empty",
+                                  pattern=r"ssh://([A-Za-z0-9._-]+@)?([A-Za-z0-9.-]+|"
+                                          r"\[[0-9A-Fa-f:]+\])(:[0-9]{1,5})?/[A-Za-z0-9._/-]+"),
+        "",
         "HQ's backup server: each backup also goes to URL/SITE_CODE.borg over SSH, with a "
         "key HQ allows only to append (`pacs backup key`).", "Backup")
     encryption: bool = setting(

@@ -195,7 +195,7 @@ def _served_md5(client: Orthanc, instance: str) -> str:
     return digest.hexdigest()
 
 
-def _fragment(path: Path) -> bool:
+def is_fragment(path: Path) -> bool:
     """Orthanc's partial 'until pixel data' attachments: image attributes but no pixels."""
     import pydicom  # here: Orthanc's start path (collect) must not pay for it on a Pi
 
@@ -208,7 +208,7 @@ def _fragment(path: Path) -> bool:
 
 
 def _readopt_one(settings: Settings, client: Orthanc, path: Path, report: Readopted) -> None:
-    if _fragment(path):
+    if is_fragment(path):
         report.unresolved.append(_move(path, unresolved_dir(settings)))
         log.error("kept %s aside: a partial attachment (no pixel data), never stored as an "
                   "instance", path.name)

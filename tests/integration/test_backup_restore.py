@@ -148,6 +148,9 @@ def test_damaged_files_are_found_put_back_from_the_backup_and_the_rest_reported(
     gone_uid, gone_id, gone = _stored_file(box, files[1])
     gone_bytes = gone.read_bytes()
     gone.unlink()
+    for folder in (gone.parent, gone.parent.parent):  # fsck on a failing card drops folders too
+        if not any(folder.iterdir()):
+            folder.rmdir()
     lost_uid, _, lost = _stored_file(box, files[4])
     lost.write_bytes(lost.read_bytes()[:-100])
 
@@ -163,6 +166,11 @@ def test_damaged_files_are_found_put_back_from_the_backup_and_the_rest_reported(
     outcome = {f["sop_uid"]: f["repaired_from"] for f in json.loads(repaired.stdout)["findings"]}
     assert outcome == {rotten_uid: archive, gone_uid: archive, lost_uid: None}
     assert rotten.read_bytes() == good_bytes and gone.read_bytes() == gone_bytes
+    storage = box.settings.orthanc_storage_dir.stat()
+    for folder in (gone.parent, gone.parent.parent):
+        made = folder.stat()
+        assert (made.st_uid, made.st_gid, made.st_mode) == \
+            (storage.st_uid, storage.st_gid, storage.st_mode), "Orthanc can write there"
     assert box.orthanc.verify_md5(rotten_id) and box.orthanc.verify_md5(gone_id)
     said = run_pacs("integrity", "check", env_file=box.env_file)
     assert said.returncode == 1
@@ -279,10 +287,27 @@ def test_backups_go_to_hq_over_ssh_append_only_and_a_new_box_restores_from_there
         assert f"--restrict-to-repository {server.repository('test-site')}" in line
         server.authorize(line)
         first = _backed_up_to(old)["hq"]
+        # The USB disk unplugged: HQ's copy is made all the same, and the failure is said.
+        env = old.env_file.read_text()
+        old.env_file.write_text(env.replace(f"BACKUP_PATH={backup_disk}",
+                                            f"BACKUP_PATH={tmp_path / 'unplugged'}"))
+        unplugged = run_pacs("backup", "now", env_file=old.env_file, timeout=300)
+        old.env_file.write_text(env)
+        assert unplugged.returncode == 1
+        assert "backup disk missing" in unplugged.stderr and "HQ's copy was made" in \
+            unplugged.stderr, unplugged.stderr
         second = _backed_up_to(old)["hq"]
         expected = _held(old)
         shown = json.loads(run_pacs("status", "--json", env_file=old.env_file).stdout)["backup"]
         assert shown["remote"]["archives"] == [second] and not shown["remote"]["failing"]
+        # With HQ's copy configured too, a repair reads the disk's archives.
+        _, rotten_id, rotten = _stored_file(old, corpus.DATA_DIR / MIX[0])
+        good = rotten.read_bytes()
+        rotten.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+        repaired = run_pacs("integrity", "check", "--repair", "--json", env_file=old.env_file,
+                            timeout=300)
+        assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+        assert rotten.read_bytes() == good and old.orthanc.verify_md5(rotten_id)
 
         # The clinic's key (or a thief holding the box) tries to erase HQ's history.
         state = old.settings.state_path / "backup"
@@ -292,7 +317,9 @@ def test_backups_go_to_hq_over_ssh_append_only_and_a_new_box_restores_from_there
         url = f"{server.url}/test-site.borg"
         clinic = (state / "ssh" / "id_ed25519", state / "ssh" / "known_hosts")
         secret = (state / "passphrase").read_text().strip()
-        for archive in (first, second):
+        listed = borg_as_clinic(*clinic, "list", "--short", url, passphrase=secret)
+        assert len(listed.stdout.split()) == 3 and {first, second} <= set(listed.stdout.split())
+        for archive in listed.stdout.split():
             borg_as_clinic(*clinic, "delete", f"{url}::{archive}", passphrase=secret)
         borg_as_clinic(*clinic, "compact", url, passphrase=secret)
         listed = borg_as_clinic(*clinic, "list", "--short", url, passphrase=secret)
@@ -303,9 +330,12 @@ def test_backups_go_to_hq_over_ssh_append_only_and_a_new_box_restores_from_there
         old.stop()
 
         new = appliance_factory("new", BACKUP_PATH="", REMOTE_BACKUP_URL=server.url)  # disk lost
-        _move_passphrase(old, new)
         server.authorize(json.loads(run_pacs("backup", "key", "--json",
                                              env_file=new.env_file).stdout)["authorized_keys"])
+        wrong = run_pacs("backup", "passphrase", "--set", input="not-the-site-passphrase",
+                         env_file=new.env_file, timeout=120)
+        assert wrong.returncode == 1 and "opens the hq repository" in wrong.stderr, wrong.stderr
+        _move_passphrase(old, new)
         restored = run_pacs("restore", "--remote", "--site", "test-site", "--json",
                             env_file=new.env_file, timeout=600)
         assert restored.returncode == 0, restored.stderr
@@ -339,6 +369,10 @@ def test_the_passphrase_is_kept_at_hq_and_a_new_box_for_the_site_takes_it_back(
     old.stop()
 
     new = appliance_factory("new", **at_hq)
+    # Its backup timer fires before anyone put the passphrase back: no new one is made.
+    early = run_pacs("backup", "now", env_file=new.env_file, timeout=300)
+    assert early.returncode == 1 and "--from-hq" in early.stderr, early.stderr
+    assert not (new.settings.state_path / "backup" / "passphrase").exists()
     taken = run_pacs("backup", "passphrase", "--from-hq", env_file=new.env_file)
     assert taken.returncode == 0, taken.stderr
     restored = run_pacs("restore", "--latest", "--json", env_file=new.env_file, timeout=600)

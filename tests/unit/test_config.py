@@ -83,7 +83,9 @@ SITE_CODE=mobile-3
     ("SYNC_INTERVAL=soon", "SYNC_INTERVAL='soon' is not a duration"),
     ("HQ_URL=hq.example.org", "HQ_URL='hq.example.org' is not a URL"),
     ("SITE_CODE=Clinic 1", "SITE_CODE='Clinic 1' has characters that are not allowed"),
-    ("REMOTE_BACKUP_URL=/mnt/x", "allowed: an ssh:// Borg repository URL, or empty"),
+    ("REMOTE_BACKUP_URL=/mnt/x", "allowed: ssh://[user@]host[:port]/path (a plain folder"),
+    # Would reach HQ's authorized_keys line (`pacs backup key`) as extra options.
+    ('REMOTE_BACKUP_URL=ssh://hq/r",port-forwarding,x="', "allowed: ssh://[user@]host"),
     ("MAX_STORAGE_GB=-1", "MAX_STORAGE_GB='-1' is outside 0..1e+06"),
     ("MAX_STORAGE_GB=nan", "is outside"),
 ])

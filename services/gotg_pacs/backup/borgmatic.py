@@ -76,6 +76,8 @@ class Backups:
         self.settings = settings
         self.env_file = env_file
         self.folder = settings.state_path / "backup"
+        if reading == LOCAL and settings.backup_path is None and settings.remote_backup_url:
+            reading = REMOTE  # no backup disk: checks, drills and repairs read HQ's copy
         self.reading = reading
         self.site = site or settings.site_code
         self._prepared = False
@@ -157,28 +159,87 @@ class Backups:
                 # A new passphrase would not open it, and borg would only say "incorrect".
                 raise BackupError(
                     f"the backup disk holds a repository ({existing[0]}) but this box has lost "
-                    f"its passphrase ({self.passphrase_file} is missing): put the passphrase "
-                    "back from where it was kept (HQ), or use an empty backup disk")
+                    f"its passphrase ({self.passphrase_file} is missing): put it back "
+                    "(`pacs backup passphrase --from-hq`, or `--set` from where it was kept), "
+                    "or use an empty backup disk")
+            if self._hq_keeps_passphrase():
+                # A new box for this site: a new passphrase would not open HQ's copy of it.
+                raise BackupError(
+                    "HQ keeps a backup passphrase for this site and this box has none: put it "
+                    "back with `pacs backup passphrase --from-hq` before any backup or restore")
             durable.replace_text(self.passphrase_file, secrets.token_urlsafe(32), mode=0o600)
+        self._write_config()
+        self._prepared = True
+
+    def _write_config(self) -> None:
+        """borgmatic's configuration (and the SSH key it names), with or without a passphrase."""
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.settings.remote_backup_url and not self.ssh_key.exists():
             self.make_ssh_key()
         durable.replace_text(self.config_file, json.dumps(self.config(), indent=2) + "\n",
                              mode=0o600)
-        self._prepared = True
 
-    def put_back_passphrase(self, secret: str) -> None:
-        """The passphrase kept off the box, put back (a new box and the old backup disk).
-        Never over another one: that one may be all that opens archives made since."""
-        secret = secret.strip()
-        if not secret or any(char.isspace() for char in secret):
+    def _hq_keeps_passphrase(self) -> bool:
+        """Does HQ keep a passphrase for this site? False when it cannot be asked (a new site
+        offline from the start must still back up to its disk)."""
+        if not self.settings.hq_url:
+            return False
+        from ..sync.transport import HQClient, HQRefused, HQUnreachable
+
+        try:
+            HQClient(self.settings.hq_url, self.settings.hq_token,
+                     timeout=30).kept_passphrases()
+        except HQRefused as exc:
+            return exc.status != 404
+        except HQUnreachable:
+            log.warning("HQ could not be asked whether it keeps this site's backup passphrase")
+            return False
+        return True
+
+    def put_back_passphrase(self, candidates: list[str]) -> str | None:
+        """A passphrase kept off the box, put back (a new box, the old backup disk or HQ's
+        copy): of the candidates (newest first), the first that opens an existing repository,
+        or the first when none exists yet. Never over another one: that one may be all that
+        opens archives made since. Returns a warning when the repository could not be asked
+        (HQ out of reach, this box's key not allowed there yet)."""
+        candidates = [secret.strip() for secret in candidates]
+        if not candidates or any(not secret or any(char.isspace() for char in secret)
+                                 for secret in candidates):
             raise BackupError("no passphrase given (one line, no spaces, on standard input)")
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.passphrase_file.exists():
-            if self.passphrase_file.read_text().strip() == secret:
+            if self.passphrase_file.read_text().strip() in candidates:
                 return
             raise BackupError(f"this box has another passphrase already "
                               f"({self.passphrase_file}); it is left as it is")
-        durable.replace_text(self.passphrase_file, secret, mode=0o600)
+        self._write_config()
+        repos = self.repositories()
+        local = [r for r in repos if r.label == LOCAL and (Path(r.path) / "config").exists()]
+        repo = (local or [r for r in repos if r.label == REMOTE] or [None])[0]
+        unchecked = []
+        for secret in candidates:
+            durable.replace_text(self.passphrase_file, secret, mode=0o600)
+            if repo is None:
+                return None  # nothing to open yet: the newest is the site's
+            try:
+                self._run("repo-info", "--repository", repo.label)
+                return None
+            except BackupError as exc:
+                said = str(exc)
+            if "is incorrect" in said:
+                continue
+            if repo.label == REMOTE and ("does not exist" in said
+                                         or "not a valid repository" in said):
+                durable.replace_text(self.passphrase_file, candidates[0], mode=0o600)
+                return None  # HQ holds no repository for the site yet
+            unchecked.append((secret, said))  # unreachable, not allowed yet: cannot tell
+        if unchecked:
+            durable.replace_text(self.passphrase_file, unchecked[0][0], mode=0o600)
+            return (f"kept, but not checked against the {repo.label} repository: "
+                    f"{unchecked[0][1]}")
+        self.passphrase_file.unlink()
+        raise BackupError(f"none of the {len(candidates)} passphrase(s) given opens the "
+                          f"{repo.label} repository ({repo.path})")
 
     def make_ssh_key(self) -> str:
         """The box's key for HQ's backup server (made once); its public half."""
@@ -198,6 +259,8 @@ class Backups:
         if not remote:
             return None
         path = re.sub(r"^ssh://[^/]+", "", remote[0].path)
+        if not re.fullmatch(r"/[A-Za-z0-9._/-]+", path) or "/../" in f"{path}/":
+            raise BackupError(f"REMOTE_BACKUP_URL's path {path!r} is not a plain folder path")
         return (f'restrict,command="borg serve --append-only --restrict-to-repository '
                 f'{path}" {self.make_ssh_key()}')
 
@@ -221,8 +284,10 @@ class Backups:
         return True
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """One backup at a time: a second `pacs backup now` waits for the first."""
+    def locked(self) -> Iterator[None]:
+        """One borg job at a time (backup, check, restore, drill, repair): a second waits for
+        the first, so borg's own lock never times out under it and no job's scratch folder is
+        emptied by another's."""
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(self.folder / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -309,7 +374,7 @@ class Backups:
         outcome per repository, success or the reason for a failure, is kept for `pacs status`:
         the backup disk's as the box's backup state, HQ's apart (a clinic offline for days is
         no failing backup while its disk takes them), and a failure at HQ is in `remote_error`."""
-        with self._locked():
+        with self.locked():
             repos = self.repositories()
             if not repos:
                 raise BackupError("no backup repository: set BACKUP_PATH to the backup disk "
@@ -320,14 +385,21 @@ class Backups:
                 self.snapshot()
             except Exception as exc:  # noqa: BLE001 - recorded whatever it is
                 raise self._failed(repos[0], exc) from None
-            for repo in repos:
+            local_error = None
+            for repo in repos:  # each one tried: a dead USB disk must not stop HQ's copy
                 try:
                     made.append(self._create_in(repo))
                 except Exception as exc:  # noqa: BLE001 - recorded, then said
                     error = self._failed(repo, exc)
-                    if repo.label != REMOTE or len(repos) == 1:
-                        raise error from None
-                    remote_error = str(error)
+                    if repo.label == REMOTE:
+                        remote_error = str(error)
+                    else:
+                        local_error = error
+            if local_error is not None or (remote_error and len(repos) == 1):
+                error = local_error or BackupError(remote_error)
+                if made:
+                    raise BackupError(f"{error} (HQ's copy was made: {made[0]['archive']})")
+                raise error
             return {"finished_at": time.time(), "archives": made, "remote_error": remote_error}
 
     def _failed(self, repo: Repository, exc: Exception) -> BackupError:
@@ -374,8 +446,14 @@ class Backups:
             if repo.label == LOCAL and not (Path(repo.path) / "config").exists():
                 continue
             self._prepare()
-            done = self._run("repo-list", "--repository", repo.label, "--json",
-                             "--match-archives", "sh:*")
+            try:
+                done = self._run("repo-list", "--repository", repo.label, "--json",
+                                 "--match-archives", "sh:*")
+            except BackupError as exc:
+                if only is not None or repo.label != REMOTE:
+                    raise
+                log.warning("HQ's copy not listed: %s", exc)
+                continue
             for answer in json.loads(done.stdout):
                 listed += [{"repository": repo.label, "name": archive["name"],
                             "time": archive["time"]} for archive in answer["archives"]]
@@ -386,9 +464,9 @@ class Backups:
         archives, or every chunk's data when asked. The outcome is kept for `pacs status`."""
         kind = "verify_data" if verify_data else "check"
         started = time.time()
-        with self._locked():
+        with self.locked():
             try:
-                repo = self._local()
+                repo = self.reading_repository()
                 only = ["--only", "data"] if verify_data else \
                     ["--only", "repository", "--only", "archives"]
                 # Every archive, the kept ones too (not only those named like new ones).
@@ -418,8 +496,9 @@ class Backups:
         except FileNotFoundError:
             return None
 
-    def _local(self) -> Repository:
-        """The repository read from: the backup disk, or HQ's when `reading` says so."""
+    def reading_repository(self) -> Repository:
+        """The repository restores, checks, drills and repairs read: the backup disk, or HQ's
+        copy when `reading` says so (or when there is no disk)."""
         repos = {repo.label: repo for repo in self.repositories()}
         if self.reading == REMOTE:
             if REMOTE not in repos:
@@ -436,7 +515,7 @@ class Backups:
 
     def newest(self) -> str | None:
         """The name of the newest regular archive (not a kept one), None if there is none."""
-        repo = self._local()
+        repo = self.reading_repository()
         done = self._run("repo-list", "--repository", repo.label, "--json")
         archives = [archive for answer in json.loads(done.stdout)
                     for archive in answer["archives"]]
@@ -447,15 +526,15 @@ class Backups:
         removed from this box since, and pruning would otherwise drop it within a day."""
         if archive.startswith(KEPT):
             return archive
-        with self._locked():
-            repo = self._local()
+        with self.locked():
+            repo = self.reading_repository()
             self._run("borg", "--repository", repo.label, "rename", f"::{archive}",
                       KEPT + archive)
         return KEPT + archive
 
     def resolve(self, archive: str | None) -> str:
         """The archive named (it must exist), or the newest of all when None."""
-        archives = self.archives(only=self._local().label)
+        archives = self.archives(only=self.reading_repository().label)
         if not archives:
             raise BackupError(f"the {self.reading} repository holds no archive yet")
         if archive is None:
@@ -464,24 +543,24 @@ class Backups:
             raise BackupError(f"no archive named {archive!r} (see `pacs backup list`)")
         return archive
 
-    def contents(self, archive: str) -> dict[Path, tuple[str, int]]:
-        """Every file the archive holds: its MD5 (read back from the repository) and size, by
-        the absolute path it was backed up from (another box's paths, maybe)."""
-        repo = self._local()
+    def contents(self, archive: str) -> dict[Path, int]:
+        """Every file the archive holds, by the absolute path it was backed up from (another
+        box's paths, maybe), with its size. No MD5 here: borg reads every chunk to compute one
+        (over HQ's link, the whole archive); `held` asks it for chosen files."""
+        repo = self.reading_repository()
         done = self._run("list", "--repository", repo.label, "--archive", archive,
-                         "--format", "{type} {md5} {size} {path}{NL}")
+                         "--format", "{type} {size} {path}{NL}")
         found = {}
         for line in done.stdout.splitlines():
-            kind, _, rest = line.partition(" ")
-            match = _LISTED.match(rest)
-            if kind == "-" and match:
-                found[Path("/") / match.group(3)] = (match.group(1), int(match.group(2)))
+            kind, size, path = (line.split(" ", 2) + ["", ""])[:3]
+            if kind == "-" and size.isdigit() and path:
+                found[Path("/") / path] = int(size)
         return found
 
     def extract(self, archive: str, paths: list[Path], destination: Path) -> None:
         """Extract these files (absolute paths as backed up) below `destination`, each at its
         full path there (destination/var/lib/...): never over the live files."""
-        repo = self._local()
+        repo = self.reading_repository()
         destination.mkdir(parents=True, exist_ok=True, mode=0o700)
         names = [str(path).lstrip("/") for path in paths]
         for first in range(0, len(names), PATHS_PER_CALL):
@@ -493,7 +572,7 @@ class Backups:
     def held(self, paths: list[Path], archive: str) -> dict[Path, str]:
         """Which of these files `archive` holds, with the MD5 of the content it holds (read
         back from the repository, not assumed)."""
-        repo = self._local()
+        repo = self.reading_repository()
         found: dict[Path, str] = {}
         wanted = {str(path).lstrip("/"): path for path in paths}
         names = list(wanted)

@@ -147,18 +147,19 @@ def backup_passphrase(ctx: Context, put_back: bool, from_hq: bool, as_json: bool
 
                 if not ctx.settings.hq_url:
                     raise BackupError("HQ_URL is not set")
-                try:
-                    secret = HQClient(ctx.settings.hq_url, ctx.settings.hq_token,
-                                      timeout=60).kept_passphrases()[-1]
+                try:  # newest first: the one that opens the repository is kept
+                    candidates = HQClient(ctx.settings.hq_url, ctx.settings.hq_token,
+                                          timeout=60).kept_passphrases()[::-1]
                 except (HQRefused, HQUnreachable) as exc:
                     raise BackupError(f"HQ did not give the passphrase back: {exc}") from None
             else:
-                secret = click.get_text_stream("stdin").read()
-            backups.put_back_passphrase(secret)
+                candidates = [click.get_text_stream("stdin").read()]
+            warning = backups.put_back_passphrase(candidates)
         except BackupError as exc:
             raise click.ClickException(str(exc)) from None
-        emit({"file": str(backups.passphrase_file)}, as_json,
-             f"passphrase kept in {backups.passphrase_file}")
+        emit({"file": str(backups.passphrase_file), "warning": warning}, as_json,
+             f"passphrase kept in {backups.passphrase_file}"
+             + (f"\nWARNING: {warning}" if warning else ""))
         return
     try:
         secret = backups.passphrase_file.read_text().strip()
@@ -273,7 +274,8 @@ def integrity_check(ctx: Context, repair: bool, as_json: bool) -> None:
             return {}
 
     checker = Integrity(settings, Orthanc.from_settings(settings, timeout=120),
-                        _backups(ctx) if settings.backup_path else None, confirmed)
+                        _backups(ctx) if settings.backup_path or settings.remote_backup_url
+                        else None, confirmed)
     try:
         findings = checker.check()
         if repair:

@@ -22,7 +22,7 @@ from pydicom.errors import InvalidDicomError
 
 from ..checksums import md5_of
 from ..config import Settings
-from ..orthanc import Orthanc
+from ..orthanc import Orthanc, OrthancError
 from .borgmatic import BackupError, Backups
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,12 @@ class Integrity:
             page = self.orthanc.get("/instances", params={"expand": "", "since": since,
                                                            "limit": PAGE})
             for item in page:
-                info = self.orthanc.get(f"/instances/{item['ID']}/attachments/dicom/info")
+                try:
+                    info = self.orthanc.get(f"/instances/{item['ID']}/attachments/dicom/info")
+                except OrthancError as exc:
+                    if exc.status == 404:  # deleted meanwhile (a cleanup): nothing to check
+                        continue
+                    raise
                 uuid = info["Uuid"]
                 yield _Stored(item["ID"], item["MainDicomTags"].get("SOPInstanceUID", ""),
                               info["CompressedMD5"],
@@ -115,12 +120,24 @@ class Integrity:
         if not wanted:
             return
         if self.backups is None:
-            raise BackupError("no backup to repair from: set BACKUP_PATH")
-        expected = {path: self._expected_md5(finding) for path, finding in wanted.items()}
+            raise BackupError("no backup to repair from: set BACKUP_PATH or REMOTE_BACKUP_URL")
+        with self.backups.locked():
+            self._repair(wanted)
+
+    def _repair(self, wanted: dict[Path, Finding]) -> None:
+        expected = {}
+        for path, finding in list(wanted.items()):
+            if (md5 := self._expected_md5(finding)) is None:
+                finding.detail += "; deleted here since the check"
+                del wanted[path]
+            else:
+                expected[path] = md5
         staging = self.settings.storage_path / "repair-staging"
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            archives = sorted(self.backups.archives(), key=lambda item: item["time"],
+            # The repository read from only (the disk, or HQ's copy without one).
+            reading = self.backups.reading_repository().label
+            archives = sorted(self.backups.archives(only=reading), key=lambda item: item["time"],
                               reverse=True)
             for archive in (item["name"] for item in archives):
                 if not wanted:
@@ -136,16 +153,40 @@ class Integrity:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _expected_md5(self, finding: Finding) -> str:
-        return self.orthanc.get(
-            f"/instances/{finding.instance_id}/attachments/dicom/info")["CompressedMD5"]
+    def _expected_md5(self, finding: Finding) -> str | None:
+        """The MD5 Orthanc recorded for the instance's file; None once the instance is gone
+        (a file put back for it would be an orphan, stored again after the next power cut)."""
+        try:
+            return self.orthanc.get(
+                f"/instances/{finding.instance_id}/attachments/dicom/info")["CompressedMD5"]
+        except OrthancError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def _folders_like_storage(self, folder: Path) -> None:
+        """Make the missing folders down to `folder` with the storage area's owner and mode:
+        Orthanc (its own user) must go on writing there, whoever runs the repair."""
+        root = self.settings.orthanc_storage_dir
+        like = root.stat()
+        missing = []
+        while not folder.exists() and folder != root:
+            missing.append(folder)
+            folder = folder.parent
+        for made in reversed(missing):
+            made.mkdir()
+            os.chown(made, like.st_uid, like.st_gid)
+            os.chmod(made, like.st_mode & 0o7777)
 
     def _put_back(self, path: Path, extracted: Path, md5: str, finding: Finding,
                   archive: str) -> None:
         if not extracted.is_file() or md5_of(extracted) != md5:
             finding.detail += f"; {archive} did not give back the recorded bytes"
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if self._expected_md5(finding) != md5:  # deleted or replaced while we extracted
+            finding.detail += "; changed here during the repair, left as it is"
+            return
+        self._folders_like_storage(path.parent)
         os.replace(extracted, path)  # the same disk: atomic, never half a file in place
         if self.orthanc.verify_md5(finding.instance_id):
             finding.repaired_from = archive

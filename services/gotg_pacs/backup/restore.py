@@ -2,10 +2,11 @@
 
 The archive holds Orthanc's storage files (complete DICOM) but not its index, so a restore stores
 every file again through Orthanc's REST API: Orthanc rebuilds its index as it goes, nothing has
-to stop, and modalities keep storing meanwhile. Each file is checked three times: extracted by
-borg (which verifies every chunk), its MD5 against the one the repository recorded, and Orthanc's
-MD5 of what it stored against both. An instance already here with the same content is left as
-it is; one here with other content is never overwritten, only reported.
+to stop, and modalities keep storing meanwhile. Each file is checked twice: borg authenticates
+every chunk it extracts, and Orthanc's MD5 of what it stored must be the extracted file's. An
+instance already here with the same content is left as it is; one here with other content is
+never overwritten, only reported. Orthanc's partial "until pixel data" attachments are skipped,
+and an archive path that would lead out of the scratch folder is refused.
 
 Files are extracted into a folder on the images' own disk (so the room checked is the room
 used), at most a batch at a time, and removed as soon as they are stored. The sync service sees
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from ..checksums import md5_of
 from ..config import Settings
+from ..orphans import is_fragment
 from ..orthanc import Orthanc, OrthancError, OrthancUnreachable
 from .borgmatic import BackupError, Backups
 
@@ -38,6 +40,15 @@ STORERS = 3  # files stored at once: Orthanc parses and writes one while its ind
 ROOM_MARGIN = 256 * 2**20  # left free on the images' disk (Orthanc needs room to store)
 ORTHANC_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{8}-[0-9a-f-]{27}")
 SNAPSHOT_MODALITIES = ("backup", "snapshot", "modalities.json")
+MODALITY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def orthanc_files(contents: dict[Path, int]) -> dict[Path, int]:
+    """The archive's Orthanc storage files, by the shape of Orthanc's storage layout, not by
+    this box's paths (the archive may come from a box whose STORAGE_PATH differed); never a
+    path with a `..` in it (an archive made elsewhere is not trusted to stay in scratch)."""
+    return {path: size for path, size in contents.items()
+            if ".." not in path.parts and ORTHANC_FILE.fullmatch("/".join(path.parts[-3:]))}
 
 
 @dataclass
@@ -47,13 +58,15 @@ class Restored:
     present: list[str] = field(default_factory=list)    # here already, the same content
     differs: list[str] = field(default_factory=list)    # here already with other content
     failed: list[dict] = field(default_factory=list)    # {"file", "reason"}
+    skipped: list[str] = field(default_factory=list)    # partial attachments, not instances
     modalities: list[str] = field(default_factory=list)  # declared again
     seconds: float = 0.0
 
     def public(self) -> dict:
         return {"archive": self.archive, "restored": len(self.restored),
                 "present": len(self.present), "differs": self.differs,
-                "failed": self.failed, "modalities": self.modalities,
+                "failed": self.failed, "skipped": len(self.skipped),
+                "modalities": self.modalities,
                 "seconds": round(self.seconds, 1)}
 
 
@@ -73,16 +86,17 @@ class Restore:
         return self._local.orthanc
 
     def run(self, archive: str | None = None) -> Restored:
+        with self.backups.locked():
+            return self._run(archive)
+
+    def _run(self, archive: str | None) -> Restored:
         started = time.monotonic()
         name = self.backups.resolve(archive)
         report = Restored(name)
         contents = self.backups.contents(name)
-        # By the shape of Orthanc's storage area, not by this box's paths: the archive may come
-        # from a box whose STORAGE_PATH differed.
-        files = {path: found for path, found in contents.items()
-                 if ORTHANC_FILE.fullmatch("/".join(path.parts[-3:]))}
-        total = sum(size for _, size in files.values())
-        largest = max((size for _, size in files.values()), default=0)
+        files = orthanc_files(contents)
+        total = sum(files.values())
+        largest = max(files.values(), default=0)
         # Orthanc's copies, plus one batch extracted beside them, plus room to keep working.
         need = total + max(min(BATCH_BYTES, total), largest) + ROOM_MARGIN
         free = shutil.disk_usage(self.settings.storage_path).free
@@ -96,8 +110,7 @@ class Restore:
             for batch in self._batches(files):
                 self.backups.extract(name, batch, self.staging)
                 with ThreadPoolExecutor(STORERS) as pool:
-                    list(pool.map(lambda path: self._store(path, files[path][0], report),
-                                  batch))
+                    list(pool.map(lambda path: self._store(path, report), batch))
             self._modalities(name, contents, report)
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
@@ -108,9 +121,9 @@ class Restore:
         return report
 
     @staticmethod
-    def _batches(files: dict[Path, tuple[str, int]]):
+    def _batches(files: dict[Path, int]):
         batch, size = [], 0
-        for path, (_, length) in sorted(files.items()):
+        for path, length in sorted(files.items()):
             if batch and size + length > BATCH_BYTES:
                 yield batch
                 batch, size = [], 0
@@ -119,14 +132,15 @@ class Restore:
         if batch:
             yield batch
 
-    def _store(self, path: Path, recorded_md5: str, report: Restored) -> None:
+    def _store(self, path: Path, report: Restored) -> None:
         extracted = self.staging / str(path).lstrip("/")
         try:
             if not extracted.is_file():
                 raise BackupError("not extracted from the archive")
+            if is_fragment(extracted):
+                report.skipped.append(str(path))
+                return
             md5 = md5_of(extracted)
-            if md5 != recorded_md5:
-                raise BackupError(f"extracted MD5 {md5} is not the recorded {recorded_md5}")
             orthanc = self._client()
             with open(extracted, "rb") as handle:
                 answer = orthanc.post("/instances", data=handle,
@@ -153,7 +167,8 @@ class Restore:
 
     def _modalities(self, archive: str, contents: dict, report: Restored) -> None:
         """The modalities the archive's snapshot declares and this Orthanc does not."""
-        exported = [path for path in contents if path.parts[-3:] == SNAPSHOT_MODALITIES]
+        exported = [path for path in contents
+                    if path.parts[-3:] == SNAPSHOT_MODALITIES and ".." not in path.parts]
         if not exported:
             return
         snapshot = exported[0]
@@ -165,6 +180,10 @@ class Restore:
             return
         here = self.orthanc.modalities()
         for name, modality in declared.items():
+            if not MODALITY_NAME.fullmatch(name):
+                log.warning("modality %r in the archive not declared again: not a plain name",
+                            name)
+                continue
             if name not in here:
                 self.orthanc.put_modality(name, modality["AET"], modality["Host"],
                                           int(modality["Port"]))
@@ -189,26 +208,31 @@ class Drill:
         self.staging = settings.storage_path / "drill-staging"
 
     def run(self) -> dict:
+        with self.backups.locked():
+            return self._run()
+
+    def _run(self) -> dict:
         import random
 
         import pydicom
 
         started = time.monotonic()
         name = self.backups.resolve(None)
-        files = [(path, found) for path, found in self.backups.contents(name).items()
-                 if ORTHANC_FILE.fullmatch("/".join(path.parts[-3:]))]
+        files = list(orthanc_files(self.backups.contents(name)).items())
         random.shuffle(files)
-        sample, size = [], 0
-        for path, (md5, length) in files:
-            if sample and size + length > self.budget:
+        chosen, size = [], 0
+        for path, length in files:
+            if chosen and size + length > self.budget:
                 continue
-            sample.append((path, md5))
+            chosen.append(path)
             size += length
+        recorded = self.backups.held(chosen, name)  # MD5s of the chosen files only
+        sample = [(path, recorded.get(path, "")) for path in chosen]
         outcome = {"archive": name, "files": len(sample), "bytes": size, "held_here": 0,
                    "failures": []}
         shutil.rmtree(self.staging, ignore_errors=True)
         try:
-            self.backups.extract(name, [path for path, _ in sample], self.staging)
+            self.backups.extract(name, chosen, self.staging)
             for path, md5 in sample:
                 extracted = self.staging / str(path).lstrip("/")
                 try:
