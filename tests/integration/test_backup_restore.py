@@ -336,6 +336,8 @@ def test_backups_go_to_hq_over_ssh_append_only_and_a_new_box_restores_from_there
                          env_file=new.env_file, timeout=120)
         assert wrong.returncode == 1 and "opens the hq repository" in wrong.stderr, wrong.stderr
         _move_passphrase(old, new)
+        escaping = run_pacs("restore", "--remote", "--site", "../other", env_file=new.env_file)
+        assert escaping.returncode == 2 and "a SITE_CODE" in escaping.stderr
         restored = run_pacs("restore", "--remote", "--site", "test-site", "--json",
                             env_file=new.env_file, timeout=600)
         assert restored.returncode == 0, restored.stderr

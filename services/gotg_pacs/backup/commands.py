@@ -8,7 +8,7 @@ import time
 
 import click
 
-from ..clikit import Context, emit, json_option, pass_context, size_text
+from ..clikit import Context, emit, json_option, matching, pass_context, size_text
 from ..config import Settings
 from .borgmatic import LOCAL, REMOTE, BackupError, Backups
 
@@ -216,6 +216,8 @@ def cleanup(ctx: Context, days: float, dry_run: bool, as_json: bool) -> None:
 @click.option("--remote", is_flag=True,
               help="From HQ's copy (REMOTE_BACKUP_URL) instead of the backup disk.")
 @click.option("--site", metavar="SITE",
+              callback=matching(r"[a-z0-9][a-z0-9-]{1,31}", "a SITE_CODE: 2-32 characters "
+                                "a-z 0-9 -"),
               help="With --remote: that site's repository (a new box replacing a lost one).")
 @json_option
 @pass_context
