@@ -14,7 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import psutil
 import pydicom
 import pytest
 
@@ -199,7 +201,7 @@ def test_damaged_files_are_found_put_back_from_the_backup_and_the_rest_reported(
 
 
 def _noisy(source, count: int, where) -> list:
-    """Copies of an instance with random pixels: 100 MB that borg can neither deduplicate nor
+    """Copies of an instance with random pixels, that borg can neither deduplicate nor
     compress, so a backup of them takes long enough to be killed halfway."""
     copies = corpus.renumbered_copies([source], count, where)
     for path in copies:
@@ -213,14 +215,24 @@ def test_a_backup_killed_midway_leaves_the_next_backup_and_the_restore_whole(
         appliance_factory, backup_disk, tmp_path):
     box = appliance_factory("old", BACKUP_PATH=str(backup_disk))
     _backup(box)  # the repository and a first archive exist
-    assert box.modality.store(_noisy(corpus.DATA_DIR / "MR2_UNCR.dcm", 50, tmp_path)).ok
+    assert box.modality.store(_noisy(corpus.DATA_DIR / "MR2_UNCR.dcm", 120, tmp_path)).ok
     # Everything dies at once, as in a power cut: the command, borgmatic, borg.
     killed = subprocess.Popen([sys.executable, "-m", "gotg_pacs", "--env-file",
                                str(box.env_file), "backup", "now"], start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    repo = backup_disk / "gotg-pacs.borg"
-    assert wait_until(lambda: (repo / "lock.exclusive").exists(), 60, interval=0.05)
-    time.sleep(0.5)
+
+    def borg_creating() -> bool:  # borg itself at work on the 240 MB, not borgmatic before it
+        for child in psutil.Process(killed.pid).children(recursive=True):
+            try:
+                argv = child.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            if "create" in argv and any(Path(arg).name == "borg" for arg in argv[:2]):
+                return True
+        return False
+
+    assert wait_until(borg_creating, 60, interval=0.02)
+    time.sleep(0.3)
     os.killpg(killed.pid, signal.SIGKILL)
     assert killed.wait(30) == -signal.SIGKILL, "killed while borg was writing"
     listed = run_pacs("backup", "list", "--json", env_file=box.env_file)
