@@ -278,9 +278,7 @@ class Backups:
         except Exception as exc:  # noqa: BLE001 - HQ's answer or silence: try next time
             log.warning("backup passphrase not handed to HQ yet: %s", exc)
             return False
-        status = self.last() or {}
-        status["escrowed"] = digest
-        durable.replace_text(self.status_file, json.dumps(status, indent=2) + "\n", mode=0o600)
+        self._update_status(lambda status: status.update(escrowed=digest))
         return True
 
     @contextmanager
@@ -430,11 +428,14 @@ class Backups:
     def _record(self, repo: Repository, key: str, outcome: dict) -> None:
         """The box's state is the first repository's (the disk, or HQ when it is the only
         one); HQ's, when there is a disk too, is kept under "remote"."""
+        remote = repo.label == REMOTE and self.settings.backup_path is not None
+        self._update_status(lambda status: (status.setdefault("remote", {}) if remote
+                                            else status).update({key: outcome}))
+
+    def _update_status(self, change) -> None:
+        """Read, `change(status)` in place, write back whole (status.json, 0600)."""
         status = self.last() or {}
-        if repo.label == REMOTE and self.settings.backup_path is not None:
-            status.setdefault("remote", {})[key] = outcome
-        else:
-            status[key] = outcome
+        change(status)
         durable.replace_text(self.status_file, json.dumps(status, indent=2) + "\n", mode=0o600)
 
     def archives(self, only: str | None = None) -> list[dict]:
@@ -481,10 +482,8 @@ class Backups:
     def note(self, kind: str, outcome: dict) -> None:
         """The last outcome of a check ("check", "verify_data", "drill", "integrity")."""
         try:
-            status = self.last() or {}
-            status.setdefault("checks", {})[kind] = outcome
-            durable.replace_text(self.status_file, json.dumps(status, indent=2) + "\n",
-                                 mode=0o600)
+            self._update_status(
+                lambda status: status.setdefault("checks", {}).update({kind: outcome}))
         except PermissionError:  # run by hand as another user than the timers': said, not kept
             log.warning("the outcome of %s is not kept (only root writes the backup's state)",
                         kind)
