@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import storage_area
 from .backup.borgmatic import BackupError, Backups
 from .config import Settings
 from .orthanc import Orthanc, OrthancError
@@ -97,7 +98,7 @@ class Cleanup:
             listed.append(Instance(
                 item["ID"], item["MainDicomTags"].get("SOPInstanceUID", ""),
                 info["UncompressedMD5"], info["CompressedMD5"],
-                self.settings.orthanc_storage_dir / uuid[:2] / uuid[2:4] / uuid,
+                storage_area.file_path(self.settings, uuid),
                 info["CompressedSize"]))
         return listed
 

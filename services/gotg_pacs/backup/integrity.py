@@ -20,6 +20,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from .. import storage_area
 from ..checksums import md5_of
 from ..config import Settings
 from ..orthanc import Orthanc, OrthancError
@@ -77,7 +78,7 @@ class Integrity:
                 uuid = info["Uuid"]
                 yield _Stored(item["ID"], item["MainDicomTags"].get("SOPInstanceUID", ""),
                               info["CompressedMD5"],
-                              self.settings.orthanc_storage_dir / uuid[:2] / uuid[2:4] / uuid)
+                              storage_area.file_path(self.settings, uuid))
             if len(page) < PAGE:
                 return
             since += len(page)
@@ -164,20 +165,6 @@ class Integrity:
                 return None
             raise
 
-    def _folders_like_storage(self, folder: Path) -> None:
-        """Make the missing folders down to `folder` with the storage area's owner and mode:
-        Orthanc (its own user) must go on writing there, whoever runs the repair."""
-        root = self.settings.orthanc_storage_dir
-        like = root.stat()
-        missing = []
-        while not folder.exists() and folder != root:
-            missing.append(folder)
-            folder = folder.parent
-        for made in reversed(missing):
-            made.mkdir()
-            os.chown(made, like.st_uid, like.st_gid)
-            os.chmod(made, like.st_mode & 0o7777)
-
     def _put_back(self, path: Path, extracted: Path, md5: str, finding: Finding,
                   archive: str) -> None:
         if not extracted.is_file() or md5_of(extracted) != md5:
@@ -186,7 +173,7 @@ class Integrity:
         if self._expected_md5(finding) != md5:  # deleted or replaced while we extracted
             finding.detail += "; changed here during the repair, left as it is"
             return
-        self._folders_like_storage(path.parent)
+        storage_area.make_folders(self.settings, path.parent)
         os.replace(extracted, path)  # the same disk: atomic, never half a file in place
         if self.orthanc.verify_md5(finding.instance_id):
             finding.repaired_from = archive
