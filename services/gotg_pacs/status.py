@@ -108,6 +108,8 @@ def _backup(settings: Settings, now: float | None = None) -> dict[str, Any]:
                                "age_s": round(now - outcome["at"]),
                                "error": outcome.get("error")}
                         for kind, outcome in last.get("checks", {}).items()}
+    # The last backup's copy of Orthanc's index: how long Orthanc paused, or why none was made.
+    report["index"] = last.get("index", {})
     if settings.backup_path and settings.remote_backup_url:
         report["remote"] = {"url": settings.remote_backup_url,
                             **_outcome(last.get("remote", {}), now)}
@@ -177,6 +179,8 @@ def _backup_text(backup: dict[str, Any]) -> str:
     failing += "; OVERDUE" if backup["overdue"] else ""
     disabled = "" if backup["enabled"] else " (scheduled backups off: BACKUP_ENABLED)"
     text = f"{last} to {backup['path']}{disabled}{failing}"
+    if error := backup.get("index", {}).get("index_error"):
+        text += f"; WITHOUT Orthanc's index ({error})"
     names = {"check": "checked", "verify_data": "data verified", "drill": "restore drill",
              "integrity": "integrity check"}
     for kind, outcome in backup.get("checks", {}).items():

@@ -24,7 +24,7 @@ def settings(tmp_path) -> Settings:
                     admin_password="correct horse battery")
 
 
-def test_the_images_and_the_state_snapshot_are_backed_up_not_the_locked_index(settings):
+def test_the_images_and_the_state_snapshot_are_backed_up_not_the_live_index(settings):
     rendered = Backups(settings).config()
     assert rendered["source_directories"] == [str(settings.orthanc_storage_dir),
                                               str(settings.state_path / "backup" / "snapshot")]

@@ -5,13 +5,10 @@ STATE_PATH/backup/borgmatic.yaml, so pacs.env stays the one configuration the si
 archive holds:
 
 - Orthanc's storage area: every DICOM file exactly as stored (the data itself);
-- a snapshot of the appliance's own state taken just before: the sync outbox (which instances HQ
-  confirmed, through SQLite's online backup, so it is consistent), pacs.env and the modalities
-  declared to Orthanc.
-
-Orthanc's SQLite index is not in it: Orthanc holds it under an exclusive lock while it runs, so
-no consistent copy can be taken without stopping it. The files are complete DICOM: an index can
-be rebuilt from them by storing them again.
+- a snapshot of the appliance's own state taken just before: Orthanc's SQLite index (copied with
+  Orthanc frozen for milliseconds, see index_copy: index and files form a consistent pair), the
+  sync outbox (which instances HQ confirmed, through SQLite's online backup), pacs.env and the
+  modalities declared to Orthanc.
 
 The local repository lives on the backup disk mounted at BACKUP_PATH, never on the disk that
 holds the images (a backup on the same disk dies with it). With REMOTE_BACKUP_URL, every backup
@@ -46,6 +43,7 @@ from pathlib import Path
 from .. import durable
 from ..config import Settings
 from ..orthanc import Orthanc, OrthancError
+from .index_copy import IndexCopyError, copy_index
 
 log = logging.getLogger(__name__)
 REPOSITORY_FOLDER = "gotg-pacs.borg"
@@ -54,6 +52,7 @@ REMOTE = "hq"
 # Retention of the local repository (pruned after each backup; HQ prunes its own copy).
 KEEP = {"keep_daily": 7, "keep_weekly": 4, "keep_monthly": 12}
 KEPT = "kept."  # prefix of archives kept out of pruning (they hold studies cleaned up here)
+INDEX_SNAPSHOT = "orthanc-index.sqlite"  # in the snapshot folder
 PATHS_PER_CALL = 400  # paths per `list` call: well inside the kernel's argument limit
 _LISTED = re.compile(r"^([0-9a-f]{32}) (\d+) (.+)$")
 
@@ -342,9 +341,19 @@ class Backups:
 
     # --- what staff and timers ask for -------------------------------------------------------
 
-    def snapshot(self) -> None:
-        """The appliance's own state as of now, consistent, ready to be archived."""
+    def snapshot(self) -> dict:
+        """The appliance's own state as of now, consistent, ready to be archived. Returns how
+        the index copy went: how long Orthanc paused for it, or why there is none."""
         self.snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        index = self.snapshot_dir / INDEX_SNAPSHOT
+        try:
+            taken = {"index_pause_ms": round(copy_index(self.settings, index) * 1000, 1)}
+        except IndexCopyError as exc:
+            # The files alone still restore (stored again through Orthanc); a stale index
+            # beside newer files would not be a pair, so none goes in.
+            index.unlink(missing_ok=True)
+            log.warning("backup without Orthanc's index: %s", exc)
+            taken = {"index_error": str(exc)}
         outbox = self.settings.sync_outbox_file
         target = self.snapshot_dir / "outbox.sqlite"
         if outbox.exists():
@@ -358,7 +367,7 @@ class Backups:
         if self.env_file is not None and self.env_file.exists():
             shutil.copyfile(self.env_file, self.snapshot_dir / "pacs.env")
             os.chmod(self.snapshot_dir / "pacs.env", 0o600)
-        # The declared modalities live in Orthanc's index, which the archive does not hold.
+        # Also as JSON: a restore that merges into another box's index declares them there.
         try:
             declared = Orthanc.from_settings(self.settings, timeout=10).modalities()
         except OrthancError as exc:  # Orthanc down: the previous export stays, the backup goes on
@@ -366,6 +375,7 @@ class Backups:
         else:
             durable.replace_text(self.snapshot_dir / "modalities.json",
                                  json.dumps(declared, indent=2) + "\n", mode=0o600)
+        return taken
 
     def create(self) -> dict:
         """Back up now to every repository; prune the local one. Returns what was made. The
@@ -380,9 +390,10 @@ class Backups:
             made, remote_error = [], None
             try:
                 self._prepare()
-                self.snapshot()
+                index = self.snapshot()
             except Exception as exc:  # noqa: BLE001 - recorded whatever it is
                 raise self._failed(repos[0], exc) from None
+            self._update_status(lambda status: status.update(index=index))
             local_error = None
             for repo in repos:  # each one tried: a dead USB disk must not stop HQ's copy
                 try:
@@ -398,7 +409,8 @@ class Backups:
                 if made:
                     raise BackupError(f"{error} (HQ's copy was made: {made[0]['archive']})")
                 raise error
-            return {"finished_at": time.time(), "archives": made, "remote_error": remote_error}
+            return {"finished_at": time.time(), "archives": made, "remote_error": remote_error,
+                    **index}
 
     def _failed(self, repo: Repository, exc: Exception) -> BackupError:
         error = exc if isinstance(exc, BackupError) else BackupError(f"backup failed: {exc}")

@@ -1,0 +1,138 @@
+"""Orthanc's SQLite index copied while Orthanc runs, so a backup holds index and files as a pair.
+
+Orthanc opens its index in SQLite's EXCLUSIVE locking mode: no other process can read it while
+Orthanc runs, so SQLite's online backup is out of reach, and stopping Orthanc would close the
+DICOM port. Instead Orthanc is frozen (SIGSTOP) for the moment it takes to copy the index file
+and its write-ahead log, then thawed (SIGCONT). A frozen process has finished every write it
+issued, so the copy is what a power cut at that instant would leave on disk, without even the
+reordering a disk may add: exactly what SQLite's recovery is made for (the filesystem snapshot
+Orthanc's own guidance allows, taken by hand). The copy is then opened, its log folded in, and
+checked (`PRAGMA quick_check`) before it goes into the archive.
+
+While Orthanc is frozen its ports stay open: a modality's association waits in the kernel's
+queue and goes on after; it is delayed, never refused. The pause is measured and kept with the
+backup's outcome.
+
+Copied before the storage files are read, the pair is consistent: Orthanc writes and fsyncs an
+image file before it commits the index entry, so every entry in the copy has its file in the
+archive (unless deleted in between: a restore reports those), and a file stored after the copy
+is in the archive without an entry (a restore stores it again through Orthanc).
+
+A watchdog thaws Orthanc after THAW_AFTER seconds whatever becomes of this process: a frozen
+archive is an outage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from contextlib import closing
+from pathlib import Path
+
+import psutil
+
+from ..config import Settings
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index"  # Orthanc's SQLite index in its IndexDirectory
+THAW_AFTER = 60  # seconds: the watchdog's deadline, far above any copy
+
+
+class IndexCopyError(Exception):
+    """No consistent copy of the index could be taken; the reason, worded for site IT."""
+
+
+def orthanc_process(settings: Settings) -> psutil.Process | None:
+    """The Orthanc running on this box's configuration (by its command line), if one is."""
+    config = str(settings.orthanc_config_file)
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if process.info["name"] == "Orthanc" and cmdline and cmdline[-1] == config:
+            found.append(process)
+    if len(found) > 1:
+        raise IndexCopyError(f"{len(found)} Orthanc processes run on {config}")
+    return found[0] if found else None
+
+
+def watchdog(pid: int, after: float = THAW_AFTER) -> subprocess.Popen:
+    """A process of its own session that thaws `pid` `after` seconds from now, even if this
+    one is killed meanwhile (SIGCONT to a process that runs does nothing)."""
+    return subprocess.Popen(["sh", "-c", f"sleep {after}; kill -CONT {pid}"],
+                            start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def copy_index(settings: Settings, target: Path) -> float:
+    """Copy Orthanc's index to `target` (one self-contained SQLite file), consistent as of one
+    instant. Returns how long Orthanc was frozen, in seconds (0 when it was not running)."""
+    if settings.orthanc_index != "sqlite":
+        raise IndexCopyError("Orthanc's index is in PostgreSQL: it is not part of the archive")
+    index = settings.orthanc_index_dir / INDEX_FILE
+    if not index.exists():
+        raise IndexCopyError(f"Orthanc's index {index} does not exist yet")
+    work = target.parent / f".{target.name}.work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(mode=0o700)
+    try:
+        paused = _copy_frozen(settings, index, work / INDEX_FILE)
+        _fold_and_check(work / INDEX_FILE)
+        os.replace(work / INDEX_FILE, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return paused
+
+
+def _copy_frozen(settings: Settings, index: Path, copy: Path) -> float:
+    """The index and its log, copied with Orthanc frozen (or stopped: then nothing to freeze)."""
+    process = orthanc_process(settings)
+    if process is None:
+        _copy_files(index, copy)
+        return 0.0
+    thawer = watchdog(process.pid)
+    started = time.monotonic()
+    try:
+        process.suspend()
+        try:
+            _copy_files(index, copy)
+        finally:
+            process.resume()
+            paused = time.monotonic() - started
+    except psutil.Error as exc:
+        raise IndexCopyError(f"Orthanc (pid {process.pid}) could not be paused: {exc}") from exc
+    finally:
+        thawer.kill()
+        thawer.wait()
+    if process.status() == psutil.STATUS_STOPPED:  # thawed by hand if resume() went unheard
+        os.kill(process.pid, signal.SIGCONT)
+    return paused
+
+
+def _copy_files(index: Path, copy: Path) -> None:
+    shutil.copyfile(index, copy)
+    for suffix in ("-wal",):  # the log holds the newest commits; -shm is rebuilt from it
+        log_file = index.with_name(index.name + suffix)
+        if log_file.exists():
+            shutil.copyfile(log_file, copy.with_name(copy.name + suffix))
+
+
+def _fold_and_check(copy: Path) -> None:
+    """Fold the copied log into the copy (SQLite's crash recovery), leave one file, check it."""
+    try:
+        with closing(sqlite3.connect(copy)) as db:
+            db.execute("PRAGMA journal_mode=DELETE").fetchall()  # checkpoints, drops the log
+            verdict = db.execute("PRAGMA quick_check").fetchall()
+            db.execute("SELECT COUNT(*) FROM AttachedFiles").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise IndexCopyError(f"the copy of Orthanc's index is not readable: {exc}") from exc
+    if verdict != [("ok",)]:
+        raise IndexCopyError("the copy of Orthanc's index failed SQLite's check: "
+                             + "; ".join(row[0] for row in verdict[:5]))
+    if copy.with_name(copy.name + "-wal").exists():
+        raise IndexCopyError("the copy of Orthanc's index kept its log after folding it in")

@@ -1,0 +1,93 @@
+"""Orthanc's index copied for a backup: the write-ahead log folded in, damage refused, and a
+frozen process always thawed."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from gotg_pacs.backup.index_copy import IndexCopyError, copy_index
+from gotg_pacs.config import Settings
+from gotg_pacs.process import wait_until
+
+# Holds the index open as Orthanc does (WAL, exclusive locking), commits rows that stay in the
+# log (no checkpoint), then waits to be killed.
+WRITER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA journal_mode=WAL")
+db.execute("PRAGMA locking_mode=EXCLUSIVE")
+db.execute("PRAGMA wal_autocheckpoint=0")
+db.execute("CREATE TABLE AttachedFiles(uuid TEXT)")
+for n in range(200):
+    db.execute("INSERT INTO AttachedFiles VALUES (?)", (f"file-{n}",))
+print("committed", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings(storage_path=tmp_path / "orthanc", state_path=tmp_path / "state",
+                    site_code="field-7", admin_password="correct horse battery")
+
+
+def test_the_copy_holds_every_commit_still_in_the_log_as_one_checked_file(settings, tmp_path):
+    settings.orthanc_index_dir.mkdir(parents=True)
+    index = settings.orthanc_index_dir / "index"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(index)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout.readline().strip() == "committed"
+        assert index.with_name("index-wal").stat().st_size > 0, "the rows wait in the log"
+        copy = tmp_path / "copy.sqlite"
+        assert copy_index(settings, copy) == 0.0  # no Orthanc here: nothing was paused
+        with sqlite3.connect(copy) as db:
+            assert db.execute("SELECT COUNT(*) FROM AttachedFiles").fetchone() == (200,)
+        assert sorted(path.name for path in tmp_path.iterdir() if "copy" in path.name) == \
+            ["copy.sqlite"], "one file, no log, no scratch left"
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_a_damaged_or_absent_index_is_refused_and_nothing_is_left_as_a_copy(settings, tmp_path):
+    copy = tmp_path / "copy.sqlite"
+    with pytest.raises(IndexCopyError, match="does not exist"):
+        copy_index(settings, copy)
+    settings.orthanc_index_dir.mkdir(parents=True)
+    (settings.orthanc_index_dir / "index").write_bytes(b"SQLite format 3\0" + b"\xff" * 4096)
+    with pytest.raises(IndexCopyError, match="not readable"):
+        copy_index(settings, copy)
+    assert not copy.exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["orthanc"]
+
+
+def test_a_paused_process_is_thawed_even_when_the_one_that_paused_it_is_killed():
+    paused = subprocess.Popen(["sleep", "60"])
+    pauser = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, sys, time\n"
+        "from gotg_pacs.backup.index_copy import watchdog\n"
+        f"watchdog({paused.pid}, after=1)\n"
+        f"os.kill({paused.pid}, signal.SIGSTOP)\n"
+        "print('paused', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert pauser.stdout.readline().strip() == "paused"
+        assert wait_until(
+            lambda: psutil.Process(paused.pid).status() == psutil.STATUS_STOPPED, 5)
+        pauser.send_signal(signal.SIGKILL)
+        pauser.wait()
+        started = time.monotonic()
+        assert wait_until(lambda: psutil.Process(paused.pid).status() != psutil.STATUS_STOPPED,
+                          10)
+        assert time.monotonic() - started < 5
+    finally:
+        paused.kill()
+        pauser.kill()
