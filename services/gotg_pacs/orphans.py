@@ -78,7 +78,7 @@ def unresolved_dir(settings: Settings) -> Path:
     return recovered_dir(settings) / "unresolved"
 
 
-def _move(path: Path, folder: Path) -> Path:
+def move_aside(path: Path, folder: Path) -> Path:
     """Move without ever replacing a file already there (a name taken gets a suffix)."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     target, n = folder / path.name, 0
@@ -102,6 +102,9 @@ def lock_storage(settings: Settings) -> int:
     """
     settings.orthanc_storage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     descriptor = os.open(settings.orthanc_storage_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    if os.geteuid() == 0:  # taken by root (a restore): the file stays Orthanc's to lock later
+        like = settings.orthanc_storage_dir.stat()
+        os.fchown(descriptor, like.st_uid, like.st_gid)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -174,7 +177,7 @@ def collect(settings: Settings) -> int:
     moved = 0
     for path in unknown:
         try:
-            _move(path, inbox(settings))
+            move_aside(path, inbox(settings))
             moved += 1
         except OSError as exc:  # one file must never keep the archive from starting
             log.error("could not set aside %s (%s): it stays on disk, Orthanc starts without "
@@ -209,7 +212,7 @@ def is_fragment(path: Path) -> bool:
 
 def _readopt_one(settings: Settings, client: Orthanc, path: Path, report: Readopted) -> None:
     if is_fragment(path):
-        report.unresolved.append(_move(path, unresolved_dir(settings)))
+        report.unresolved.append(move_aside(path, unresolved_dir(settings)))
         log.error("kept %s aside: a partial attachment (no pixel data), never stored as an "
                   "instance", path.name)
         return
@@ -244,7 +247,7 @@ def readopt(settings: Settings, client: Orthanc) -> Readopted:
                       "for the next start", exc, report.waiting, folder)
             break
         except (OrthancError, OSError, ValueError) as exc:
-            report.unresolved.append(_move(path, unresolved_dir(settings)))
+            report.unresolved.append(move_aside(path, unresolved_dir(settings)))
             log.error("kept %s aside in %s: %s", path.name, unresolved_dir(settings), exc)
     durable.fsync_dir(folder)
     if files:

@@ -92,7 +92,7 @@ def test_moving_never_replaces_a_file_with_the_same_name(settings, tmp_path):
         source = tmp_path / f"from-{n}" / "same-name"
         source.parent.mkdir()
         source.write_bytes(f"copy {n}".encode())
-        orphans._move(source, tmp_path / "target")
+        orphans.move_aside(source, tmp_path / "target")
     assert sorted(p.read_text() for p in (tmp_path / "target").iterdir()) == ["copy 0", "copy 1"]
 
 

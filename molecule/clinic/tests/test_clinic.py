@@ -55,6 +55,17 @@ print(json.dumps({"echo": echo, "store": store, "anonymous": get("/system")[0],
 """
 
 
+# The studies Orthanc holds, as its REST API lists them (the admin's password in argv[1]).
+STUDIES = """
+import base64, json, sys, urllib.request
+request = urllib.request.Request("http://127.0.0.1:8042/studies?expand")
+token = base64.b64encode(("admin:" + sys.argv[1]).encode()).decode()
+request.add_header("Authorization", "Basic " + token)
+with urllib.request.urlopen(request, timeout=30) as answer:
+    print(json.dumps(sorted(s["MainDicomTags"]["StudyInstanceUID"] for s in json.load(answer))))
+"""
+
+
 def _show(host, unit: str) -> dict[str, str]:
     shown = host.run(f"systemctl show {unit} -p User -p ProtectSystem -p NoNewPrivileges "
                      "-p PrivateTmp -p MemoryMax").stdout
@@ -129,8 +140,33 @@ def test_the_timer_backs_up_to_the_usb_disk_and_never_to_the_images_own_disk(hos
         for unit in ("pacs-backup-check", "pacs-backup-drill", "pacs-integrity"):
             done = host.run(f"systemctl start {unit}.service")
             assert done.rc == 0, host.run(f"journalctl -u {unit} --no-pager -n 30").stdout
-        checks = json.loads(host.check_output("pacs status --json"))["backup"]["checks"]
-        assert {kind: outcome["ok"] for kind, outcome in checks.items()} == \
+        backup = json.loads(host.check_output("pacs status --json"))["backup"]
+        assert {kind: outcome["ok"] for kind, outcome in backup["checks"].items()} == \
             {"check": True, "drill": True, "integrity": True}
+        # The sandboxed unit paused Orthanc (another user's process) to copy its index.
+        assert 0 <= backup["index"]["index_pause_ms"] < 1000, backup["index"]
+        _the_disk_dies_and_restore_brings_back_index_files_and_services(host)
     finally:
         host.run("umount /mnt/backup")
+
+
+def _the_disk_dies_and_restore_brings_back_index_files_and_services(host):
+    """The images' disk replaced: Orthanc runs empty; `pacs restore` stops it and the sync
+    service, puts the archive's index and files back, and starts them again."""
+    studies = f"{VENV}/bin/python -c {shlex.quote(STUDIES)} {PASSWORD}"
+    before = json.loads(host.check_output(studies))
+    assert before
+    assert host.run("systemctl stop pacs-sync orthanc").rc == 0
+    assert host.run("mv /var/lib/gotg-pacs/orthanc /var/lib/gotg-pacs/orthanc-dead").rc == 0
+    assert host.run("install -d -o orthanc -g orthanc -m 0700 /var/lib/gotg-pacs/orthanc").rc == 0
+    assert host.run("systemctl start orthanc pacs-sync").rc == 0
+    assert json.loads(host.check_output(studies)) == []
+    restored = host.run("pacs restore --latest --json")
+    assert restored.rc == 0, restored.stdout + restored.stderr
+    report = json.loads(restored.stdout)
+    assert (report["mode"], report["failed"], report["missing"]) == ("whole", [], [])
+    assert report["stopped"] == ["pacs-sync.service", "orthanc.service"]
+    assert host.service("orthanc").is_running and host.service("pacs-sync").is_running
+    assert json.loads(host.check_output(studies)) == before
+    owners = host.run("find /var/lib/gotg-pacs/orthanc ! -user orthanc").stdout.split()
+    assert owners == [], "Orthanc's user owns every file and folder put back"

@@ -223,8 +223,12 @@ def cleanup(ctx: Context, days: float, dry_run: bool, as_json: bool) -> None:
 @pass_context
 def restore(ctx: Context, latest: bool, archive: str | None, remote: bool, site: str | None,
             as_json: bool) -> None:
-    """Store every study of a backup archive back into Orthanc, each one verified by MD5.
-    Orthanc keeps running (modalities can store meanwhile); instances already here stay."""
+    """Put every study of a backup archive back, each one verified by Orthanc's MD5.
+
+    Orthanc stopped with an empty index (a new box): its index and files go back in place as
+    the archive holds them (under systemd an empty running Orthanc is stopped for it and started
+    again). Orthanc running with studies: every file is stored again through it, modalities
+    keep storing meanwhile, and the instances already here stay."""
     from ..orthanc import Orthanc, OrthancError
     from .restore import Restore
 
@@ -239,13 +243,26 @@ def restore(ctx: Context, latest: bool, archive: str | None, remote: bool, site:
                        Orthanc.from_settings(ctx.settings, timeout=300)).run(archive)
     except (BackupError, OrthancError) as exc:
         raise click.ClickException(str(exc)) from None
-    lines = [f"restored from {done.archive}: {len(done.restored)} instances stored and verified, "
-             f"{len(done.present)} already here, in {done.seconds:.0f} s"]
+    if done.mode == "whole":
+        lines = [f"restored from {done.archive}: Orthanc's index and {len(done.restored)} "
+                 f"instances put back and verified, in {done.seconds:.0f} s"]
+        if done.waiting:
+            lines.append(f"  {done.waiting} file(s) stored while the backup ran: Orthanc stores "
+                         "them again when it starts")
+        lines += [f"  stopped and started again: {unit}" for unit in done.stopped]
+        if not done.stopped:
+            lines.append("  start Orthanc now (`pacs run`, or `systemctl start orthanc`)")
+    else:
+        lines = [f"restored from {done.archive}: {len(done.restored)} instances stored and "
+                 f"verified, {len(done.present)} already here, in {done.seconds:.0f} s"]
     lines += [f"  declared modality {name} again" for name in done.modalities]
+    lines += [f"  MISSING instance {item['sop'] or item['instance']}: in the index, not in the "
+              "archive (deleted while the backup ran, or an older archive holds it: "
+              "`pacs integrity check --repair` once Orthanc runs)" for item in done.missing]
     lines += [f"  kept as it is here (differs from the backup): {uid}" for uid in done.differs]
     lines += [f"  FAILED {failure['file']}: {failure['reason']}" for failure in done.failed]
     emit(done.public(), as_json, "\n".join(lines))
-    if done.failed:
+    if done.failed or done.missing:
         sys.exit(1)
 
 

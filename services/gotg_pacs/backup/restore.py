@@ -1,37 +1,48 @@
-"""`pacs restore`: studies back from a backup archive into the running Orthanc, each verified.
+"""`pacs restore`: studies back from a backup archive, each verified, in one of two ways.
 
-The archive holds Orthanc's storage files (complete DICOM) but not its index, so a restore stores
-every file again through Orthanc's REST API: Orthanc rebuilds its index as it goes, nothing has
-to stop, and modalities keep storing meanwhile. Each file is checked twice: borg authenticates
-every chunk it extracts, and Orthanc's MD5 of what it stored must be the extracted file's. An
-instance already here with the same content is left as it is; one here with other content is
-never overwritten, only reported. Orthanc's partial "until pixel data" attachments are skipped,
-and an archive path that would lead out of the scratch folder is refused.
+- **Whole** (Orthanc stopped, its index empty: a new box, a replaced disk). The archive's copy of
+  Orthanc's index and its storage files go back in place as the pair they were; every attachment
+  the index records is checked against the MD5 Orthanc recorded for it before Orthanc sees it. As
+  fast as borg extracts: the disk writes each file once. Files the index does not know (stored
+  while the backup ran) wait in the power-cut inbox, which Orthanc's start stores again. Under
+  systemd, a restore into an empty running Orthanc stops it (and the sync service) for this and
+  starts them again.
+- **Merge** (Orthanc running with studies of its own): every file is stored again through
+  Orthanc's REST API, which indexes it beside what is there; modalities keep storing meanwhile.
+  borg authenticates every chunk it extracts, and Orthanc's MD5 of what it stored must be the
+  extracted file's. An instance already here with the same content is left as it is; one with
+  other content is never overwritten, only reported. Files are extracted at most a batch at a
+  time and removed once stored. The declared modalities come back from the archive's snapshot.
 
-Files are extracted into a folder on the images' own disk (so the room checked is the room
-used), at most a batch at a time, and removed as soon as they are stored. The sync service sees
-restored instances as new: its holdings question confirms at once those HQ already holds. The
-declared modalities come back from the archive's snapshot; pacs.env is not touched (a new box
-has its own, made by the image or the playbook).
+Either way: files are extracted into a folder on the images' own disk (the room checked is the
+room used); Orthanc's partial "until pixel data" attachments are never stored as instances; an
+archive path leading out of the scratch folder is refused; pacs.env is not touched (a new box has
+its own). The sync service sees restored instances as new: its holdings question confirms at
+once those HQ already holds.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import orphans, storage_area, units
 from ..checksums import md5_of
 from ..config import Settings
 from ..orphans import is_fragment
 from ..orthanc import Orthanc, OrthancError, OrthancUnreachable
-from .borgmatic import BackupError, Backups
+from .borgmatic import INDEX_SNAPSHOT, BackupError, Backups
+from .index_copy import INDEX_FILE
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +51,16 @@ STORERS = 3  # files stored at once: Orthanc parses and writes one while its ind
 ROOM_MARGIN = 256 * 2**20  # left free on the images' disk (Orthanc needs room to store)
 ORTHANC_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{8}-[0-9a-f-]{27}")
 SNAPSHOT_MODALITIES = ("backup", "snapshot", "modalities.json")
+SNAPSHOT_INDEX = ("backup", "snapshot", INDEX_SNAPSHOT)
+VERIFIERS = 4  # attachments hashed at once in a whole restore (hashlib lets go of the GIL)
+DICOM = 1  # Orthanc's attachment type of the DICOM file itself
+# Every attachment Orthanc's index records, with what a report names it by.
+ATTACHMENTS = """
+SELECT a.uuid, a.fileType, a.compressedMD5, a.compressedSize, r.publicId,
+       (SELECT value FROM DicomIdentifiers d
+         WHERE d.id = r.internalId AND d.tagGroup = 8 AND d.tagElement = 24)
+  FROM AttachedFiles a JOIN Resources r ON r.internalId = a.id
+"""
 MODALITY_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -51,22 +72,40 @@ def orthanc_files(contents: dict[Path, int]) -> dict[Path, int]:
             if ".." not in path.parts and ORTHANC_FILE.fullmatch("/".join(path.parts[-3:]))}
 
 
+def _snapshot_file(contents: dict[Path, int], parts: tuple[str, ...]) -> Path | None:
+    found = [path for path in contents if path.parts[-3:] == parts and ".." not in path.parts]
+    return found[0] if found else None
+
+
+def _indexed_instances(index: Path) -> int:
+    """Instances in an Orthanc index on disk (Orthanc stopped); 0 when there is none yet."""
+    if not index.exists():
+        return 0
+    with closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=15)) as db:
+        return db.execute("SELECT COUNT(*) FROM Resources WHERE resourceType = 3").fetchone()[0]
+
+
 @dataclass
 class Restored:
     archive: str
+    mode: str = "merge"  # or "whole": index and files put back as a pair
     restored: list[str] = field(default_factory=list)   # SOP Instance UIDs stored again
     present: list[str] = field(default_factory=list)    # here already, the same content
     differs: list[str] = field(default_factory=list)    # here already with other content
     failed: list[dict] = field(default_factory=list)    # {"file", "reason"}
     skipped: list[str] = field(default_factory=list)    # partial attachments, not instances
     modalities: list[str] = field(default_factory=list)  # declared again
+    missing: list[dict] = field(default_factory=list)   # in the index, file not in the archive
+    waiting: int = 0  # files the index did not know, stored again when Orthanc starts
+    stopped: list[str] = field(default_factory=list)    # systemd units stopped and started
     seconds: float = 0.0
 
     def public(self) -> dict:
-        return {"archive": self.archive, "restored": len(self.restored),
+        return {"archive": self.archive, "mode": self.mode, "restored": len(self.restored),
                 "present": len(self.present), "differs": self.differs,
                 "failed": self.failed, "skipped": len(self.skipped),
-                "modalities": self.modalities,
+                "modalities": self.modalities, "missing": self.missing,
+                "waiting": self.waiting, "stopped": self.stopped,
                 "seconds": round(self.seconds, 1)}
 
 
@@ -86,25 +125,165 @@ class Restore:
         return self._local.orthanc
 
     def run(self, archive: str | None = None) -> Restored:
+        """Whole when Orthanc is stopped (or, under systemd, running with nothing stored: then
+        stopped for it), merged through Orthanc when it runs with studies of its own."""
         with self.backups.locked():
-            return self._run(archive)
+            started = time.monotonic()
+            name = self.backups.resolve(archive)
+            contents = self.backups.contents(name)
+            report = self._dispatch(name, contents)
+            report.seconds = time.monotonic() - started
+        log.info("%s restore from %s: %d restored, %d present, %d differ, %d failed, "
+                 "%d missing", report.mode, name, len(report.restored), len(report.present),
+                 len(report.differs), len(report.failed), len(report.missing))
+        return report
 
-    def _run(self, archive: str | None) -> Restored:
-        started = time.monotonic()
-        name = self.backups.resolve(archive)
-        report = Restored(name)
-        contents = self.backups.contents(name)
-        files = orthanc_files(contents)
-        total = sum(files.values())
-        largest = max(files.values(), default=0)
-        # Orthanc's copies, plus one batch extracted beside them, plus room to keep working.
-        need = total + max(min(BATCH_BYTES, total), largest) + ROOM_MARGIN
+    def _dispatch(self, name: str, contents: dict[Path, int]) -> Restored:
+        try:
+            lock = orphans.lock_storage(self.settings)
+        except orphans.IndexBusy:  # Orthanc runs on this storage
+            if not (units.active(units.ORTHANC) and _snapshot_file(contents, SNAPSHOT_INDEX)
+                    and self.orthanc.statistics()["CountInstances"] == 0):
+                return self._merge(name, contents)
+            with units.stopped([units.SYNC, units.ORTHANC]) as stopped:
+                report = self._locked_whole(name, contents)
+                report.stopped = stopped
+            return report
+        try:
+            return self._whole(name, contents)
+        finally:
+            os.close(lock)
+
+    def _locked_whole(self, name: str, contents: dict[Path, int]) -> Restored:
+        try:
+            lock = orphans.lock_storage(self.settings)
+        except orphans.IndexBusy:
+            raise BackupError("Orthanc still holds its storage after it was stopped") from None
+        try:
+            return self._whole(name, contents)
+        finally:
+            os.close(lock)
+
+    def _room(self, total: int, extra: int) -> None:
+        need = total + extra + ROOM_MARGIN
         free = shutil.disk_usage(self.settings.storage_path).free
         if free < need:
             raise BackupError(
                 f"not enough room on the images' disk to restore: {need // 2**20} MB needed "
                 f"(the archive holds {total // 2**20} MB of images), {free // 2**20} MB free; "
                 "make room, or restore onto a larger disk")
+
+    # --- whole: Orthanc stopped, its storage locked -------------------------------------------
+
+    def _whole(self, name: str, contents: dict[Path, int]) -> Restored:
+        index = _snapshot_file(contents, SNAPSHOT_INDEX)
+        if index is None:
+            raise BackupError(f"archive {name} holds no copy of Orthanc's index (made before "
+                              "backups held one): start Orthanc, and `pacs restore` stores its "
+                              "files through it")
+        if self.settings.orthanc_index != "sqlite":
+            raise BackupError("Orthanc's index is in PostgreSQL here: start Orthanc, and "
+                              "`pacs restore` stores the archive's files through it")
+        here = _indexed_instances(self.settings.orthanc_index_dir / INDEX_FILE)
+        if here:
+            raise BackupError(f"Orthanc's index here already holds {here} instance(s) and a "
+                              "whole restore would replace it: start Orthanc, and `pacs restore` "
+                              "merges the archive into what is here")
+        files = orthanc_files(contents)
+        roots = {path.parents[2] for path in files}
+        if len(roots) > 1:
+            raise BackupError(f"archive {name} holds Orthanc files under {len(roots)} folders")
+        root = roots.pop() if roots else None
+        kept = {path: size for path, size in contents.items() if root is not None
+                and ".." not in path.parts and path.is_relative_to(root / orphans.RECOVERED)}
+        self._room(sum(files.values()) + sum(kept.values()) + contents[index], 0)
+        report = Restored(name, mode="whole")
+        shutil.rmtree(self.staging, ignore_errors=True)  # a restore that died left it
+        try:
+            self.backups.extract(name, [index] + ([root] if root is not None else []),
+                                 self.staging)
+            staged_index = self.staging / str(index).lstrip("/")
+            staged = self.staging / str(root).lstrip("/") if root is not None else self.staging
+            known = self._put_attachments(staged_index, staged, report)
+            for path in sorted(set(files) | set(kept)):
+                extracted = self.staging / str(path).lstrip("/")
+                if not extracted.is_file() or path.name in known:
+                    continue
+                if path in kept:  # the power-cut inbox and what was kept aside: as they were
+                    self._move_aside(extracted, self.settings.orthanc_storage_dir
+                                     / path.parent.relative_to(root))
+                else:
+                    self._move_aside(extracted, orphans.inbox(self.settings))
+                    report.waiting += 1
+            self._put_index(staged_index)
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        return report
+
+    def _put_attachments(self, staged_index: Path, staged: Path, report: Restored) -> set[str]:
+        """Every attachment the index records, checked against Orthanc's MD5 and moved into
+        place; returns the UUIDs the index knows."""
+        with closing(sqlite3.connect(staged_index)) as db:
+            attachments = db.execute(ATTACHMENTS).fetchall()
+
+        def verdict(attachment: tuple) -> str:
+            uuid, _, md5, size = attachment[:4]
+            extracted = staged / uuid[:2] / uuid[2:4] / uuid
+            if not extracted.is_file():
+                return "missing"
+            if extracted.stat().st_size != size or (md5 and md5_of(extracted) != md5):
+                return "differs"
+            return "ok"
+
+        with ThreadPoolExecutor(VERIFIERS) as pool:
+            verdicts = list(pool.map(verdict, attachments))
+        for (uuid, kind, _, _, instance, sop), outcome in zip(attachments, verdicts, strict=True):
+            extracted = staged / uuid[:2] / uuid[2:4] / uuid
+            if outcome == "missing":  # deleted while the backup ran, or never backed up
+                report.missing.append({"instance": instance, "sop": sop, "attachment": uuid})
+            elif outcome == "differs":  # never in place: Orthanc would serve other bytes
+                kept = self._move_aside(extracted, orphans.unresolved_dir(self.settings))
+                report.failed.append({"file": str(kept), "reason": "its MD5 is not the one "
+                                      f"Orthanc recorded for instance {instance}"})
+            else:
+                target = storage_area.file_path(self.settings, uuid)
+                storage_area.make_folders(self.settings, target.parent)
+                os.replace(extracted, target)
+                if kind == DICOM:
+                    report.restored.append(sop or instance)
+        os.sync()  # every file on disk before the index that names them
+        return {attachment[0] for attachment in attachments}
+
+    def _move_aside(self, path: Path, folder: Path) -> Path:
+        """Into a folder of the storage area Orthanc's user can empty (it stores the inbox
+        again at its start), never over a file already there."""
+        storage_area.make_folders(self.settings, folder)
+        return orphans.move_aside(path, folder)
+
+    def _put_index(self, staged_index: Path) -> None:
+        """The archive's index in Orthanc's place (empty until now), owned as Orthanc's own."""
+        folder = self.settings.orthanc_index_dir
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in ("-wal", "-shm"):  # the empty index's log must not be replayed onto it
+            (folder / (INDEX_FILE + stale)).unlink(missing_ok=True)
+        like = folder.stat()
+        if os.geteuid() == 0:
+            os.chown(staged_index, like.st_uid, like.st_gid)
+        os.chmod(staged_index, 0o600)
+        os.replace(staged_index, folder / INDEX_FILE)
+        # No clean-stop marker: the next start checks storage against this index.
+        (self.settings.orthanc_storage_dir / orphans.CLEAN_MARKER).unlink(missing_ok=True)
+        os.sync()
+
+    # --- merge: through the running Orthanc ---------------------------------------------------
+
+    def _merge(self, name: str, contents: dict[Path, int]) -> Restored:
+        report = Restored(name)
+        files = orthanc_files(contents)
+        total = sum(files.values())
+        largest = max(files.values(), default=0)
+        # Orthanc's copies, plus one batch extracted beside them.
+        self._room(total, max(min(BATCH_BYTES, total), largest))
         shutil.rmtree(self.staging, ignore_errors=True)  # a restore that died left it
         try:
             for batch in self._batches(files):
@@ -114,10 +293,6 @@ class Restore:
             self._modalities(name, contents, report)
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
-        report.seconds = time.monotonic() - started
-        log.info("restore from %s: %d restored, %d present, %d differ, %d failed", name,
-                 len(report.restored), len(report.present), len(report.differs),
-                 len(report.failed))
         return report
 
     @staticmethod
@@ -167,11 +342,9 @@ class Restore:
 
     def _modalities(self, archive: str, contents: dict, report: Restored) -> None:
         """The modalities the archive's snapshot declares and this Orthanc does not."""
-        exported = [path for path in contents
-                    if path.parts[-3:] == SNAPSHOT_MODALITIES and ".." not in path.parts]
-        if not exported:
+        snapshot = _snapshot_file(contents, SNAPSHOT_MODALITIES)
+        if snapshot is None:
             return
-        snapshot = exported[0]
         self.backups.extract(archive, [snapshot], self.staging)
         try:
             declared = json.loads((self.staging / str(snapshot).lstrip("/")).read_text())
