@@ -28,7 +28,8 @@ import hashlib
 import logging
 import os
 import sqlite3
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,6 +113,26 @@ def lock_storage(settings: Settings) -> int:
         raise IndexBusy(f"{settings.orthanc_storage_dir} is in use: is another Orthanc running "
                         "on this storage?") from None
     return descriptor
+
+
+@contextmanager
+def storage_idle(settings: Settings) -> Iterator[None]:
+    """Work that needs Orthanc not running on this storage, with the storage lock held so none
+    starts meanwhile; IndexBusy when one runs. Opened read-only: this works where the storage
+    is mounted read-only (a sandboxed backup), and never creates the lock file."""
+    try:
+        descriptor = os.open(settings.orthanc_storage_dir / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:  # no Orthanc has ever run on this storage
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IndexBusy(f"an Orthanc runs on {settings.orthanc_storage_dir}") from None
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def mark_clean_stop(settings: Settings) -> None:

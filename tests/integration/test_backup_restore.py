@@ -109,6 +109,7 @@ def test_a_backup_restores_into_an_empty_appliance_identical_and_again_changes_n
     rehearsed = json.loads(drill.stdout)
     assert rehearsed["files"] >= len(MIX) and rehearsed["failures"] == []
     assert rehearsed["held_here"] == rehearsed["files"]
+    assert len(MIX) <= rehearsed["index_instances"] <= len(expected)
     assert not list(old.settings.storage_path.glob("*-staging"))
     old.stop()  # the SD card died; the backup disk moves to a freshly flashed box
 

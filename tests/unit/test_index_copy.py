@@ -3,15 +3,18 @@ frozen process always thawed."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 
 import psutil
 import pytest
 
+from gotg_pacs import orphans
 from gotg_pacs.backup.index_copy import IndexCopyError, copy_index
 from gotg_pacs.config import Settings
 from gotg_pacs.process import wait_until
@@ -47,7 +50,7 @@ def test_the_copy_holds_every_commit_still_in_the_log_as_one_checked_file(settin
         assert writer.stdout.readline().strip() == "committed"
         assert index.with_name("index-wal").stat().st_size > 0, "the rows wait in the log"
         copy = tmp_path / "copy.sqlite"
-        assert copy_index(settings, copy) == 0.0  # no Orthanc here: nothing was paused
+        assert copy_index(settings, copy) is None  # no Orthanc here: nothing was paused
         with sqlite3.connect(copy) as db:
             assert db.execute("SELECT COUNT(*) FROM AttachedFiles").fetchone() == (200,)
         assert sorted(path.name for path in tmp_path.iterdir() if "copy" in path.name) == \
@@ -67,6 +70,19 @@ def test_a_damaged_or_absent_index_is_refused_and_nothing_is_left_as_a_copy(sett
         copy_index(settings, copy)
     assert not copy.exists()
     assert [path.name for path in tmp_path.iterdir()] == ["orthanc"]
+
+
+def test_an_orthanc_holding_its_storage_unseen_gets_no_unfrozen_copy(settings, tmp_path):
+    settings.orthanc_index_dir.mkdir(parents=True)
+    with closing(sqlite3.connect(settings.orthanc_index_dir / "index")) as db:
+        db.execute("CREATE TABLE AttachedFiles(uuid TEXT)")
+    lock = orphans.lock_storage(settings)  # as an Orthanc this box cannot see would hold it
+    try:
+        with pytest.raises(IndexCopyError, match="process was not found"):
+            copy_index(settings, tmp_path / "copy.sqlite")
+    finally:
+        os.close(lock)
+    assert copy_index(settings, tmp_path / "copy.sqlite") is None
 
 
 def test_a_paused_process_is_thawed_even_when_the_one_that_paused_it_is_killed():

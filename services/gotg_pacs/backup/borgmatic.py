@@ -347,7 +347,8 @@ class Backups:
         self.snapshot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         index = self.snapshot_dir / INDEX_SNAPSHOT
         try:
-            taken = {"index_pause_ms": round(copy_index(self.settings, index) * 1000, 1)}
+            paused = copy_index(self.settings, index)
+            taken = {"index_pause_ms": None if paused is None else round(paused * 1000, 1)}
         except IndexCopyError as exc:
             # The files alone still restore (stored again through Orthanc); a stale index
             # beside newer files would not be a pair, so none goes in.

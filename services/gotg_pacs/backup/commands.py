@@ -89,8 +89,9 @@ def backup_check(ctx: Context, verify_data: bool, as_json: bool) -> None:
 @pass_context
 def backup_drill(ctx: Context, as_json: bool) -> None:
     """Rehearse a restore without touching anything: a random sample (256 MB) of the newest
-    archive's images extracted to scratch, each checked by MD5 and parsed. Exits 1 on a
-    failure; the outcome shows in `pacs status`."""
+    archive's images extracted to scratch, each checked by MD5 and parsed, and the archive's
+    copy of Orthanc's index checked by SQLite. Exits 1 on a failure; the outcome shows in
+    `pacs status`."""
     from ..orthanc import Orthanc, OrthancError
     from .restore import Drill
 
@@ -105,6 +106,9 @@ def backup_drill(ctx: Context, as_json: bool) -> None:
     lines = [f"restore drill from {outcome['archive']}: {outcome['files']} files "
              f"({size_text(outcome['bytes'])}) extracted and checked in {outcome['seconds']} s, "
              f"{len(outcome['failures'])} failed"]
+    if outcome["index_instances"] is not None:
+        lines.append(f"  Orthanc's index in the archive checked: {outcome['index_instances']} "
+                     "instances")
     lines += [f"  FAILED {f['file']}: {f['reason']}" for f in outcome["failures"]]
     emit(outcome, as_json, "\n".join(lines))
     if not ok:

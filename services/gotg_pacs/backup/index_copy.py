@@ -36,6 +36,7 @@ from pathlib import Path
 
 import psutil
 
+from .. import orphans
 from ..config import Settings
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,9 @@ def watchdog(pid: int, after: float = THAW_AFTER) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def copy_index(settings: Settings, target: Path) -> float:
+def copy_index(settings: Settings, target: Path) -> float | None:
     """Copy Orthanc's index to `target` (one self-contained SQLite file), consistent as of one
-    instant. Returns how long Orthanc was frozen, in seconds (0 when it was not running)."""
+    instant. Returns how long Orthanc was frozen, in seconds (None: it was not running)."""
     if settings.orthanc_index != "sqlite":
         raise IndexCopyError("Orthanc's index is in PostgreSQL: it is not part of the archive")
     index = settings.orthanc_index_dir / INDEX_FILE
@@ -89,12 +90,17 @@ def copy_index(settings: Settings, target: Path) -> float:
     return paused
 
 
-def _copy_frozen(settings: Settings, index: Path, copy: Path) -> float:
+def _copy_frozen(settings: Settings, index: Path, copy: Path) -> float | None:
     """The index and its log, copied with Orthanc frozen (or stopped: then nothing to freeze)."""
     process = orthanc_process(settings)
     if process is None:
-        _copy_files(index, copy)
-        return 0.0
+        try:  # not found running: proven by its storage lock, held while copying
+            with orphans.storage_idle(settings):
+                _copy_files(index, copy)
+        except orphans.IndexBusy:
+            raise IndexCopyError("Orthanc holds its storage but its process was not found: "
+                                 "no copy of its index taken unfrozen") from None
+        return None
     thawer = watchdog(process.pid)
     started = time.monotonic()
     try:

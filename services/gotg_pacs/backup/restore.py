@@ -85,6 +85,16 @@ def _indexed_instances(index: Path) -> int:
         return db.execute("SELECT COUNT(*) FROM Resources WHERE resourceType = 3").fetchone()[0]
 
 
+def _checked_index(index: Path) -> int:
+    """The instances an extracted copy of Orthanc's index holds, once SQLite finds it sound."""
+    with closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True)) as db:
+        verdict = db.execute("PRAGMA quick_check").fetchall()
+        if verdict != [("ok",)]:
+            raise ValueError("Orthanc's index failed SQLite's check: "
+                             + "; ".join(row[0] for row in verdict[:5]))
+        return db.execute("SELECT COUNT(*) FROM Resources WHERE resourceType = 3").fetchone()[0]
+
+
 @dataclass
 class Restored:
     archive: str
@@ -369,8 +379,9 @@ DRILL_BYTES = 256 * 2**20  # extracted per drill: enough to prove the path, ligh
 class Drill:
     """A restore rehearsed, touching nothing: images picked at random from the newest archive
     are extracted to a scratch folder, each checked against the MD5 the repository recorded
-    and parsed as DICOM, and found (or not) in Orthanc. Monthly by timer: a backup nobody ever
-    restored from is a hope, not a backup."""
+    and parsed as DICOM, and found (or not) in Orthanc; the archive's copy of Orthanc's index is
+    extracted too and checked by SQLite. Monthly by timer: a backup nobody ever restored from is
+    a hope, not a backup."""
 
     def __init__(self, settings: Settings, backups: Backups, orthanc: Orthanc,
                  budget: int = DRILL_BYTES) -> None:
@@ -391,7 +402,9 @@ class Drill:
 
         started = time.monotonic()
         name = self.backups.resolve(None)
-        files = list(orthanc_files(self.backups.contents(name)).items())
+        contents = self.backups.contents(name)
+        files = list(orthanc_files(contents).items())
+        index = _snapshot_file(contents, SNAPSHOT_INDEX)
         random.shuffle(files)
         chosen, size = [], 0
         for path, length in files:
@@ -402,10 +415,16 @@ class Drill:
         recorded = self.backups.held(chosen, name)  # MD5s of the chosen files only
         sample = [(path, recorded.get(path, "")) for path in chosen]
         outcome = {"archive": name, "files": len(sample), "bytes": size, "held_here": 0,
-                   "failures": []}
+                   "index_instances": None, "failures": []}
         shutil.rmtree(self.staging, ignore_errors=True)
         try:
-            self.backups.extract(name, chosen, self.staging)
+            self.backups.extract(name, chosen + ([index] if index else []), self.staging)
+            if index is not None:
+                try:
+                    outcome["index_instances"] = _checked_index(
+                        self.staging / str(index).lstrip("/"))
+                except (sqlite3.DatabaseError, ValueError) as exc:
+                    outcome["failures"].append({"file": str(index), "reason": str(exc)})
             for path, md5 in sample:
                 extracted = self.staging / str(path).lstrip("/")
                 try:
