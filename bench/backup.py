@@ -173,10 +173,12 @@ def _run(work: Path, disk: Path, gb: float) -> dict:
         _drop_caches()
         started = time.perf_counter()
         restored = json.loads(_pacs(new.env_file, "restore", "--latest", "--json").stdout)
+        restored_s = time.perf_counter() - started
         new.child = start_orthanc(new.settings, timeout=600)
         restore_s = time.perf_counter() - started
-        print(f"restore: {restored['restored']} instances in {restore_s:.0f} s; "
-              f"copy {copy_s:.0f} s", file=sys.stderr)
+        print(f"restore: {restored['restored']} instances in {restore_s:.1f} s (pacs restore "
+              f"{restored_s:.1f} s: {restored['phases']}; Orthanc's start "
+              f"{restore_s - restored_s:.1f} s); copy {copy_s:.1f} s", file=sys.stderr)
         same = _held(new.orthanc) == expected
     finally:
         old.child.stop()

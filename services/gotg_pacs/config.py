@@ -341,6 +341,12 @@ class Settings:
         "Port of the HQ receiver the clinics sync to (behind the HTTPS origin), on loopback.",
         "HQ")
 
+    hq_backup_path: Path | None = setting(
+        "HQ_BACKUP_PATH", PathValue(optional=True), "",
+        "Folder holding every site's backup repository (SITE_CODE.borg, written by the sites "
+        "over SSH, append-only): `pacs hq backups prune` audits, prunes and compacts them here. "
+        "Empty: this HQ keeps no site backups.", "HQ")
+
     # Index database: which database Orthanc keeps its index in (images stay files either way)
     orthanc_index: str = setting(
         "ORTHANC_INDEX", Choice(allowed="sqlite or postgresql", values=("sqlite", "postgresql")),

@@ -20,8 +20,10 @@ import psutil
 import pydicom
 import pytest
 
+from gotg_pacs import config
+from gotg_pacs.hq.escrow import Escrow
 from gotg_pacs.process import wait_until
-from tests.conftest import run_pacs
+from tests.conftest import run_pacs, write_env
 from tests.support import corpus
 from tests.support.disk import tmpfs
 from tests.support.sshd import BackupServer, borg_as_clinic
@@ -418,3 +420,58 @@ def test_the_passphrase_is_kept_at_hq_and_a_new_box_for_the_site_takes_it_back(
     restored = run_pacs("restore", "--latest", "--json", env_file=new.env_file, timeout=600)
     assert restored.returncode == 0, restored.stderr
     assert json.loads(restored.stdout)["restored"] == 1
+
+
+def test_hq_prunes_a_sites_copies_only_after_an_audit_and_never_after_the_sites_key_deleted(
+        appliance_factory, tmp_path):
+    server = BackupServer(tmp_path / "hq-backups").start()
+    try:
+        clinic = appliance_factory("clinic", BACKUP_PATH="", REMOTE_BACKUP_URL=server.url)
+        server.authorize(json.loads(run_pacs("backup", "key", "--json",
+                                             env_file=clinic.env_file).stdout)["authorized_keys"])
+        assert clinic.modality.store([corpus.DATA_DIR / MIX[0]]).ok
+        made = [_backed_up_to(clinic)["hq"] for _ in range(3)]  # three the same day
+        state = clinic.settings.state_path / "backup"
+        secret = (state / "passphrase").read_text().strip()
+        (tmp_path / "hq").mkdir()
+        hq_env = write_env(tmp_path / "hq" / "pacs.env", HQ_BACKUP_PATH=str(server.repos),
+                           SITE_CODE="hq")
+        escrow = Escrow(config.load(hq_env).hq_dir / "escrow")
+        escrow.keep("test-site", secret)
+        escrow.keep("test-site", "an-older-box-passphrase")  # the newest is tried first
+
+        def prune() -> subprocess.CompletedProcess:
+            return run_pacs("hq", "backups", "prune", "--json", env_file=hq_env, timeout=300)
+
+        first = prune()
+        assert first.returncode == 0, first.stdout + first.stderr
+        [outcome] = json.loads(first.stdout)
+        # The sites' retention: per day the newest and (borg's daily rule) the oldest stay.
+        assert (outcome["site"], outcome["first_audit"]) == ("test-site", True)
+        assert outcome["pruned"] == [made[1]] and outcome["kept"] == [made[0], made[2]]
+        url = f"{server.url}/test-site.borg"
+        clinic_key = (state / "ssh" / "id_ed25519", state / "ssh" / "known_hosts")
+        assert borg_as_clinic(*clinic_key, "list", "--short", url,
+                              passphrase=secret).stdout.split() == [made[0], made[2]]
+
+        newest = _backed_up_to(clinic)["hq"]
+        repo = server.repository("test-site")
+        before_deletion = _transactions(repo)[-1]
+        # The site's key (a thief holding the box) deletes the newest copy at HQ.
+        deleted = borg_as_clinic(*clinic_key, "delete", f"{url}::{made[2]}", passphrase=secret)
+        assert deleted.returncode == 0, deleted.stderr
+        refused = prune()
+        assert refused.returncode == 1
+        [outcome] = json.loads(refused.stdout)
+        assert "vanished since HQ's last audit" in outcome["error"] and made[2] in \
+            outcome["error"], outcome
+        # Nothing compacted: HQ IT rolls the deletion back, and the audit passes again.
+        _roll_back(repo, before_deletion)
+        again = prune()
+        assert again.returncode == 0, again.stdout + again.stderr
+        [outcome] = json.loads(again.stdout)
+        # Back after the rollback, then pruned by HQ's own rules: the day's newest is newer.
+        assert outcome["first_audit"] is False and outcome["pruned"] == [made[2]]
+        assert outcome["kept"] == [made[0], newest]
+    finally:
+        server.stop()

@@ -52,6 +52,7 @@ ROOM_MARGIN = 256 * 2**20  # left free on the images' disk (Orthanc needs room t
 ORTHANC_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{8}-[0-9a-f-]{27}")
 SNAPSHOT_MODALITIES = ("backup", "snapshot", "modalities.json")
 SNAPSHOT_INDEX = ("backup", "snapshot", INDEX_SNAPSHOT)
+EXTRACTORS = 3  # borg processes extracting at once in a whole restore (one core each)
 VERIFIERS = 4  # attachments hashed at once in a whole restore (hashlib lets go of the GIL)
 DICOM = 1  # Orthanc's attachment type of the DICOM file itself
 # Every attachment Orthanc's index records, with what a report names it by.
@@ -108,6 +109,7 @@ class Restored:
     missing: list[dict] = field(default_factory=list)   # in the index, file not in the archive
     waiting: int = 0  # files the index did not know, stored again when Orthanc starts
     stopped: list[str] = field(default_factory=list)    # systemd units stopped and started
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per step (whole restore)
     seconds: float = 0.0
 
     def public(self) -> dict:
@@ -115,7 +117,7 @@ class Restored:
                 "present": len(self.present), "differs": self.differs,
                 "failed": self.failed, "skipped": len(self.skipped),
                 "modalities": self.modalities, "missing": self.missing,
-                "waiting": self.waiting, "stopped": self.stopped,
+                "waiting": self.waiting, "stopped": self.stopped, "phases": self.phases,
                 "seconds": round(self.seconds, 1)}
 
 
@@ -210,8 +212,9 @@ class Restore:
         report = Restored(name, mode="whole")
         shutil.rmtree(self.staging, ignore_errors=True)  # a restore that died left it
         try:
-            self.backups.extract(name, [index] + ([root] if root is not None else []),
-                                 self.staging)
+            phase = time.monotonic()
+            self._extract_in_parallel(name, [index], files, kept, root)
+            report.phases["extract_s"] = round(time.monotonic() - phase, 1)
             staged_index = self.staging / str(index).lstrip("/")
             staged = self.staging / str(root).lstrip("/") if root is not None else self.staging
             known = self._put_attachments(staged_index, staged, report)
@@ -230,6 +233,29 @@ class Restore:
             shutil.rmtree(self.staging, ignore_errors=True)
         return report
 
+    def _extract_in_parallel(self, name: str, first: list[Path], files: dict[Path, int],
+                             kept: dict[Path, int], root: Path | None) -> None:
+        """`first`, then the storage area's folders split among EXTRACTORS borg processes:
+        one borg decrypts and decompresses on one core, and a Pi has four."""
+        self.backups.extract(name, first, self.staging)
+        if root is None:
+            return
+        folders = sorted({path.parents[1] for path in files})
+        if kept:
+            folders.append(root / orphans.RECOVERED)
+        sizes = dict.fromkeys(folders, 0)
+        for path, size in files.items():
+            sizes[path.parents[1]] += size
+        groups: list[list[Path]] = [[] for _ in range(min(EXTRACTORS, len(folders)))]
+        loads = [0] * len(groups)
+        for folder in sorted(folders, key=lambda folder: -sizes[folder]):  # even shares
+            lightest = loads.index(min(loads))
+            groups[lightest].append(folder)
+            loads[lightest] += sizes[folder]
+        with ThreadPoolExecutor(len(groups)) as pool:
+            list(pool.map(lambda group: self.backups.extract(name, group, self.staging),
+                          groups))
+
     def _put_attachments(self, staged_index: Path, staged: Path, report: Restored) -> set[str]:
         """Every attachment the index records, checked against Orthanc's MD5 and moved into
         place; returns the UUIDs the index knows."""
@@ -245,8 +271,10 @@ class Restore:
                 return "differs"
             return "ok"
 
+        phase = time.monotonic()
         with ThreadPoolExecutor(VERIFIERS) as pool:
             verdicts = list(pool.map(verdict, attachments))
+        report.phases["verify_s"] = round(time.monotonic() - phase, 1)
         for (uuid, kind, _, _, instance, sop), outcome in zip(attachments, verdicts, strict=True):
             extracted = staged / uuid[:2] / uuid[2:4] / uuid
             if outcome == "missing":  # deleted while the backup ran, or never backed up
@@ -261,7 +289,9 @@ class Restore:
                 os.replace(extracted, target)
                 if kind == DICOM:
                     report.restored.append(sop or instance)
+        phase = time.monotonic()
         os.sync()  # every file on disk before the index that names them
+        report.phases["sync_s"] = round(time.monotonic() - phase, 1)
         return {attachment[0] for attachment in attachments}
 
     def _move_aside(self, path: Path, folder: Path) -> Path:

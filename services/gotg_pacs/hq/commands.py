@@ -100,6 +100,39 @@ def site_passphrase(ctx: Context, code: str, as_json: bool) -> None:
     emit(kept, as_json, "\n".join(entry["passphrase"] for entry in kept))
 
 
+@hq.group("backups")
+def backups() -> None:
+    """The sites' backup repositories kept at HQ (HQ_BACKUP_PATH)."""
+
+
+@backups.command("prune")
+@click.option("--site", "code", callback=_code, help="Only this site (default: every site).")
+@json_option
+@pass_context
+def backups_prune(ctx: Context, code: str | None, as_json: bool) -> None:
+    """Audit each site's repository (no archive may vanish that HQ did not prune), then prune
+    it with the sites' retention and compact it. A failed audit leaves that repository as it is
+    and exits 1."""
+    from .backups import AuditFailed, SiteBackups, sites
+
+    if ctx.settings.hq_backup_path is None:
+        raise click.ClickException("HQ_BACKUP_PATH is not set: this HQ keeps no site backups")
+    outcomes, failed = [], False
+    for site_code in [code] if code else sites(ctx.settings):
+        try:
+            outcomes.append(SiteBackups(ctx.settings, site_code).prune())
+        except (AuditFailed, RuntimeError) as exc:
+            outcomes.append({"site": site_code, "error": str(exc)})
+            failed = True
+    emit(outcomes, as_json, "\n".join(
+        f"{o['site']}: FAILED: {o['error']}" if "error" in o else
+        f"{o['site']}: {len(o['pruned'])} pruned, {len(o['kept'])} kept"
+        + (" (first audit)" if o["first_audit"] else "") for o in outcomes)
+        or "no site repository in HQ_BACKUP_PATH")
+    if failed:
+        sys.exit(1)
+
+
 @hq.command("send")
 @click.option("--site", "code", required=True, callback=_code, help="The site to send to.")
 @click.option("--urgent", is_flag=True, help="Before anything else waiting for the site.")
