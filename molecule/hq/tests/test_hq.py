@@ -65,3 +65,37 @@ def test_the_receiver_runs_sandboxed_and_answers_only_sites_with_a_credential(ho
     assert _ask(host, token)["holdings"] == 200
     assert host.run("pacs hq site revoke molecule-site").rc == 0
     assert _ask(host, token)["holdings"] == 401, "a revoked site is refused at once"
+
+
+def test_the_sites_backups_are_kept_append_only_and_pruned_by_hq_as_their_owner(host):
+    account = host.user("gotg-backup")
+    assert account.shell == "/bin/sh" and account.home == "/var/lib/gotg-backup"
+    folder = host.file("/srv/gotg-backups")
+    assert (folder.user, folder.mode) == ("gotg-backup", 0o700)
+    keys = host.file("/var/lib/gotg-backup/.ssh/authorized_keys")
+    assert (keys.user, keys.mode) == ("gotg-backup", 0o600)
+    assert keys.content_string.startswith(
+        'restrict,command="borg serve --append-only --restrict-to-repository '
+        '/srv/gotg-backups/field-9.borg" ssh-ed25519 ')
+    timer = host.service("pacs-hq-backups-prune.timer")
+    assert timer.is_enabled and timer.is_running
+    # A site's repository with three archives of one day, as borg serve leaves it, and the
+    # site's passphrase in HQ's escrow.
+    borg = "runuser -u gotg-backup -- env BORG_PASSPHRASE=site-secret borg"
+    repo = "/srv/gotg-backups/field-9.borg"
+    assert host.run(f"{borg} init -e repokey-blake2 {repo}").rc == 0
+    for n in range(3):
+        made = host.run(f"{borg} create {repo}::field-9-2026-11-26T10:0{n}:00.000000 /etc/hostname")
+        assert made.rc == 0, made.stderr
+    escrow = json.dumps({"passphrases": [{"passphrase": "site-secret", "since": 0}]})
+    host.run("install -d -m 0700 /var/lib/gotg-pacs/state/hq/escrow")
+    assert host.run(f"printf %s {shlex.quote(escrow)} > "
+                    "/var/lib/gotg-pacs/state/hq/escrow/field-9.json").rc == 0
+    pruned = host.run("systemctl start pacs-hq-backups-prune.service")
+    said = host.run("journalctl -u pacs-hq-backups-prune.service --no-pager -n 20").stdout
+    assert pruned.rc == 0, said
+    assert "field-9: 1 pruned, 2 kept (first audit)" in said, said
+    listed = host.run(f"{borg} list --short {repo}").stdout.split()
+    assert listed == ["field-9-2026-11-26T10:00:00.000000", "field-9-2026-11-26T10:02:00.000000"]
+    # borg ran as the repositories' owner: nothing in them is root's, the sites still write.
+    assert host.run("find /srv/gotg-backups ! -user gotg-backup").stdout.split() == []

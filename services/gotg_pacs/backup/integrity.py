@@ -20,7 +20,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from .. import storage_area
+from .. import durable, storage_area
 from ..checksums import md5_of
 from ..config import Settings
 from ..orthanc import Orthanc, OrthancError
@@ -174,7 +174,10 @@ class Integrity:
             finding.detail += "; changed here during the repair, left as it is"
             return
         storage_area.make_folders(self.settings, path.parent)
+        with open(extracted, "rb") as handle:  # its bytes on disk before its name is in place
+            os.fsync(handle.fileno())
         os.replace(extracted, path)  # the same disk: atomic, never half a file in place
+        durable.fsync_dir(path.parent)
         if self.orthanc.verify_md5(finding.instance_id):
             finding.repaired_from = archive
             log.info("repaired %s from %s", finding.sop_uid, archive)

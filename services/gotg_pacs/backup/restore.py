@@ -52,7 +52,7 @@ ROOM_MARGIN = 256 * 2**20  # left free on the images' disk (Orthanc needs room t
 ORTHANC_FILE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{8}-[0-9a-f-]{27}")
 SNAPSHOT_MODALITIES = ("backup", "snapshot", "modalities.json")
 SNAPSHOT_INDEX = ("backup", "snapshot", INDEX_SNAPSHOT)
-EXTRACTORS = 3  # borg processes extracting at once in a whole restore (one core each)
+EXTRACTORS = 4  # borg processes extracting at once in a whole restore (one per core)
 VERIFIERS = 4  # attachments hashed at once in a whole restore (hashlib lets go of the GIL)
 DICOM = 1  # Orthanc's attachment type of the DICOM file itself
 # Every attachment Orthanc's index records, with what a report names it by.
@@ -196,7 +196,11 @@ class Restore:
         if self.settings.orthanc_index != "sqlite":
             raise BackupError("Orthanc's index is in PostgreSQL here: start Orthanc, and "
                               "`pacs restore` stores the archive's files through it")
-        here = _indexed_instances(self.settings.orthanc_index_dir / INDEX_FILE)
+        try:
+            here = _indexed_instances(self.settings.orthanc_index_dir / INDEX_FILE)
+        except sqlite3.DatabaseError as exc:
+            raise BackupError(f"Orthanc's index here ({self.settings.orthanc_index_dir}) cannot "
+                              f"be read ({exc}): move it aside, then restore") from None
         if here:
             raise BackupError(f"Orthanc's index here already holds {here} instance(s) and a "
                               "whole restore would replace it: start Orthanc, and `pacs restore` "
@@ -235,18 +239,17 @@ class Restore:
 
     def _extract_in_parallel(self, name: str, first: list[Path], files: dict[Path, int],
                              kept: dict[Path, int], root: Path | None) -> None:
-        """`first`, then the storage area's folders split among EXTRACTORS borg processes:
-        one borg decrypts and decompresses on one core, and a Pi has four."""
-        self.backups.extract(name, first, self.staging)
-        if root is None:
-            return
-        folders = sorted({path.parents[1] for path in files})
+        """`first` and the storage area's folders, split among one borg process per core (at
+        most EXTRACTORS): one borg decrypts and decompresses on one core, and a Pi has four."""
+        folders = sorted({path.parents[1] for path in files}) if root is not None else []
         if kept:
             folders.append(root / orphans.RECOVERED)
         sizes = dict.fromkeys(folders, 0)
         for path, size in files.items():
             sizes[path.parents[1]] += size
-        groups: list[list[Path]] = [[] for _ in range(min(EXTRACTORS, len(folders)))]
+        count = max(1, min(EXTRACTORS, os.cpu_count() or 1, len(folders)))
+        groups: list[list[Path]] = [[] for _ in range(count)]
+        groups[0] += first
         loads = [0] * len(groups)
         for folder in sorted(folders, key=lambda folder: -sizes[folder]):  # even shares
             lightest = loads.index(min(loads))

@@ -11,7 +11,10 @@ the repository with full access. HQ is that someone, so before each compaction i
 2. HQ prunes (the sites' own retention), then lists again: only what `prune --dry-run` named may
    be gone; anything else went meanwhile, and there is no compaction (the point of no return).
 
-The archive list each audit ends with is kept in STATE_PATH/hq/backups/SITE.json. The first
+borg runs as the owner of HQ_BACKUP_PATH (the account the sites log in to), even when root
+starts this to read the escrow: a segment written by root would lock the sites out. The archive
+list each audit ends with is kept in HQ_BACKUP_PATH/.audit/SITE.json, with borgmatic's files for
+the repository, all owned by that account. The first
 audit of a repository has nothing to compare with and trusts what it finds. The passphrase comes
 from HQ's escrow: of every one the site handed over, the newest that opens the repository.
 """
@@ -19,6 +22,7 @@ from HQ's escrow: of every one the site handed over, the newest that opens the r
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -29,6 +33,7 @@ from ..backup.borgmatic import KEEP, KEPT
 from ..config import Settings
 from .escrow import Escrow
 
+AUDIT_FOLDER = ".audit"
 WOULD_PRUNE = re.compile(r"^Would prune:\s+(\S+)", re.MULTILINE)
 SITE_REPOSITORY = re.compile(r"([a-z0-9][a-z0-9-]{1,31})\.borg")  # a SITE_CODE
 
@@ -48,7 +53,21 @@ class SiteBackups:
         self.settings = settings
         self.site = site
         self.repository = settings.hq_backup_path / f"{site}.borg"
-        self.folder = settings.hq_dir / "backups"
+        # Beside the repositories, owned by their account (HQ's state folder is the
+        # receiver's, closed to it); no site reaches it: each key is held to its repository.
+        self.folder = settings.hq_backup_path / AUDIT_FOLDER
+        owner = settings.hq_backup_path.stat()
+        self.owner = (owner.st_uid, owner.st_gid) if os.geteuid() == 0 else None
+
+    def _write(self, name: str, text: str) -> Path:
+        """A file of ours in the backups folder, 0600, owned by the repositories' owner."""
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.folder / name
+        durable.replace_text(path, text, mode=0o600)
+        if self.owner is not None:
+            os.chown(self.folder, *self.owner)
+            os.chown(path, *self.owner)
+        return path
 
     @property
     def record(self) -> Path:
@@ -67,16 +86,16 @@ class SiteBackups:
             "user_state_directory": str(self.folder / "state"),
             **KEEP,
         }
-        path = self.folder / f"{self.site}.yaml"
-        durable.replace_text(path, json.dumps(config, indent=2) + "\n", mode=0o600)
-        return path
+        return self._write(f"{self.site}.yaml", json.dumps(config, indent=2) + "\n")
 
     def _borgmatic(self, *args: str, dry_run: bool = False) -> str:
         borgmatic = Path(sys.executable).parent / "borgmatic"
         done = subprocess.run(
             [str(borgmatic if borgmatic.exists() else "borgmatic"), "--config",
              str(self._config()), *(["--dry-run"] if dry_run else []), *args],
-            capture_output=True, text=True)
+            capture_output=True, text=True, env={**os.environ, "HOME": str(self.folder)},
+            **({"user": self.owner[0], "group": self.owner[1], "extra_groups": []}
+               if self.owner is not None else {}))
         if done.returncode != 0:
             said = done.stderr + done.stdout
             if "is incorrect" in said:
@@ -93,9 +112,8 @@ class SiteBackups:
         if not kept:
             raise AuditFailed(f"HQ keeps no backup passphrase for {self.site}: it cannot read "
                               "the repository (the site hands it over after its next backup)")
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         for secret in kept:
-            durable.replace_text(self.folder / f"{self.site}.passphrase", secret, mode=0o600)
+            self._write(f"{self.site}.passphrase", secret)
             try:
                 self.archives()
                 return
@@ -136,9 +154,7 @@ class SiteBackups:
             raise AuditFailed(f"{', '.join(unexpected)} of {self.site} vanished during HQ's "
                               "prune, which did not name them: not compacted")
         self._borgmatic("compact")
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        durable.replace_text(self.record, json.dumps({"archives": after}, indent=2) + "\n",
-                             mode=0o600)
+        self._write(self.record.name, json.dumps({"archives": after}, indent=2) + "\n")
         return {"site": self.site, "first_audit": recorded is None,
                 "pruned": sorted(set(before) - set(after)), "kept": after}
 
