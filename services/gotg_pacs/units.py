@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -37,17 +38,28 @@ def _systemctl(verb: str, units: list[str]) -> None:
                            f"{done.stderr.strip() or done.returncode}")
 
 
+@dataclass
+class Stopped:
+    units: list[str] = field(default_factory=list)  # stopped for the work, started after
+    start_error: str | None = None  # why they did not all start again
+
+
 @contextmanager
-def stopped(units: list[str]) -> Iterator[list[str]]:
+def stopped(units: list[str]) -> Iterator[Stopped]:
     """Stop the active ones of `units` (in this order) and start them again (in reverse) when
-    the work is done or failed. Yields the units stopped."""
-    running = [unit for unit in units if active(unit)]
-    if running:
-        log.info("stopping %s", " ".join(running))
-        _systemctl("stop", running)
+    the work is done or failed, even when stopping failed halfway. A failure to start again is
+    kept in `start_error` (logged too): it must not hide the outcome of the work."""
+    done = Stopped([unit for unit in units if active(unit)])
     try:
-        yield running
+        if done.units:
+            log.info("stopping %s", " ".join(done.units))
+            _systemctl("stop", done.units)
+        yield done
     finally:
-        if running:
-            log.info("starting %s", " ".join(reversed(running)))
-            _systemctl("start", list(reversed(running)))
+        if done.units:
+            log.info("starting %s", " ".join(reversed(done.units)))
+            try:
+                _systemctl("start", list(reversed(done.units)))
+            except RuntimeError as exc:
+                log.error("%s", exc)
+                done.start_error = str(exc)

@@ -423,7 +423,7 @@ def test_the_passphrase_is_kept_at_hq_and_a_new_box_for_the_site_takes_it_back(
 
 
 def test_hq_prunes_a_sites_copies_only_after_an_audit_and_never_after_the_sites_key_deleted(
-        appliance_factory, tmp_path):
+        appliance_factory, tmp_path, monkeypatch):
     server = BackupServer(tmp_path / "hq-backups").start()
     try:
         clinic = appliance_factory("clinic", BACKUP_PATH="", REMOTE_BACKUP_URL=server.url)
@@ -473,5 +473,28 @@ def test_hq_prunes_a_sites_copies_only_after_an_audit_and_never_after_the_sites_
         # Back after the rollback, then pruned by HQ's own rules: the day's newest is newer.
         assert outcome["first_audit"] is False and outcome["pruned"] == [made[2]]
         assert outcome["kept"] == [made[0], newest]
+        # The key replaces the newest archive by one of the same name, or adds one dated in
+        # the past (which pruning would keep instead of a genuine one): refused both times.
+        for n, forged in enumerate(([f"{url}::{newest}", "/etc/hostname"],
+                                    ["--timestamp", "2020-01-01T00:00:00",
+                                     f"{url}::test-site-2020-01-01", "/etc/hostname"])):
+            # A thief's own borg state each time (its last would see the rollback as a replay).
+            monkeypatch.setenv("BORG_BASE_DIR", str(tmp_path / f"thief-{n}"))
+            # HQ's own prune and compaction are not in the append-only log: the last segment
+            # written is where the repository stood before the key was used.
+            kept_transaction = max(int(segment.name) for segment in repo.glob("data/*/*")
+                                   if segment.name.isdigit())
+            if forged[0].endswith(newest):
+                assert borg_as_clinic(*clinic_key, "delete", forged[0],
+                                      passphrase=secret).returncode == 0
+            made_forged = borg_as_clinic(*clinic_key, "create", *forged, passphrase=secret)
+            assert made_forged.returncode == 0, made_forged.stderr
+            refused = prune()
+            assert refused.returncode == 1
+            said = json.loads(refused.stdout)[0]["error"]
+            assert ("replaced by another archive" in said) if forged[0].endswith(newest) \
+                else ("dated outside" in said), said
+            _roll_back(repo, kept_transaction)
+        assert prune().returncode == 0, "after the rollbacks, the audit passes again"
     finally:
         server.stop()

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from gotg_pacs import orphans
+from gotg_pacs.backup import index_copy
 from gotg_pacs.backup.index_copy import IndexCopyError, copy_index
 from gotg_pacs.config import Settings
 from gotg_pacs.process import wait_until
@@ -83,6 +84,58 @@ def test_an_orthanc_holding_its_storage_unseen_gets_no_unfrozen_copy(settings, t
     finally:
         os.close(lock)
     assert copy_index(settings, tmp_path / "copy.sqlite") is None
+
+
+@pytest.fixture
+def frozen_orthanc(settings, monkeypatch):
+    """A real process standing in for Orthanc (found as this box's), and its index."""
+    settings.orthanc_index_dir.mkdir(parents=True)
+    with closing(sqlite3.connect(settings.orthanc_index_dir / "index")) as db:
+        db.execute("CREATE TABLE AttachedFiles(uuid TEXT)")
+    stand_in = subprocess.Popen(["sleep", "60"])
+    process = psutil.Process(stand_in.pid)
+    monkeypatch.setattr(index_copy, "orthanc_process", lambda _settings: process)
+    yield process
+    stand_in.kill()
+    stand_in.wait()
+
+
+def test_orthanc_is_thawed_when_the_copy_fails(settings, tmp_path, frozen_orthanc, monkeypatch):
+    seen = []
+
+    def failing(index, copy):
+        seen.append(frozen_orthanc.status())
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(index_copy, "_copy_files", failing)
+    with pytest.raises(IndexCopyError, match="No space left"):
+        copy_index(settings, tmp_path / "copy.sqlite")
+    assert seen == [psutil.STATUS_STOPPED], "frozen while copying"
+    assert frozen_orthanc.status() != psutil.STATUS_STOPPED
+    assert not (tmp_path / "copy.sqlite").exists()
+
+
+def test_a_copy_the_watchdog_interrupted_is_refused(settings, tmp_path, frozen_orthanc,
+                                                     monkeypatch):
+    monkeypatch.setattr(index_copy, "THAW_AFTER", 0.2)
+    slow = index_copy._copy_files
+
+    def overrunning(index, copy):
+        assert wait_until(lambda: frozen_orthanc.status() != psutil.STATUS_STOPPED, 5), \
+            "the watchdog thaws Orthanc during a copy that takes too long"
+        slow(index, copy)
+
+    monkeypatch.setattr(index_copy, "_copy_files", overrunning)
+    with pytest.raises(IndexCopyError, match="not consistent"):
+        copy_index(settings, tmp_path / "copy.sqlite")
+    assert not (tmp_path / "copy.sqlite").exists()
+
+
+def test_a_normal_copy_freezes_and_thaws_orthanc(settings, tmp_path, frozen_orthanc):
+    paused = copy_index(settings, tmp_path / "copy.sqlite")
+    assert paused is not None and 0 < paused < 5
+    assert frozen_orthanc.status() != psutil.STATUS_STOPPED
+    assert (tmp_path / "copy.sqlite").exists()
 
 
 def test_a_paused_process_is_thawed_even_when_the_one_that_paused_it_is_killed():

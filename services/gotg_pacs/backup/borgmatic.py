@@ -80,6 +80,7 @@ class Backups:
         self.reading = reading
         self.site = site or settings.site_code
         self._prepared = False
+        self.irregular: list[Path] = []  # links and special files of the last `contents`
 
     # --- places ------------------------------------------------------------------------------
 
@@ -562,11 +563,13 @@ class Backups:
         repo = self.reading_repository()
         done = self._run("list", "--repository", repo.label, "--archive", archive,
                          "--format", "{type} {size} {path}{NL}")
-        found = {}
+        found, self.irregular = {}, []
         for line in done.stdout.splitlines():
             kind, size, path = (line.split(" ", 2) + ["", ""])[:3]
             if kind == "-" and size.isdigit() and path:
                 found[Path("/") / path] = int(size)
+            elif kind not in ("d", "-", "h") and path:  # links, devices, fifos: not trusted
+                self.irregular.append(Path("/") / path)
         return found
 
     def extract(self, archive: str, paths: list[Path], destination: Path) -> None:

@@ -19,7 +19,9 @@ archive (unless deleted in between: a restore reports those), and a file stored 
 is in the archive without an entry (a restore stores it again through Orthanc).
 
 A watchdog thaws Orthanc after THAW_AFTER seconds whatever becomes of this process: a frozen
-archive is an outage.
+archive is an outage. (Under systemd the backup unit also thaws Orthanc when it stops, since
+stopping a unit kills the watchdog with it.) A copy the watchdog interrupted is not a copy:
+refused, like any other failure here, and the backup goes on without the index.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "index"  # Orthanc's SQLite index in its IndexDirectory
 THAW_AFTER = 60  # seconds: the watchdog's deadline, far above any copy
+FREEZE_WAIT = 10  # seconds for every thread of Orthanc to stop before giving up
 
 
 class IndexCopyError(Exception):
@@ -80,11 +83,13 @@ def copy_index(settings: Settings, target: Path) -> float | None:
         raise IndexCopyError(f"Orthanc's index {index} does not exist yet")
     work = target.parent / f".{target.name}.work"
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(mode=0o700)
     try:
+        work.mkdir(mode=0o700)
         paused = _copy_frozen(settings, index, work / INDEX_FILE)
         _fold_and_check(work / INDEX_FILE)
         os.replace(work / INDEX_FILE, target)
+    except OSError as exc:  # a full state disk, a vanished file: no copy, the backup goes on
+        raise IndexCopyError(f"Orthanc's index could not be copied: {exc}") from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return paused
@@ -101,23 +106,52 @@ def _copy_frozen(settings: Settings, index: Path, copy: Path) -> float | None:
             raise IndexCopyError("Orthanc holds its storage but its process was not found: "
                                  "no copy of its index taken unfrozen") from None
         return None
-    thawer = watchdog(process.pid)
+    armed = time.monotonic()  # the watchdog fires THAW_AFTER after this, never before
+    thawer = watchdog(process.pid, THAW_AFTER)
     started = time.monotonic()
     try:
         process.suspend()
         try:
+            _wait_frozen(process.pid)
             _copy_files(index, copy)
         finally:
             process.resume()
             paused = time.monotonic() - started
+        if time.monotonic() - armed >= THAW_AFTER or thawer.poll() is not None:
+            # The watchdog may have fired: Orthanc may have run during part of the copy.
+            raise IndexCopyError(f"copying Orthanc's index took over {THAW_AFTER} s; Orthanc "
+                                 "was thawed meanwhile, so the copy is not consistent")
     except psutil.Error as exc:
         raise IndexCopyError(f"Orthanc (pid {process.pid}) could not be paused: {exc}") from exc
     finally:
         thawer.kill()
         thawer.wait()
-    if process.status() == psutil.STATUS_STOPPED:  # thawed by hand if resume() went unheard
-        os.kill(process.pid, signal.SIGCONT)
+        try:
+            if process.status() == psutil.STATUS_STOPPED:  # resume() went unheard
+                os.kill(process.pid, signal.SIGCONT)
+        except (psutil.Error, ProcessLookupError):
+            pass  # Orthanc exited meanwhile: nothing left frozen
     return paused
+
+
+def _wait_frozen(pid: int, timeout: float = FREEZE_WAIT) -> None:
+    """Until every thread of `pid` has stopped: SIGSTOP takes effect for a thread only once
+    it leaves the system call it is in (a write, an fsync), and the copy must not start
+    before that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for stat_file in Path(f"/proc/{pid}/task").glob("*/stat"):
+            try:
+                states.append(stat_file.read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue  # a thread that just ended
+        if states and all(state in "tT" for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise IndexCopyError(f"Orthanc did not pause within {timeout:.0f} s (a thread "
+                                 "stuck in a system call): no copy of its index this time")
+        time.sleep(0.001)
 
 
 def _copy_files(index: Path, copy: Path) -> None:

@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import orphans, storage_area, units
+from .. import durable, orphans, storage_area, units
 from ..checksums import md5_of
 from ..config import Settings
 from ..orphans import is_fragment
@@ -76,6 +77,14 @@ def orthanc_files(contents: dict[Path, int]) -> dict[Path, int]:
 def _snapshot_file(contents: dict[Path, int], parts: tuple[str, ...]) -> Path | None:
     found = [path for path in contents if path.parts[-3:] == parts and ".." not in path.parts]
     return found[0] if found else None
+
+
+def _regular(path: Path) -> bool:
+    """A regular file itself (a symlink is not followed: an archive may carry one)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _indexed_instances(index: Path) -> int:
@@ -159,7 +168,10 @@ class Restore:
                 return self._merge(name, contents)
             with units.stopped([units.SYNC, units.ORTHANC]) as stopped:
                 report = self._locked_whole(name, contents)
-                report.stopped = stopped
+            report.stopped = stopped.units
+            if stopped.start_error:
+                report.failed.append({"file": "(services)", "reason": "restored, but they did "
+                                      f"not start again: {stopped.start_error}"})
             return report
         try:
             return self._whole(name, contents)
@@ -210,11 +222,23 @@ class Restore:
         if len(roots) > 1:
             raise BackupError(f"archive {name} holds Orthanc files under {len(roots)} folders")
         root = roots.pop() if roots else None
+        irregular = [path for path in self.backups.irregular
+                     if ".." in path.parts or (root is not None and path.is_relative_to(root))]
+        if irregular:  # a link or a device where Orthanc keeps files: never extracted there
+            raise BackupError(f"archive {name} holds {len(irregular)} link(s) or special "
+                              f"file(s) in Orthanc's storage ({irregular[0]}): not restored")
         kept = {path: size for path, size in contents.items() if root is not None
                 and ".." not in path.parts and path.is_relative_to(root / orphans.RECOVERED)}
         self._room(sum(files.values()) + sum(kept.values()) + contents[index], 0)
         report = Restored(name, mode="whole")
         shutil.rmtree(self.staging, ignore_errors=True)  # a restore that died left it
+        # From here files may move into the storage before the index names them: a stop now
+        # (a failure, a power cut) must lead to the scan that takes them back at the next start.
+        self._like_storage_path(self.settings.orthanc_storage_dir)
+        marker = self.settings.orthanc_storage_dir / orphans.CLEAN_MARKER
+        if marker.exists():
+            marker.unlink()
+            durable.fsync_dir(marker.parent)
         try:
             phase = time.monotonic()
             self._extract_in_parallel(name, [index], files, kept, root)
@@ -224,7 +248,7 @@ class Restore:
             known = self._put_attachments(staged_index, staged, report)
             for path in sorted(set(files) | set(kept)):
                 extracted = self.staging / str(path).lstrip("/")
-                if not extracted.is_file() or path.name in known:
+                if not _regular(extracted) or path.name in known:
                     continue
                 if path in kept:  # the power-cut inbox and what was kept aside: as they were
                     self._move_aside(extracted, self.settings.orthanc_storage_dir
@@ -268,7 +292,7 @@ class Restore:
         def verdict(attachment: tuple) -> str:
             uuid, _, md5, size = attachment[:4]
             extracted = staged / uuid[:2] / uuid[2:4] / uuid
-            if not extracted.is_file():
+            if not _regular(extracted):
                 return "missing"
             if extracted.stat().st_size != size or (md5 and md5_of(extracted) != md5):
                 return "differs"
@@ -306,7 +330,7 @@ class Restore:
     def _put_index(self, staged_index: Path) -> None:
         """The archive's index in Orthanc's place (empty until now), owned as Orthanc's own."""
         folder = self.settings.orthanc_index_dir
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._like_storage_path(folder)
         for stale in ("-wal", "-shm"):  # the empty index's log must not be replayed onto it
             (folder / (INDEX_FILE + stale)).unlink(missing_ok=True)
         like = folder.stat()
@@ -314,9 +338,17 @@ class Restore:
             os.chown(staged_index, like.st_uid, like.st_gid)
         os.chmod(staged_index, 0o600)
         os.replace(staged_index, folder / INDEX_FILE)
-        # No clean-stop marker: the next start checks storage against this index.
-        (self.settings.orthanc_storage_dir / orphans.CLEAN_MARKER).unlink(missing_ok=True)
         os.sync()
+
+    def _like_storage_path(self, folder: Path) -> None:
+        """Orthanc's folder (storage area, index) made if missing, owned like STORAGE_PATH
+        (Orthanc's user's, as the role makes it), not by root running the restore."""
+        if folder.exists():
+            return
+        folder.mkdir(parents=True, mode=0o700)
+        like = self.settings.storage_path.stat()
+        if os.geteuid() == 0:
+            os.chown(folder, like.st_uid, like.st_gid)
 
     # --- merge: through the running Orthanc ---------------------------------------------------
 
