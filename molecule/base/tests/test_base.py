@@ -10,7 +10,8 @@ def test_the_administrator_gets_in_with_hqs_key_and_sudo_only(host):
     assert host.file("/home/gotgadmin/.ssh/authorized_keys").contains(" hq$")
     effective = host.run("sshd -T").stdout.lower()  # what sshd will really do
     for line in ("permitrootlogin no", "passwordauthentication no",
-                 "kbdinteractiveauthentication no", "allowusers gotgadmin"):
+                 "kbdinteractiveauthentication no", "allowusers gotgadmin",
+                 "allowusers gotg-backup"):
         assert line in effective.splitlines(), line
     assert host.service("ssh").is_running
 

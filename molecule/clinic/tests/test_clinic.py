@@ -145,6 +145,13 @@ def test_the_timer_backs_up_to_the_usb_disk_and_never_to_the_images_own_disk(hos
             {"check": True, "drill": True, "integrity": True}
         # The sandboxed unit paused Orthanc (another user's process) to copy its index.
         assert 0 <= backup["index"]["index_pause_ms"] < 1000, backup["index"]
+        # A backup unit that stops while Orthanc is frozen (killed mid-copy) thaws it.
+        main = host.check_output("systemctl show -p MainPID --value orthanc.service")
+        assert host.run(f"kill -STOP {main}").rc == 0
+        assert host.run(f"grep -q '^State:.*stopped' /proc/{main}/status").rc == 0
+        assert host.run("systemctl start pacs-backup-check.service").rc == 0
+        assert host.run(f"grep -q '^State:.*stopped' /proc/{main}/status").rc == 1, \
+            "Orthanc runs again"
         _the_disk_dies_and_restore_brings_back_index_files_and_services(host)
     finally:
         host.run("umount /mnt/backup")
