@@ -101,7 +101,11 @@ def lock_storage(settings: Settings) -> int:
     The Orthanc child inherits it, so the lock lives exactly as long as Orthanc: no second
     Orthanc, and no recovery scan, can touch a storage another Orthanc is writing to.
     """
-    settings.orthanc_storage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not settings.orthanc_storage_dir.exists():
+        settings.orthanc_storage_dir.mkdir(parents=True, mode=0o700)
+        if os.geteuid() == 0:  # made by root (a restore on a new disk): Orthanc's, like its parent
+            like = settings.storage_path.stat()
+            os.chown(settings.orthanc_storage_dir, like.st_uid, like.st_gid)
     descriptor = os.open(settings.orthanc_storage_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     if os.geteuid() == 0:  # taken by root (a restore): the file stays Orthanc's to lock later
         like = settings.orthanc_storage_dir.stat()

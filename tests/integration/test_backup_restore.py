@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from tests.support.sshd import BackupServer, borg_as_clinic
 
 pytestmark = pytest.mark.timeout(900)
 
+NOBODY = 65534  # stands for Orthanc's user
 MIX = ["693_UNCR.dcm", "MR2_UNCR.dcm", "US1_UNCR.dcm", "SC_rgb.dcm",
        "emri_small_jpeg_ls_lossless.dcm"]
 
@@ -129,7 +131,18 @@ def test_a_backup_restores_into_an_empty_appliance_identical_and_again_changes_n
     cramped = run_pacs("restore", "--latest", env_file=small.env_file)
     assert cramped.returncode == 1 and "not enough room" in cramped.stderr, cramped.stderr
     assert _held(small) == {}
+    # A replaced disk: STORAGE_PATH alone, owned by Orthanc's user (here nobody), and root
+    # restoring into it.
+    for folder in (new.settings.orthanc_storage_dir, new.settings.orthanc_index_dir):
+        shutil.rmtree(folder)
+    os.chown(new.settings.storage_path, NOBODY, NOBODY)
     report = _restore(new, "--latest")
+    made = [new.settings.orthanc_index_dir, new.settings.orthanc_index_dir / "index",
+            new.settings.orthanc_storage_dir, new.settings.orthanc_storage_dir / ".pacs-lock",
+            *new.settings.orthanc_storage_dir.glob("??"),
+            *new.settings.orthanc_storage_dir.glob("??/??")]
+    assert len(made) > 4 and all((path.stat().st_uid, path.stat().st_gid) == (NOBODY, NOBODY)
+                                 for path in made), "Orthanc's, not root's"
     assert (report["archive"], report["mode"]) == (archive, "whole")
     assert (report["failed"], report["missing"]) == ([], [])
     assert report["restored"] >= len(MIX)
