@@ -67,6 +67,15 @@ class Repository:
     path: str
 
 
+class Contents(dict):
+    """An archive's regular files (absolute path as backed up -> size); `irregular` lists its
+    links, devices and fifos, which a restore never trusts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.irregular: list[Path] = []
+
+
 class Backups:
     def __init__(self, settings: Settings, env_file: Path | None = None,
                  reading: str = LOCAL, site: str | None = None) -> None:
@@ -80,7 +89,6 @@ class Backups:
         self.reading = reading
         self.site = site or settings.site_code
         self._prepared = False
-        self.irregular: list[Path] = []  # links and special files of the last `contents`
 
     # --- places ------------------------------------------------------------------------------
 
@@ -556,20 +564,21 @@ class Backups:
             raise BackupError(f"no archive named {archive!r} (see `pacs backup list`)")
         return archive
 
-    def contents(self, archive: str) -> dict[Path, int]:
+    def contents(self, archive: str) -> Contents:
         """Every file the archive holds, by the absolute path it was backed up from (another
-        box's paths, maybe), with its size. No MD5 here: borg reads every chunk to compute one
-        (over HQ's link, the whole archive); `held` asks it for chosen files."""
+        box's paths, maybe), with its size, and apart its links and special files. No MD5
+        here: borg reads every chunk to compute one (over HQ's link, the whole archive);
+        `held` asks it for chosen files."""
         repo = self.reading_repository()
         done = self._run("list", "--repository", repo.label, "--archive", archive,
                          "--format", "{type} {size} {path}{NL}")
-        found, self.irregular = {}, []
+        found = Contents()
         for line in done.stdout.splitlines():
             kind, size, path = (line.split(" ", 2) + ["", ""])[:3]
             if kind == "-" and size.isdigit() and path:
                 found[Path("/") / path] = int(size)
             elif kind not in ("d", "-", "h") and path:  # links, devices, fifos: not trusted
-                self.irregular.append(Path("/") / path)
+                found.irregular.append(Path("/") / path)
         return found
 
     def extract(self, archive: str, paths: list[Path], destination: Path) -> None:

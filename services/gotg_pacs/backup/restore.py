@@ -42,7 +42,7 @@ from ..checksums import md5_of
 from ..config import Settings
 from ..orphans import is_fragment
 from ..orthanc import Orthanc, OrthancError, OrthancUnreachable
-from .borgmatic import INDEX_SNAPSHOT, BackupError, Backups
+from .borgmatic import INDEX_SNAPSHOT, BackupError, Backups, Contents
 from .index_copy import INDEX_FILE
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,15 @@ def _regular(path: Path) -> bool:
         return False
 
 
+INSTANCES = "SELECT COUNT(*) FROM Resources WHERE resourceType = 3"  # Orthanc's own schema
+
+
 def _indexed_instances(index: Path) -> int:
     """Instances in an Orthanc index on disk (Orthanc stopped); 0 when there is none yet."""
     if not index.exists():
         return 0
     with closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=15)) as db:
-        return db.execute("SELECT COUNT(*) FROM Resources WHERE resourceType = 3").fetchone()[0]
+        return db.execute(INSTANCES).fetchone()[0]
 
 
 def _checked_index(index: Path) -> int:
@@ -102,7 +105,7 @@ def _checked_index(index: Path) -> int:
         if verdict != [("ok",)]:
             raise ValueError("Orthanc's index failed SQLite's check: "
                              + "; ".join(row[0] for row in verdict[:5]))
-        return db.execute("SELECT COUNT(*) FROM Resources WHERE resourceType = 3").fetchone()[0]
+        return db.execute(INSTANCES).fetchone()[0]
 
 
 @dataclass
@@ -159,7 +162,7 @@ class Restore:
                  len(report.differs), len(report.failed), len(report.missing))
         return report
 
-    def _dispatch(self, name: str, contents: dict[Path, int]) -> Restored:
+    def _dispatch(self, name: str, contents: Contents) -> Restored:
         try:
             lock = orphans.lock_storage(self.settings)
         except orphans.IndexBusy:  # Orthanc runs on this storage
@@ -178,7 +181,7 @@ class Restore:
         finally:
             os.close(lock)
 
-    def _locked_whole(self, name: str, contents: dict[Path, int]) -> Restored:
+    def _locked_whole(self, name: str, contents: Contents) -> Restored:
         try:
             lock = orphans.lock_storage(self.settings)
         except orphans.IndexBusy:
@@ -199,7 +202,7 @@ class Restore:
 
     # --- whole: Orthanc stopped, its storage locked -------------------------------------------
 
-    def _whole(self, name: str, contents: dict[Path, int]) -> Restored:
+    def _whole(self, name: str, contents: Contents) -> Restored:
         index = _snapshot_file(contents, SNAPSHOT_INDEX)
         if index is None:
             raise BackupError(f"archive {name} holds no copy of Orthanc's index (made before "
@@ -222,7 +225,7 @@ class Restore:
         if len(roots) > 1:
             raise BackupError(f"archive {name} holds Orthanc files under {len(roots)} folders")
         root = roots.pop() if roots else None
-        irregular = [path for path in self.backups.irregular
+        irregular = [path for path in contents.irregular
                      if ".." in path.parts or (root is not None and path.is_relative_to(root))]
         if irregular:  # a link or a device where Orthanc keeps files: never extracted there
             raise BackupError(f"archive {name} holds {len(irregular)} link(s) or special "
@@ -352,7 +355,7 @@ class Restore:
 
     # --- merge: through the running Orthanc ---------------------------------------------------
 
-    def _merge(self, name: str, contents: dict[Path, int]) -> Restored:
+    def _merge(self, name: str, contents: Contents) -> Restored:
         report = Restored(name)
         files = orthanc_files(contents)
         total = sum(files.values())
