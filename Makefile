@@ -65,6 +65,11 @@ bench-ingest: deps
 bench-sync: deps
 	mkdir -p build && $(BIN)/python bench/sync.py
 
+# Root too; two hours offline by default (HOURS=0.1 for a quick look).
+HOURS ?= 2
+bench-sync-offline: deps
+	mkdir -p build && $(BIN)/python bench/sync_offline.py --hours $(HOURS)
+
 # gotg-pacs and its dependencies as wheels for the image's Python, shipped with every push.
 ARCH ?= amd64
 wheelhouse: deps
