@@ -51,6 +51,7 @@ def test_every_instance_reaches_hq_verified_and_a_resend_costs_only_the_question
     journal = [json.loads(line) for line in
                (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()]
     assert sum(entry["length"] for entry in journal) < sum(f.stat().st_size for f in files)
+    assert "jxl" in {entry["codec"] for entry in journal}, "native CT, MR, US: JPEG XL"
 
     # The clinic forgets everything (a fresh outbox): HQ's answer confirms it all, no upload.
     sender.close()
@@ -531,3 +532,26 @@ def test_on_an_excellent_link_several_uploads_are_in_flight(clinic, hq, tmp_path
         assert same_at_hq(clinic.orthanc, hq.orthanc, uid)
     assert box.summary()["instances"]["confirmed"]["instances"] == len(files)
     box.close()
+
+
+def test_a_link_faster_than_the_slow_codecs_gets_only_the_fast_ones(clinic, hq, tmp_path):
+    """JPEG XL packs at a few Mbit/s of payload: on a faster link the CPU would hold the link
+    back, so there ultrasound goes as zstd; on a slow link, as JPEG XL."""
+    files = corpus.renumbered_copies([corpus.DATA_DIR / "US1_UNCR.dcm"], 2, tmp_path / "us")
+    box = owe(clinic, files[:1])
+    sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
+    try:
+        assert sender.level == 6, "nothing measured yet: the level as configured"
+        sender.hq.link.sent(2**20, 1.0)  # 8.4 Mbit/s
+        assert sender.level == 3
+        assert len(sender.send().confirmed) == 1
+        owe(clinic, files[1:]).close()
+        sender.hq.link.bps = 0.5e6
+        assert sender.level == 6
+        assert len(sender.send().confirmed) == 1
+    finally:
+        sender.close()
+        box.close()
+    journal = [json.loads(line) for line in
+               (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()]
+    assert [entry["codec"] for entry in journal] == ["zstd", "jxl"]

@@ -1,15 +1,18 @@
-"""Lossless transport compression per instance: the smallest of zstd, JPEG-LS and JPEG 2000.
+"""Lossless transport compression per instance: the smallest of zstd, JPEG-LS, JPEG XL and
+JPEG 2000.
 
 No single codec wins (measured on pydicom-data): grey CR/CT/MR pixels shrink 2-3x more with
-JPEG-LS or JPEG 2000 than with any byte compressor, while colour ultrasound compresses best as
-bytes with zstd. So each instance is tried with the candidates its COMPRESSION_LEVEL allows and the
-smallest wins, under one rule: a transcoded candidate counts only if decoding it gives exactly the
-original pixels and every other attribute is unchanged. zstd of the original file is exact by
-construction (HQ gets the original bytes back).
+JPEG-LS, JPEG XL or JPEG 2000 than with any byte compressor, colour ultrasound compresses better
+as bytes with zstd than with JPEG-LS, and JPEG XL beats both on it (see `jxl`). So each instance
+is tried with the candidates its COMPRESSION_LEVEL allows and the smallest wins, under one rule:
+a transcoded candidate (JPEG-LS, JPEG 2000) counts only if decoding it gives exactly the
+original pixels and every other attribute is unchanged; a JPEG XL candidate only if it gives
+back the original file byte for byte. zstd of the original file is exact by construction.
 
-Effort by COMPRESSION_LEVEL: 0 sends as is; 1-6 try zstd and JPEG-LS (JPEG-LS is ~5x faster than
-JPEG 2000 at a similar ratio); 7-9 add JPEG 2000. Files already compressed (JPEG, JPEG 2000, RLE)
-or too large to decode safely on a 2 GB Pi only get zstd.
+Effort by COMPRESSION_LEVEL: 0 sends as is; 1-3 try zstd and JPEG-LS (JPEG-LS is ~5x faster than
+JPEG 2000 at a similar ratio); 4-6 add JPEG XL (~10x JPEG-LS's time); 7-9 add JPEG 2000. Files
+already compressed (JPEG, JPEG 2000, RLE) or too large to decode safely on a 2 GB Pi only get
+zstd.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import pydicom
 import zstandard
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
+from . import jxl
+
 log = logging.getLogger(__name__)
 
 ZSTD_LEVELS = {1: 1, 2: 2, 3: 3, 4: 5, 5: 7, 6: 9, 7: 12, 8: 15, 9: 19}
@@ -36,6 +41,7 @@ BLOCK = 2**20  # streaming unit for files that are not held in memory
 # (name, sop_uid, codec, payload_md5, original_md5 per member), read by HQ member by member.
 BATCH, BATCH_MANIFEST = "batch", "manifest.json"
 TRANSCODERS = {"jpegls": JPEGLSLossless, "j2k": JPEG2000Lossless}
+EXACT = ("identity", "zstd", "jxl")  # HQ gets the original file back, byte for byte
 NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
 
@@ -47,7 +53,7 @@ class CodecError(Exception):
 class Packed:
     """One instance as it travels: how it was packed and the hashes that prove it arrived."""
 
-    codec: str           # identity, zstd, jpegls, j2k
+    codec: str           # identity, zstd, jxl, jpegls, j2k
     payload: bytes
     original_size: int
     original_md5: str    # the instance as stored at the clinic
@@ -56,7 +62,7 @@ class Packed:
     @property
     def exact(self) -> bool:
         """True when HQ gets the original bytes back (not a lossless transcoding)."""
-        return self.codec in ("identity", "zstd")
+        return self.codec in EXACT
 
 
 def _md5(data: bytes) -> str:
@@ -122,7 +128,20 @@ def pack(original: bytes, level: int) -> Packed:
                 candidate = _transcoded(original, codec)
                 if candidate is not None and len(candidate) < len(best):
                     best_codec, best = codec, candidate
+        if level >= 4 and len(original) <= MAX_TRANSCODE_BYTES:
+            candidate = jxl.encode(original)
+            if candidate is not None and len(candidate) < len(best) \
+                    and _exact_jxl(candidate, original):
+                best_codec, best = "jxl", candidate
     return Packed(best_codec, best, len(original), md5, _md5(best))
+
+
+def _exact_jxl(candidate: bytes, original: bytes) -> bool:
+    try:
+        return jxl.decode(candidate, len(original)) == original
+    except jxl.JxlError as exc:
+        log.info("JPEG XL candidate rejected: %s", exc)
+        return False
 
 
 def pack_stream(source: BinaryIO, out: BinaryIO, level: int) -> tuple[str, str, str]:
@@ -152,10 +171,14 @@ def unpack_to(codec: str, payload: BinaryIO, out: BinaryIO, payload_md5: str,
 
     The payload's MD5 proves the transfer; for exact codecs the result's MD5 must also be the
     original's. A transcoded instance was proven pixel- and attribute-identical at the clinic
-    before it left. Streams in 1 MB blocks: memory stays flat whatever the instance's size.
+    before it left. Streams in 1 MB blocks: memory stays flat whatever the instance's size,
+    except for JPEG XL, decoded whole (the clinic makes it only for files up to
+    MAX_TRANSCODE_BYTES, and a payload claiming more is refused).
     """
-    if codec not in ("identity", "zstd", *TRANSCODERS):
+    if codec not in (*EXACT, *TRANSCODERS):
         raise CodecError(f"unknown codec {codec!r}")
+    if codec == "jxl":
+        return _unpack_jxl(payload, out, payload_md5, original_md5)
     sent, result = hashlib.md5(), hashlib.md5()
 
     def payload_blocks():
@@ -184,6 +207,23 @@ def unpack_to(codec: str, payload: BinaryIO, out: BinaryIO, payload_md5: str,
         raise CodecError("payload damaged in transit (MD5 differs)")
     if codec not in TRANSCODERS and result.hexdigest() != original_md5:
         raise CodecError("unpacked instance differs from the original (MD5)")
+
+
+def _unpack_jxl(payload: BinaryIO, out: BinaryIO, payload_md5: str, original_md5: str) -> None:
+    """A JPEG XL payload is decoded whole: the clinic only makes one for a file it could hold
+    in memory (MAX_TRANSCODE_BYTES), and anything claiming more is refused."""
+    data = payload.read(MAX_TRANSCODE_BYTES + 1)
+    if len(data) > MAX_TRANSCODE_BYTES:
+        raise CodecError("a JPEG XL payload larger than any the clinic makes")
+    if _md5(data) != payload_md5:
+        raise CodecError("payload damaged in transit (MD5 differs)")
+    try:
+        original = jxl.decode(data, MAX_TRANSCODE_BYTES)
+    except jxl.JxlError as exc:
+        raise CodecError(str(exc)) from None
+    if _md5(original) != original_md5:
+        raise CodecError("unpacked instance differs from the original (MD5)")
+    out.write(original)
 
 
 class _Blocks(io.RawIOBase):

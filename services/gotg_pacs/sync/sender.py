@@ -39,6 +39,10 @@ PARALLEL = 3   # uploads in flight at once on an excellent link
 PREVIEW_GAIN = 3  # a preview is sent only if the lossless payload is at least 3x its size
 SMALL_MIN = 64 * 1024  # payloads up to this (or a quarter chunk) travel in batches
 BATCH_MEMBERS = 100
+# Above this rate the CPU, not the link, would bound the slower codecs (JPEG XL, JPEG 2000):
+# here (2 x86 cores) JPEG XL packs a CR at ~6 MB/s of original, ~6 Mbit/s of payload, and a
+# Pi 4's cores are several times slower. Faster links get zstd and JPEG-LS only.
+FAST_CODECS_ABOVE_MBPS = 2.0
 
 
 class DamagedHere(Exception):
@@ -286,10 +290,12 @@ class Sender:
 
     @property
     def level(self) -> int:
-        """COMPRESSION_LEVEL, but no JPEG 2000 on an excellent link: the CPU would be the
-        bottleneck, for a few percent of bytes."""
-        level = self.settings.compression_level
-        return min(level, 6) if self.hq.link.tier == "excellent" else level
+        """COMPRESSION_LEVEL, but only the fast codecs (level 3 at most) on a link faster than
+        FAST_CODECS_ABOVE_MBPS: there the CPU would be the bottleneck, for a few percent of
+        bytes."""
+        level, rate = self.settings.compression_level, self.hq.link.rate_bps
+        return min(level, 3) if rate is not None and rate > FAST_CODECS_ABOVE_MBPS * 1e6 \
+            else level
 
     def _original_md5(self, instance_id: str) -> str:
         return self.clinic.request(
