@@ -10,6 +10,7 @@ import struct
 import numpy as np
 import pydicom
 import pytest
+from pillow_jxl import Encoder
 
 from gotg_pacs.sync import codecs, jxl
 from tests.support import corpus
@@ -117,3 +118,38 @@ def test_hostile_or_damaged_payloads_are_refused_at_hq():
         codecs.unpack("jxl", forged, codecs._md5(forged), codecs._md5(original))
     with pytest.raises(codecs.CodecError, match="damaged in transit"):
         codecs.unpack("jxl", good, codecs._md5(b"something else"), codecs._md5(original))
+
+
+@pytest.mark.parametrize("mode,dtype", [("L", "u1"), ("I;16", "<u2")])  # 16 bits: a container
+@pytest.mark.parametrize("width,height", [(640, 480), (512, 512), (99, 99), (1, 1), (3000, 7),
+                                          (7, 3000), (1250, 1000), (1280, 720), (3555, 2000)])
+def test_a_frames_size_is_read_before_it_is_decoded(width, height, mode, dtype):
+    image = np.zeros((height, width), dtype=dtype)
+    frame = Encoder(mode=mode, lossless=True, effort=1)(image.tobytes(), width, height,
+                                                       jpeg_encode=False)
+    assert frame.startswith(jxl.CONTAINER) == (mode == "I;16")
+    assert jxl._dimensions(frame) == (width, height)
+
+
+def test_frames_too_large_for_the_pis_memory_are_left_to_jpeg_ls():
+    big = pydicom.dcmread(corpus.DATA_DIR / "OBXXXX1A.dcm")
+    big.Rows, big.Columns = 2048, 2049
+    big.PixelData = bytes(2048 * 2049 + 1)
+    assert jxl.encode(_file(big)) is None
+    big.Columns = 2048
+    big.PixelData = bytes(2048 * 2048)
+    _exact(_file(big))
+
+
+def test_a_frame_claiming_a_huge_image_is_refused_before_decoding():
+    original = (corpus.DATA_DIR / "OBXXXX1A.dcm").read_bytes()
+    layout, body = _parts(_exact(original))
+    rest, frame = body[:layout["rest"]], body[layout["rest"]:]
+    # A SizeHeader for 100000 x 100000 (not div8, selector 3: 30 bits, ratio 1:1) in front of
+    # the real frame's bytes: 10 gigapixels a decoder would try to allocate.
+    bits = 0 | (3 << 1) | ((100_000 - 1) << 3) | (1 << 33)
+    bomb = b"\xff\x0a" + bits.to_bytes(5, "little") + frame[7:]
+    assert jxl._dimensions(bomb) == (100_000, 100_000)
+    forged = _forged({**layout, "frame_bytes": [len(bomb)]}, rest + bomb)
+    with pytest.raises(codecs.CodecError, match="another size"):
+        codecs.unpack("jxl", forged, codecs._md5(forged), codecs._md5(original))

@@ -29,6 +29,12 @@ MAGIC = b"GOTGJXL1"
 EFFORT = 7  # libjxl's default: effort 9 takes ~2.5x the time for 1-3 % fewer bytes
 NATIVE = {"1.2.840.10008.1.2": "<", "1.2.840.10008.1.2.1": "<", "1.2.840.10008.1.2.2": ">"}
 MODES = {(1, 8): "L", (1, 16): "I;16", (3, 8): "RGB"}  # (samples, bits) -> JPEG XL image mode
+# libjxl's lossless encoder needs ~13 bytes per pixel of a frame (210 MB for 16 Mpx, measured).
+# Packing an 8 MB file of 2048 x 2048 pixels peaks at 192 MB with JPEG XL, 124 MB without:
+# larger frames (a big DX) go as JPEG-LS, so pacs-sync stays inside its 256 MB on a 2 GB Pi.
+MAX_PIXELS = 2048 * 2048
+CONTAINER = b"\x00\x00\x00\x0cJXL \r\n\x87\n"
+RATIOS = {1: (1, 1), 2: (12, 10), 3: (4, 3), 4: (3, 2), 5: (16, 9), 6: (5, 4), 7: (2, 1)}
 
 
 class JxlError(Exception):
@@ -48,7 +54,8 @@ def _layout(original: bytes) -> dict | None:
         signed = bits == 16 and int(dataset.get("PixelRepresentation") or 0) == 1
     except Exception:  # noqa: BLE001 - anything unusual is simply left to the other codecs
         return None
-    if order is None or (samples, bits) not in MODES or min(rows, columns, frames) < 1:
+    if order is None or (samples, bits) not in MODES or min(rows, columns, frames) < 1 \
+            or rows * columns > MAX_PIXELS:
         return None
     length = frames * rows * columns * samples * bits // 8
     if not length <= len(pixels) <= length + 1:  # + one padding byte to an even length
@@ -111,6 +118,57 @@ def encode(original: bytes) -> bytes | None:
     return b"".join([MAGIC, struct.pack("<I", len(header)), header, rest, *frames])
 
 
+def _codestream(frame: bytes) -> bytes:
+    """The codestream's start: the frame itself, or (16-bit images: libjxl adds a level box)
+    the content of its ISO BMFF container's first `jxlc` or `jxlp` box (ISO/IEC 18181-2)."""
+    if frame[:2] == b"\xff\x0a":
+        return frame
+    if not frame.startswith(CONTAINER):
+        raise JxlError("a frame is neither a JPEG XL codestream nor its container")
+    at = 0
+    while at + 8 <= len(frame):
+        size, kind = struct.unpack_from(">I4s", frame, at)
+        start = at + 8
+        if size == 1:  # a 64-bit size follows
+            (size,) = struct.unpack_from(">Q", frame, start)
+            start += 8
+        end = len(frame) if size == 0 else at + size
+        if end <= at:
+            break
+        if kind == b"jxlc":
+            return frame[start:end]
+        if kind == b"jxlp":
+            return frame[start + 4:end]  # after the part's index
+        at = end
+    raise JxlError("a JPEG XL container without a codestream")
+
+
+def _dimensions(frame: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG XL frame's SizeHeader (ISO/IEC 18181-1), read before
+    decoding: a frame claiming a huge image never gets memory set aside for it."""
+    codestream = _codestream(frame)
+    if codestream[:2] != b"\xff\x0a":
+        raise JxlError("a frame's codestream does not start as JPEG XL's does")
+    bits, at = int.from_bytes(codestream[2:16], "little"), 0
+
+    def read(count: int) -> int:
+        nonlocal at
+        value = (bits >> at) & ((1 << count) - 1)
+        at += count
+        return value
+
+    def size(div8: int) -> int:
+        return (read(5) + 1) * 8 if div8 else read((9, 13, 18, 30)[read(2)]) + 1
+
+    div8 = read(1)
+    height = size(div8)
+    ratio = read(3)
+    if ratio == 0:
+        return size(div8), height
+    numerator, denominator = RATIOS[ratio]
+    return height * numerator // denominator, height
+
+
 def decode(payload: bytes, max_size: int) -> bytes:
     """The original file from its JPEG XL transport; JxlError if the payload is malformed or
     would decode to more than `max_size` bytes (HQ never trusts what a payload claims)."""
@@ -132,8 +190,11 @@ def decode(payload: bytes, max_size: int) -> bytes:
         at += layout["rest"]
         decoder, images = Decoder(), []
         for frame_bytes in layout["frame_bytes"]:
-            _jpeg, info, data, _icc, _boxes = decoder(payload[at:at + frame_bytes])
+            frame = payload[at:at + frame_bytes]
             at += frame_bytes
+            if _dimensions(frame) != (columns, rows):
+                raise JxlError("a frame is another size of image than the payload describes")
+            _jpeg, info, data, _icc, _boxes = decoder(frame)
             shape = (rows, columns) + ((3,) if layout["samples"] == 3 else ())
             dtype = "<u2" if layout["bits"] == 16 else "u1"
             if (info.width, info.height, info.mode) != (columns, rows, mode) \
