@@ -10,7 +10,8 @@ import struct
 import numpy as np
 import pydicom
 import pytest
-from pillow_jxl import Encoder
+import zstandard
+from pillow_jxl import Decoder, Encoder
 
 from gotg_pacs.sync import codecs, jxl
 from tests.support import corpus
@@ -153,3 +154,51 @@ def test_a_frame_claiming_a_huge_image_is_refused_before_decoding():
     forged = _forged({**layout, "frame_bytes": [len(bomb)]}, rest + bomb)
     with pytest.raises(codecs.CodecError, match="another size"):
         codecs.unpack("jxl", forged, codecs._md5(forged), codecs._md5(original))
+
+
+def test_the_images_hold_the_values_a_viewer_shows_whatever_the_byte_order_or_sign():
+    """JPEG XL compresses well only what it sees as an image: big endian read as big endian,
+    signed values shifted, not just any reversible scramble of the bytes."""
+    for name, shift in (("gdcm-US-ALOKA-16_big.dcm", 0), ("693_UNCR.dcm", 0x8000)):
+        original = (corpus.DATA_DIR / name).read_bytes()
+        dataset = pydicom.dcmread(io.BytesIO(original))
+        layout, body = _parts(jxl.encode(original))
+        frame = body[layout["rest"]:]
+        _jpeg, _info, data, _icc, _boxes = Decoder()(frame)
+        seen = np.frombuffer(data, dtype="<u2").reshape(dataset.Rows, dataset.Columns)
+        shown = dataset.pixel_array.astype(np.int32) + shift
+        if dataset.BitsStored < 16 and not shift:
+            seen = seen & ((1 << dataset.BitsStored) - 1)
+        assert np.array_equal(seen, shown), name
+
+
+def test_claims_that_would_set_memory_aside_are_refused_before_it_is():
+    original = (corpus.DATA_DIR / "OBXXXX1A.dcm").read_bytes()
+    layout, body = _parts(_exact(original))
+    rest, frame = body[:layout["rest"]], body[layout["rest"]:]
+
+    def refused(payload: bytes, why: str) -> None:
+        with pytest.raises(codecs.CodecError, match=why):
+            codecs.unpack("jxl", payload, codecs._md5(payload), codecs._md5(original))
+
+    # zstd names its own content size: a few hundred bytes claiming gigabytes.
+    bomb = zstandard.ZstdCompressor().compress(bytes(LIMIT + 1))
+    refused(_forged({**layout, "rest": len(bomb)}, bomb + frame), "more than")
+    # A byte order that numpy would read as a huge sub-array.
+    refused(_forged({**layout, "order": "(1000000000,)"}, body), "does not add up")
+    refused(_forged({**layout, "rows": "99"}, body), "does not add up")
+    # A header far larger than any real one, parsed before anything is checked.
+    huge = jxl.MAGIC + struct.pack("<I", 2**20 + 1) + b"[" * (2**20 + 1)
+    refused(huge, "header")
+    # More pixels than the clinic ever sends as JPEG XL.
+    refused(_forged({**layout, "rows": 4096, "columns": 4096, "length": 4096 * 4096},
+                    body), "does not add up")
+    # The codestream in parts (jxlp boxes): the first part alone would hide the real size.
+    cut = jxl.CONTAINER + _box(b"ftyp", b"jxl \x00\x00\x00\x00jxl ") \
+        + _box(b"jxlp", b"\x00\x00\x00\x00" + frame[:3]) \
+        + _box(b"jxlp", b"\x80\x00\x00\x01" + frame[3:])
+    refused(_forged({**layout, "frame_bytes": [len(cut)]}, rest + cut), "codestream")
+
+
+def _box(kind: bytes, content: bytes) -> bytes:
+    return struct.pack(">I", 8 + len(content)) + kind + content

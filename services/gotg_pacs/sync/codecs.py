@@ -10,7 +10,8 @@ original pixels and every other attribute is unchanged; a JPEG XL candidate only
 back the original file byte for byte. zstd of the original file is exact by construction.
 
 Effort by COMPRESSION_LEVEL: 0 sends as is; 1-3 try zstd and JPEG-LS (JPEG-LS is ~5x faster than
-JPEG 2000 at a similar ratio); 4-6 add JPEG XL (~10x JPEG-LS's time); 7-9 add JPEG 2000. Files
+JPEG 2000 at a similar ratio); 4-6 add JPEG XL (~6x JPEG-LS's time, files up to 8 MB); 7-9 add
+JPEG 2000. Files
 already compressed (JPEG, JPEG 2000, RLE) or too large to decode safely on a 2 GB Pi only get
 zstd.
 """
@@ -128,7 +129,7 @@ def pack(original: bytes, level: int) -> Packed:
                 candidate = _transcoded(original, codec)
                 if candidate is not None and len(candidate) < len(best):
                     best_codec, best = codec, candidate
-        if level >= 4 and len(original) <= MAX_TRANSCODE_BYTES:
+        if level >= 4:
             candidate = jxl.encode(original)
             if candidate is not None and len(candidate) < len(best) \
                     and _exact_jxl(candidate, original):
@@ -173,7 +174,7 @@ def unpack_to(codec: str, payload: BinaryIO, out: BinaryIO, payload_md5: str,
     original's. A transcoded instance was proven pixel- and attribute-identical at the clinic
     before it left. Streams in 1 MB blocks: memory stays flat whatever the instance's size,
     except for JPEG XL, decoded whole (the clinic makes it only for files up to
-    MAX_TRANSCODE_BYTES, and a payload claiming more is refused).
+    jxl.MAX_BYTES, and a payload claiming more is refused).
     """
     if codec not in (*EXACT, *TRANSCODERS):
         raise CodecError(f"unknown codec {codec!r}")
@@ -210,15 +211,15 @@ def unpack_to(codec: str, payload: BinaryIO, out: BinaryIO, payload_md5: str,
 
 
 def _unpack_jxl(payload: BinaryIO, out: BinaryIO, payload_md5: str, original_md5: str) -> None:
-    """A JPEG XL payload is decoded whole: the clinic only makes one for a file it could hold
-    in memory (MAX_TRANSCODE_BYTES), and anything claiming more is refused."""
-    data = payload.read(MAX_TRANSCODE_BYTES + 1)
-    if len(data) > MAX_TRANSCODE_BYTES:
+    """A JPEG XL payload is decoded whole: the clinic only makes one for a file of at most
+    jxl.MAX_BYTES, and anything claiming more is refused."""
+    data = payload.read(jxl.MAX_BYTES + 1)
+    if len(data) > jxl.MAX_BYTES:
         raise CodecError("a JPEG XL payload larger than any the clinic makes")
     if _md5(data) != payload_md5:
         raise CodecError("payload damaged in transit (MD5 differs)")
     try:
-        original = jxl.decode(data, MAX_TRANSCODE_BYTES)
+        original = jxl.decode(data, jxl.MAX_BYTES)
     except jxl.JxlError as exc:
         raise CodecError(str(exc)) from None
     if _md5(original) != original_md5:

@@ -1,17 +1,19 @@
 """JPEG XL lossless for native pixel data, with the original file given back byte for byte.
 
-JPEG XL's lossless mode is the smallest we measured on pydicom-data: colour ultrasound 90 KB
-where zstd needs 146 KB and JPEG-LS 263 KB, palette ultrasound 14 KB against 25 KB, CR 810 KB
-against JPEG-LS's 849 KB, MR 587 KB against 600 KB. DICOM names JPEG XL transfer syntaxes only
-since 2024 and no Orthanc we run decodes them, so it is a transport form only: the payload is
-the file with its pixel bytes cut out (zstd) and those bytes as JPEG XL images, one per frame,
-and HQ puts them back where they were. The result is the original file, checked by its MD5
-exactly like a zstd payload, and HQ stores the original as the clinic has it.
+JPEG XL's lossless mode is the smallest we measured on pydicom-data (whole payloads): colour
+ultrasound 91 KB where zstd needs 146 KB and JPEG-LS 263 KB, palette ultrasound 17 KB against
+JPEG-LS's 26 KB, CT 82 KB against 100 KB, CR 811 KB against 849 KB, MR 588 KB against 600 KB.
+DICOM names JPEG XL transfer syntaxes only since 2024 and no Orthanc we run decodes them, so it
+is a transport form only: the payload is the file with its pixel bytes cut out (zstd) and those
+bytes as JPEG XL images, one per frame, and HQ puts them back where they were. The result is
+the original file, checked by its MD5 exactly like a zstd payload, and HQ stores the original
+as the clinic has it.
 
-Taken: native (uncompressed) pixel data of 8 or 16 bits with one sample (signed values shifted
-by 2^15, so CT's negative numbers stay small), or three 8-bit samples in either planar
-configuration. Everything else is left to the other codecs. The bytes are taken as stored,
-unused high bits included: nothing is interpreted, so nothing can be lost.
+Taken, in files up to 8 MB with frames up to 2048 x 2048 (memory, below): native pixel data of
+8 or 16 bits with one sample (signed values shifted by 2^15, so CT's negative numbers stay
+small), or three 8-bit samples in either planar configuration. Everything else is left to the
+other codecs. The bytes are taken as stored, unused high bits included: nothing is
+interpreted, so nothing can be lost.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ MODES = {(1, 8): "L", (1, 16): "I;16", (3, 8): "RGB"}  # (samples, bits) -> JPEG
 # Packing an 8 MB file of 2048 x 2048 pixels peaks at 192 MB with JPEG XL, 124 MB without:
 # larger frames (a big DX) go as JPEG-LS, so pacs-sync stays inside its 256 MB on a 2 GB Pi.
 MAX_PIXELS = 2048 * 2048
+# Packing holds the file, its candidates and the check's decoded copy at once: beyond this the
+# file goes as JPEG-LS or zstd (a 16-bit multi-frame MR of 30 MB would not fit in 256 MB).
+MAX_BYTES = 8 * 2**20
+MAX_HEADER = 2**16  # a 2000-frame cine's description takes ~16 KB
 CONTAINER = b"\x00\x00\x00\x0cJXL \r\n\x87\n"
 RATIOS = {1: (1, 1), 2: (12, 10), 3: (4, 3), 4: (3, 2), 5: (16, 9), 6: (5, 4), 7: (2, 1)}
 
@@ -55,7 +61,7 @@ def _layout(original: bytes) -> dict | None:
     except Exception:  # noqa: BLE001 - anything unusual is simply left to the other codecs
         return None
     if order is None or (samples, bits) not in MODES or min(rows, columns, frames) < 1 \
-            or rows * columns > MAX_PIXELS:
+            or rows * columns > MAX_PIXELS or len(original) > MAX_BYTES:
         return None
     length = frames * rows * columns * samples * bits // 8
     if not length <= len(pixels) <= length + 1:  # + one padding byte to an even length
@@ -119,8 +125,8 @@ def encode(original: bytes) -> bytes | None:
 
 
 def _codestream(frame: bytes) -> bytes:
-    """The codestream's start: the frame itself, or (16-bit images: libjxl adds a level box)
-    the content of its ISO BMFF container's first `jxlc` or `jxlp` box (ISO/IEC 18181-2)."""
+    """The codestream: the frame itself, or (16-bit images: libjxl adds a level box) the
+    content of its ISO BMFF container's `jxlc` box (ISO/IEC 18181-2)."""
     if frame[:2] == b"\xff\x0a":
         return frame
     if not frame.startswith(CONTAINER):
@@ -137,8 +143,8 @@ def _codestream(frame: bytes) -> bytes:
             break
         if kind == b"jxlc":
             return frame[start:end]
-        if kind == b"jxlp":
-            return frame[start + 4:end]  # after the part's index
+        if kind == b"jxlp":  # parts would hide the real size behind the first one's
+            raise JxlError("a codestream in parts, which the clinic never sends")
         at = end
     raise JxlError("a JPEG XL container without a codestream")
 
@@ -169,6 +175,42 @@ def _dimensions(frame: bytes) -> tuple[int, int]:
     return height * numerator // denominator, height
 
 
+def _checked_layout(header: bytes, max_size: int) -> dict:
+    """The payload's description of its pixels, every field of the type and range the clinic
+    writes, before any of it sizes an allocation."""
+    if len(header) > MAX_HEADER:
+        raise JxlError("a header larger than any the clinic writes")
+    layout = json.loads(header)
+    numbers = ("offset", "length", "frames", "rows", "columns", "samples", "bits", "planar",
+               "rest")
+    if not isinstance(layout, dict) or any(type(layout.get(k)) is not int for k in numbers) \
+            or layout.get("order") not in ("<", ">") or type(layout.get("signed")) is not bool \
+            or not isinstance(layout.get("frame_bytes"), list) \
+            or any(type(n) is not int or n < 1 for n in layout["frame_bytes"]):
+        raise JxlError("the payload's description of its pixels does not add up")
+    frames, rows, columns = layout["frames"], layout["rows"], layout["columns"]
+    if (layout["samples"], layout["bits"]) not in MODES or layout["planar"] not in (0, 1) \
+            or min(frames, rows, columns) < 1 or rows * columns > MAX_PIXELS \
+            or len(layout["frame_bytes"]) != frames or layout["rest"] < 0 \
+            or layout["length"] != frames * rows * columns * layout["samples"] \
+            * layout["bits"] // 8 or layout["length"] > max_size:
+        raise JxlError("the payload's description of its pixels does not add up")
+    return layout
+
+
+def _rest(frame: bytes, limit: int) -> bytes:
+    """The file around its pixels, decompressed to at most `limit` bytes: zstd's own claim of
+    its content size is never what sets memory aside."""
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(frame))
+    blocks, size = [], 0
+    while block := reader.read(2**20):
+        size += len(block)
+        if size > limit:
+            raise JxlError("the rest of the file decompresses to more than it may")
+        blocks.append(block)
+    return b"".join(blocks)
+
+
 def decode(payload: bytes, max_size: int) -> bytes:
     """The original file from its JPEG XL transport; JxlError if the payload is malformed or
     would decode to more than `max_size` bytes (HQ never trusts what a payload claims)."""
@@ -177,36 +219,31 @@ def decode(payload: bytes, max_size: int) -> bytes:
             raise JxlError("not a JPEG XL transport payload")
         (size,) = struct.unpack_from("<I", payload, len(MAGIC))
         at = len(MAGIC) + 4
-        layout = json.loads(payload[at:at + size])
+        layout = _checked_layout(payload[at:at + size], max_size)
         at += size
-        mode = MODES[int(layout["samples"]), int(layout["bits"])]
-        frames, rows, columns = int(layout["frames"]), int(layout["rows"]), int(layout["columns"])
-        length = frames * rows * columns * int(layout["samples"]) * int(layout["bits"]) // 8
-        if length != layout["length"] or len(layout["frame_bytes"]) != frames \
-                or length > max_size or min(frames, rows, columns) < 1:
-            raise JxlError("the payload's description of its pixels does not add up")
-        rest = zstandard.ZstdDecompressor().decompress(
-            payload[at:at + layout["rest"]], max_output_size=max_size - length)
+        rows, columns = layout["rows"], layout["columns"]
+        rest = _rest(payload[at:at + layout["rest"]], max_size - layout["length"])
         at += layout["rest"]
-        decoder, images = Decoder(), []
+        mode = MODES[layout["samples"], layout["bits"]]
+        shape = (1, rows, columns) + ((3,) if layout["samples"] == 3 else ())
+        dtype = "<u2" if layout["bits"] == 16 else "u1"
+        decoder, pixels = Decoder(), []
         for frame_bytes in layout["frame_bytes"]:
             frame = payload[at:at + frame_bytes]
             at += frame_bytes
             if _dimensions(frame) != (columns, rows):
                 raise JxlError("a frame is another size of image than the payload describes")
             _jpeg, info, data, _icc, _boxes = decoder(frame)
-            shape = (rows, columns) + ((3,) if layout["samples"] == 3 else ())
-            dtype = "<u2" if layout["bits"] == 16 else "u1"
             if (info.width, info.height, info.mode) != (columns, rows, mode) \
                     or len(data) != np.prod(shape) * np.dtype(dtype).itemsize:
                 raise JxlError("a frame decodes to another size or kind of image")
-            images.append(np.frombuffer(data, dtype=dtype).reshape(shape))
+            pixels.append(_region(np.frombuffer(data, dtype=dtype).reshape(shape), layout))
         if at != len(payload):
             raise JxlError("the payload holds more than it describes")
-        offset = int(layout["offset"])
+        offset = layout["offset"]
         if not 0 <= offset <= len(rest):
             raise JxlError("the pixels' place lies outside the file")
-        return rest[:offset] + _region(np.stack(images), layout) + rest[offset:]
+        return b"".join([rest[:offset], *pixels, rest[offset:]])
     except JxlError:
         raise
     except Exception as exc:  # noqa: BLE001 - any malformation of an untrusted payload

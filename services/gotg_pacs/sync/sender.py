@@ -290,8 +290,9 @@ class Sender:
 
     @property
     def level(self) -> int:
-        """COMPRESSION_LEVEL, but only the fast codecs (level 3 at most) on a link faster than
-        FAST_CODECS_ABOVE_MBPS: there the CPU would be the bottleneck, for a few percent of
+        """COMPRESSION_LEVEL, but level 3 at most (zstd at its level 3, JPEG-LS) on a link
+        faster than FAST_CODECS_ABOVE_MBPS, as measured or, before any measurement, as capped
+        by MAX_BANDWIDTH_MBPS: there the CPU would be the bottleneck, for a few percent of
         bytes."""
         level, rate = self.settings.compression_level, self.hq.link.rate_bps
         return min(level, 3) if rate is not None and rate > FAST_CODECS_ABOVE_MBPS * 1e6 \
