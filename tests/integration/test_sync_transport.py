@@ -555,3 +555,45 @@ def test_a_link_faster_than_the_slow_codecs_gets_only_the_fast_ones(clinic, hq, 
     journal = [json.loads(line) for line in
                (hq.settings.hq_dir / "transfers.jsonl").read_text().splitlines()]
     assert [entry["codec"] for entry in journal] == ["zstd", "jxl"]
+
+
+# A receiver from before JPEG XL: the same program with that codec unknown to it.
+OLDER_RECEIVER = """
+import sys
+from gotg_pacs.sync import codecs
+codecs.EXACT = ("identity", "zstd")
+from gotg_pacs.cli import main
+sys.argv = ["pacs", "--env-file", sys.argv[1], "hq", "run"]
+main()
+"""
+
+
+def test_a_clinic_updated_before_hq_sends_what_hq_knows_at_once(clinic, hq, tmp_path):
+    """Sites updated before HQ: the older receiver refuses a JPEG XL payload as an unknown
+    codec. The clinic packs as every receiver knows from then on and sends the instance again
+    straight away, not after a refusal's pause, and nothing is counted as refused."""
+    hq.receiver.terminate()
+    hq.receiver.wait(30)
+    older = subprocess.Popen([sys.executable, "-c", OLDER_RECEIVER, str(hq.env_file)],
+                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "older.log", "w"))
+    try:
+        client = HQClient(hq.url, hq.token)
+        assert wait_until(lambda: hq_answers(client), 30)
+        files = corpus.renumbered_copies([corpus.DATA_DIR / "US1_UNCR.dcm"], 1, tmp_path / "us")
+        box = owe(clinic, files)
+        sender = Sender(clinic.settings, box, clinic.orthanc, client)
+        try:
+            first = sender.send()
+            assert not first.confirmed and not first.refused and sender.older_hq
+            assert sender.level == 3 and box.refusals() == []
+            assert len(sender.send().confirmed) == 1
+        finally:
+            sender.close()
+            box.close()
+        assert "unknown codec 'jxl'" in (tmp_path / "older.log").read_text()
+        uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
+        assert same_at_hq(clinic.orthanc, hq.orthanc, uid)
+    finally:
+        older.terminate()
+        older.wait(30)
+        hq.start_receiver()

@@ -227,6 +227,7 @@ class Sender:
         self.clinic = clinic
         self.hq = hq
         self.fixed_chunk = chunk
+        self.older_hq = False  # HQ refused a codec as unknown: pack as every receiver knows
         self.packer = Packer(settings, settings.state_path / "sync" / "payloads")
         self._uploads = ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="upload")
         self._worker = threading.local()
@@ -293,10 +294,10 @@ class Sender:
         """COMPRESSION_LEVEL, but level 3 at most (zstd at its level 3, JPEG-LS) on a link
         faster than FAST_CODECS_ABOVE_MBPS, as measured or, before any measurement, as capped
         by MAX_BANDWIDTH_MBPS: there the CPU would be the bottleneck, for a few percent of
-        bytes."""
+        bytes. Level 3 too for an HQ that refused a codec as unknown (an older receiver)."""
         level, rate = self.settings.compression_level, self.hq.link.rate_bps
-        return min(level, 3) if rate is not None and rate > FAST_CODECS_ABOVE_MBPS * 1e6 \
-            else level
+        fast = self.older_hq or (rate is not None and rate > FAST_CODECS_ABOVE_MBPS * 1e6)
+        return min(level, 3) if fast else level
 
     def _original_md5(self, instance_id: str) -> str:
         return self.clinic.request(
@@ -458,8 +459,16 @@ class Sender:
         self.packer.discard(instance_id)
 
     def _refuse(self, row, reason: str, report: Sent) -> None:
-        pause = self.outbox.refused(row["orthanc_id"], reason)
         self.packer.discard(row["orthanc_id"])
+        if "unknown codec" in reason and not self.older_hq:
+            # HQ not yet updated to the codecs this clinic packs with (sites updated first):
+            # the fast codecs every receiver knows from now on, and this instance again at once.
+            log.warning("HQ does not know a codec this clinic packs with (%s): packing for "
+                        "an older HQ", reason)
+            self.older_hq = True
+            self.outbox.forget_upload(row["orthanc_id"])
+            return
+        pause = self.outbox.refused(row["orthanc_id"], reason)
         log.error("%s not sent: %s (next try in %.0f min)", row["sop_uid"], reason, pause / 60)
         report.refused.append(row["orthanc_id"])
 
