@@ -391,12 +391,14 @@ def test_backups_go_to_hq_over_ssh_append_only_and_a_new_box_restores_from_there
         _move_passphrase(old, new)
         escaping = run_pacs("restore", "--remote", "--site", "../other", env_file=new.env_file)
         assert escaping.returncode == 2 and "a SITE_CODE" in escaping.stderr
-        restored = run_pacs("restore", "--remote", "--site", "test-site", "--json",
-                            env_file=new.env_file, timeout=600)
-        assert restored.returncode == 0, restored.stderr
-        report = json.loads(restored.stdout)
-        assert (report["archive"], report["restored"], report["failed"]) == (second, 3, [])
+        new.stop()  # the freshly flashed box's empty Orthanc, stopped: a whole restore
+        report = _restore(new, "--remote", "--site", "test-site")
+        assert (report["archive"], report["mode"]) == (second, "whole")
+        assert (report["restored"], report["failed"], report["missing"]) == (3, [], [])
+        new = appliance_factory("new", BACKUP_PATH="", REMOTE_BACKUP_URL=server.url)
         assert _held(new) == expected
+        again = _restore(new, "--remote", "--site", "test-site")  # Orthanc runs: merged
+        assert (again["mode"], again["restored"], again["present"]) == ("merge", 0, 3)
     finally:
         server.stop()
 
