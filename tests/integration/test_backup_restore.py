@@ -511,5 +511,35 @@ def test_hq_prunes_a_sites_copies_only_after_an_audit_and_never_after_the_sites_
                 else ("dated outside" in said), said
             _roll_back(repo, kept_transaction)
         assert prune().returncode == 0, "after the rollbacks, the audit passes again"
+
+        # Without a backup disk the clinic checks HQ's copy over the link, but reading every
+        # chunk's data is HQ's to do, on its own disks.
+        checked = run_pacs("backup", "check", "--json", env_file=clinic.env_file, timeout=300)
+        assert checked.returncode == 0, checked.stderr
+        verify = run_pacs("backup", "check", "--verify-data", env_file=clinic.env_file)
+        assert verify.returncode == 1 and "HQ verifies its copy" in verify.stderr, verify.stderr
+
+        def check(*args: str) -> subprocess.CompletedProcess:
+            return run_pacs("hq", "backups", "check", "--site", "test-site", "--json", *args,
+                            env_file=hq_env, timeout=300)
+
+        for args in ((), ("--verify-data",)):
+            done = check(*args)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert json.loads(done.stdout)[0]["ok"] is True
+        # A flipped byte in a chunk at HQ: only reading the data finds it.
+        segment = max((p for p in repo.glob("data/*/*") if p.name.isdigit()),
+                      key=lambda p: p.stat().st_size)
+        damaged = bytearray(segment.read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF
+        segment.write_bytes(bytes(damaged))
+        found = check("--verify-data")
+        assert found.returncode == 1
+        [outcome] = json.loads(found.stdout)
+        assert outcome["ok"] is False and "check" in outcome["error"], outcome
+        kept = json.loads((config.load(hq_env).hq_dir / "backup-audit"
+                           / "test-site.checks.json").read_text())
+        assert kept["check"]["ok"] is True and kept["verify_data"]["ok"] is False
+        assert not list((server.repos / ".audit").glob("*.passphrase")), "not left behind"
     finally:
         server.stop()

@@ -77,8 +77,9 @@ def test_the_sites_backups_are_kept_append_only_and_pruned_by_hq_as_their_owner(
     assert keys.content_string.startswith(
         'restrict,command="borg serve --append-only --restrict-to-repository '
         '/srv/gotg-backups/field-9.borg" ssh-ed25519 ')
-    timer = host.service("pacs-hq-backups-prune.timer")
-    assert timer.is_enabled and timer.is_running
+    for job in ("prune", "check", "verify"):
+        timer = host.service(f"pacs-hq-backups-{job}.timer")
+        assert timer.is_enabled and timer.is_running, job
     # A site's repository with three archives of one day, as borg serve leaves it, and the
     # site's passphrase in HQ's escrow.
     borg = "runuser -u gotg-backup -- env BORG_PASSPHRASE=site-secret borg"
@@ -97,5 +98,10 @@ def test_the_sites_backups_are_kept_append_only_and_pruned_by_hq_as_their_owner(
     assert "field-9: 1 pruned, 2 kept (first audit)" in said, said
     listed = host.run(f"{borg} list --short {repo}").stdout.split()
     assert listed == ["field-9-2026-11-26T10:00:00.000000", "field-9-2026-11-26T10:02:00.000000"]
+    # Every chunk read and verified on HQ's disks, by the monthly unit.
+    verified = host.run("systemctl start pacs-hq-backups-verify.service")
+    said = host.run("journalctl -u pacs-hq-backups-verify.service --no-pager -n 20").stdout
+    assert verified.rc == 0, said
+    assert "field-9: ok" in said, said
     # borg ran as the repositories' owner: nothing in them is root's, the sites still write.
     assert host.run("find /srv/gotg-backups ! -user gotg-backup").stdout.split() == []

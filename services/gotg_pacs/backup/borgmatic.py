@@ -483,10 +483,18 @@ class Backups:
         return listed
 
     def check(self, verify_data: bool = False) -> None:
-        """Check the repository read from (the backup disk; HQ checks its own copies) and its
-        archives, or every chunk's data when asked. The outcome is kept for `pacs status`."""
+        """Check the repository read from (the backup disk, or HQ's copy without one) and its
+        archives, or every chunk's data when asked (only on the disk: HQ verifies its copy's
+        data itself). The outcome is kept for `pacs status`."""
         kind = "verify_data" if verify_data else "check"
         started = time.time()
+        if verify_data and self.reading == REMOTE:
+            error = ("no backup disk here, and verifying the data of HQ's copy from here would "
+                     "read the whole repository over the link: HQ verifies its copy itself "
+                     "(`pacs hq backups check --verify-data`); plug the backup disk back in to "
+                     "verify it")
+            self.note(kind, {"at": time.time(), "ok": False, "error": error})
+            raise BackupError(error)
         with self.locked():
             try:
                 repo = self.reading_repository()

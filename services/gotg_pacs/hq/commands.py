@@ -135,6 +135,29 @@ def backups_prune(ctx: Context, code: str | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+@backups.command("check")
+@click.option("--site", "code", callback=_code, help="Only this site (default: every site).")
+@click.option("--verify-data", is_flag=True,
+              help="Read and verify every chunk's data (long: HQ's disks, not a site's link).")
+@json_option
+@pass_context
+def backups_check(ctx: Context, code: str | None, verify_data: bool, as_json: bool) -> None:
+    """borg's check of each site's repository at HQ: segments and archives, or with
+    --verify-data every chunk's data. Exits 1 if any check fails."""
+    from .backups import SiteBackups, sites
+
+    if ctx.settings.hq_backup_path is None:
+        raise click.ClickException("HQ_BACKUP_PATH is not set: this HQ keeps no site backups")
+    outcomes = [SiteBackups(ctx.settings, site_code).check(verify_data)
+                for site_code in ([code] if code else sites(ctx.settings))]
+    emit(outcomes, as_json, "\n".join(
+        f"{o['site']}: {'ok' if o['ok'] else 'FAILED: ' + o['error']}"
+        + (f" ({o['seconds']} s)" if o["ok"] else "") for o in outcomes)
+        or "no site repository in HQ_BACKUP_PATH")
+    if not all(o["ok"] for o in outcomes):
+        sys.exit(1)
+
+
 @hq.command("send")
 @click.option("--site", "code", required=True, callback=_code, help="The site to send to.")
 @click.option("--urgent", is_flag=True, help="Before anything else waiting for the site.")
