@@ -11,9 +11,8 @@ back the original file byte for byte. zstd of the original file is exact by cons
 
 Effort by COMPRESSION_LEVEL: 0 sends as is; 1-3 try zstd and JPEG-LS (JPEG-LS is ~5x faster than
 JPEG 2000 at a similar ratio); 4-6 add JPEG XL (~6x JPEG-LS's time, files up to 8 MB); 7-9 add
-JPEG 2000. Files
-already compressed (JPEG, JPEG 2000, RLE) or too large to decode safely on a 2 GB Pi only get
-zstd.
+JPEG 2000. Files already compressed (JPEG, JPEG 2000, RLE) or too large to decode safely on a
+2 GB Pi only get zstd.
 """
 
 from __future__ import annotations

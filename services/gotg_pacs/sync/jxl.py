@@ -49,6 +49,8 @@ class JxlError(Exception):
 
 def _layout(original: bytes) -> dict | None:
     """Where the pixel bytes are and how to read them as images; None if not taken here."""
+    if len(original) > MAX_BYTES:
+        return None
     try:
         dataset = pydicom.dcmread(io.BytesIO(original))
         order = NATIVE.get(str(dataset.file_meta.TransferSyntaxUID))
@@ -61,7 +63,7 @@ def _layout(original: bytes) -> dict | None:
     except Exception:  # noqa: BLE001 - anything unusual is simply left to the other codecs
         return None
     if order is None or (samples, bits) not in MODES or min(rows, columns, frames) < 1 \
-            or rows * columns > MAX_PIXELS or len(original) > MAX_BYTES:
+            or rows * columns > MAX_PIXELS:
         return None
     length = frames * rows * columns * samples * bits // 8
     if not length <= len(pixels) <= length + 1:  # + one padding byte to an even length

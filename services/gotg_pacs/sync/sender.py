@@ -460,11 +460,11 @@ class Sender:
 
     def _refuse(self, row, reason: str, report: Sent) -> None:
         self.packer.discard(row["orthanc_id"])
-        if "unknown codec" in reason and not self.older_hq:
-            # HQ not yet updated to the codecs this clinic packs with (sites updated first):
-            # the fast codecs every receiver knows from now on, and this instance again at once.
-            log.warning("HQ does not know a codec this clinic packs with (%s): packing for "
-                        "an older HQ", reason)
+        if "unknown codec" in reason and "jxl" in reason:  # the text may be HTML-escaped
+            # HQ not yet updated to JPEG XL (sites updated first): the codecs every receiver
+            # knows from now on, and this instance (or one packed ahead before) again at once.
+            if not self.older_hq:
+                log.warning("HQ does not know JPEG XL (%s): packing for an older HQ", reason)
             self.older_hq = True
             self.outbox.forget_upload(row["orthanc_id"])
             return
