@@ -55,6 +55,16 @@ KEPT = "kept."  # prefix of archives kept out of pruning (they hold studies clea
 INDEX_SNAPSHOT = "orthanc-index.sqlite"  # in the snapshot folder
 PATHS_PER_CALL = 400  # paths per `list` call: well inside the kernel's argument limit
 _LISTED = re.compile(r"^([0-9a-f]{32}) (\d+) (.+)$")
+# borg's exit status 1 as an error: borg 1.2 reports damaged chunks found by a check that way,
+# and borgmatic would call it a warning.
+WARNINGS_FAIL = ["--override", "borg_exit_codes=[{code: 1, treat_as: error}]"]
+
+
+def check_arguments(verify_data: bool) -> list[str]:
+    """borgmatic check's arguments, here and at HQ: segments and archives, or every chunk's data,
+    of every archive (the kept ones too, not only those named like new ones)."""
+    only = ["--only", "data"] if verify_data else ["--only", "repository", "--only", "archives"]
+    return ["--force", *only, "--match-archives", "sh:*"]
 
 
 class BackupError(Exception):
@@ -301,16 +311,13 @@ class Backups:
 
     def _run(self, *args: str, check: bool = True,
              warnings_fail: bool = False) -> subprocess.CompletedProcess:
-        """borgmatic with this box's configuration. `warnings_fail`: borg's exit status 1 is an
-        error, not a warning (borg 1.2 reports damaged chunks found by a check that way, and
-        borgmatic would call it a success)."""
+        """borgmatic with this box's configuration. `warnings_fail`: see WARNINGS_FAIL."""
         borgmatic = Path(sys.executable).parent / "borgmatic"
         if not borgmatic.exists():
             borgmatic = Path(shutil.which("borgmatic") or "borgmatic")
-        strict = ["--override", "borg_exit_codes=[{code: 1, treat_as: error}]"] \
-            if warnings_fail else []
-        done = subprocess.run([str(borgmatic), "--config", str(self.config_file),
-                               "--no-color", *strict, *args], capture_output=True, text=True)
+        done = subprocess.run([str(borgmatic), "--config", str(self.config_file), "--no-color",
+                               *(WARNINGS_FAIL if warnings_fail else []), *args],
+                              capture_output=True, text=True)
         if check and done.returncode != 0:
             noise = ("torsion.org", "returned non-zero exit status", "Error running actions",
                      "An error occurred", "summary:", "rebuilt index:", "committed index:")
@@ -498,11 +505,8 @@ class Backups:
         with self.locked():
             try:
                 repo = self.reading_repository()
-                only = ["--only", "data"] if verify_data else \
-                    ["--only", "repository", "--only", "archives"]
-                # Every archive, the kept ones too (not only those named like new ones).
-                self._run("check", "--repository", repo.label, "--force", *only,
-                          "--match-archives", "sh:*", warnings_fail=True)
+                self._run("check", "--repository", repo.label, *check_arguments(verify_data),
+                          warnings_fail=True)
             except BackupError as exc:
                 self.note(kind, {"at": time.time(), "ok": False, "error": str(exc)})
                 raise

@@ -42,7 +42,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .. import durable
-from ..backup.borgmatic import KEEP, KEPT
+from ..backup.borgmatic import KEEP, KEPT, WARNINGS_FAIL, check_arguments
 from ..config import Settings
 from .escrow import Escrow
 
@@ -108,14 +108,12 @@ class SiteBackups:
         return self._write_work(f"{self.site}.yaml", json.dumps(config, indent=2) + "\n")
 
     def _borgmatic(self, *args: str, dry_run: bool = False, strict: bool = False) -> str:
-        """`strict`: borg's exit status 1 is an error (borg 1.2 reports damaged chunks found by
-        a check that way, and borgmatic would call it a warning)."""
+        """`strict`: borg's exit status 1 is an error (WARNINGS_FAIL)."""
         borgmatic = Path(sys.executable).parent / "borgmatic"
         done = subprocess.run(
             [str(borgmatic if borgmatic.exists() else "borgmatic"), "--config",
              str(self._config()), *(["--dry-run"] if dry_run else []),
-             *(["--override", "borg_exit_codes=[{code: 1, treat_as: error}]"] if strict
-               else []), *args],
+             *(WARNINGS_FAIL if strict else []), *args],
             capture_output=True, text=True, env={**os.environ, "HOME": str(self.work)},
             **({"user": self.owner[0], "group": self.owner[1], "extra_groups": []}
                if self.owner is not None else {}))
@@ -211,19 +209,16 @@ class SiteBackups:
         return {"site": self.site, "first_audit": recorded is None,
                 "pruned": sorted(set(before) - set(after)), "kept": sorted(after)}
 
-
     def check(self, verify_data: bool = False) -> dict:
         """borg's check of this site's repository where it lies: its segments and archives
         (weekly), or every chunk's data read and verified (monthly). A site without a backup
         disk cannot verify its data itself: over its link that would read the whole repository.
         The outcome is kept beside the audit record."""
         kind = "verify_data" if verify_data else "check"
-        only = ["--only", "data"] if verify_data else \
-            ["--only", "repository", "--only", "archives"]
         started = time.time()
         try:
             self._unlock()
-            self._borgmatic("check", "--force", *only, "--match-archives", "sh:*", strict=True)
+            self._borgmatic("check", *check_arguments(verify_data), strict=True)
             outcome = {"ok": True, "seconds": round(time.time() - started, 1)}
         except (AuditFailed, RuntimeError) as exc:
             outcome = {"ok": False, "error": str(exc)}
