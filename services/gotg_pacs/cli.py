@@ -22,6 +22,7 @@ from .hq import commands as hq_commands
 from .orthanc import Orthanc, OrthancError
 from .process import StartError
 from .sync import commands as sync_commands
+from .web import commands as web_commands
 
 EXIT_CONFIG = 2
 
@@ -341,6 +342,8 @@ cli.add_command(backup_commands.backup)
 cli.add_command(backup_commands.cleanup)
 cli.add_command(backup_commands.restore)
 cli.add_command(backup_commands.integrity)
+cli.add_command(web_commands.web)
+cli.add_command(web_commands.tls)
 
 
 def main() -> None:

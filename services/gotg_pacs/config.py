@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import io
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -303,6 +304,22 @@ class Settings:
         "ADMIN_PASSWORD", Text(max_length=128), "",
         "Password of the `admin` user. Required when ENABLE_AUTH is true; there is no default.",
         "Web", secret=True)
+    https_port: int = setting(
+        "HTTPS_PORT", Port(), "443",
+        "The appliance's one HTTPS origin (nginx): Orthanc's REST API and DICOMweb, the viewer "
+        "and the dashboard, on every network interface. TLS 1.2 and 1.3 only, with a "
+        "certificate from the site's own certificate authority.", "Web")
+    http_redirect_port: int = setting(
+        "HTTP_REDIRECT_PORT", Integer(allowed="a TCP port 1-65535, or 0 for none", maximum=65535),
+        "80",
+        "Plain HTTP port that only redirects to HTTPS_PORT and hands out the site's CA "
+        "certificate (`/gotg-pacs-ca.crt`) for tablets to trust. 0: not opened.", "Web")
+    server_names: str = setting(
+        "SERVER_NAMES", Text(allowed="host names and IP addresses, separated by spaces",
+                             max_length=1024, pattern=r"[A-Za-z0-9.:\- ]+"), "",
+        "Extra names and addresses people use to reach this box, written into its TLS "
+        "certificate beside the host name, `<host name>.local`, `localhost` and the addresses it "
+        "has when the web server starts.", "Web")
 
     # Sync to HQ
     hq_url: str = setting(
@@ -312,6 +329,12 @@ class Settings:
         "HQ_TOKEN", Text(max_length=256), "",
         "This site's own credential at HQ (`pacs hq site add SITE_CODE` prints it once). "
         "No two sites share one.", "Sync", secret=True)
+    hq_ca_file: Path | None = setting(
+        "HQ_CA_FILE", PathValue(optional=True), "",
+        "PEM file of the certificate authority HQ's HTTPS certificate must chain to (HQ's root, "
+        "`pacs hq tls init`). Empty: the system's trusted authorities. Plain http:// in "
+        "HQ_URL is accepted only to loopback or private addresses (a VPN); the site's "
+        "credential never crosses the internet in clear.", "Sync")
     offline_mode: str = setting(
         "OFFLINE_MODE", Choice(allowed="auto or offline", values=("auto", "offline")), "auto",
         "`auto`: sync whenever a network exists. `offline`: never try to reach HQ.", "Sync")
@@ -438,6 +461,16 @@ class Settings:
         return self.state_path / "hq"
 
     @property
+    def tls_dir(self) -> Path:
+        """The site's certificate authority and the web server's certificate (made on the box)."""
+        return self.state_path / "tls"
+
+    @property
+    def proxy_dir(self) -> Path:
+        """nginx's rendered configuration, pid file and temporary files."""
+        return self.state_path / "proxy"
+
+    @property
     def log_dir(self) -> Path:
         return self.state_path / "logs"
 
@@ -483,6 +516,18 @@ def _unknown_key_message(key: str) -> str:
     return f"unknown key {key}{hint}; known keys: {', '.join(known)}"
 
 
+def _hq_url_protected(url: str) -> bool:
+    """TLS, or an address that never leaves this box or a private network."""
+    parsed = urlparse(url)
+    if parsed.scheme == "https":
+        return True
+    try:
+        address = ipaddress.ip_address(parsed.hostname or "")
+    except ValueError:
+        return parsed.hostname == "localhost"
+    return address.is_loopback or (address.is_private and not address.is_global)
+
+
 def _cross_checks(settings: Settings) -> list[tuple[str, str]]:
     """Rules that involve more than one key, as (key, problem)."""
     problems = []
@@ -495,6 +540,11 @@ def _cross_checks(settings: Settings) -> list[tuple[str, str]]:
     if settings.hq_url and not settings.hq_token:
         problems.append(("HQ_TOKEN", "must be set when HQ_URL is set (ask HQ for this site's "
                                      "credential)"))
+    if settings.hq_url and not _hq_url_protected(settings.hq_url):
+        problems.append(("HQ_URL", "must be https:// (http:// only to a loopback or private "
+                                   "address, such as HQ across a VPN)"))
+    if settings.hq_ca_file and not settings.hq_ca_file.is_file():
+        problems.append(("HQ_CA_FILE", f"{settings.hq_ca_file} is not a file"))
     if settings.hq_url and settings.site_code == "dev":
         problems.append(("SITE_CODE", "must be this site's own code when HQ_URL is set "
                                       "(HQ keeps each site's studies and credentials under it)"))
@@ -503,6 +553,13 @@ def _cross_checks(settings: Settings) -> list[tuple[str, str]]:
         problems.append(("POSTGRESQL_PASSWORD", "must be set when ORTHANC_INDEX is postgresql "
                                                 "(or log in through the server's socket folder, "
                                                 "e.g. POSTGRESQL_HOST=/run/postgresql)"))
+    taken = {"DICOM_PORT": settings.dicom_port, "HTTP_PORT": settings.http_port}
+    for key, port in (("HTTPS_PORT", settings.https_port),
+                      ("HTTP_REDIRECT_PORT", settings.http_redirect_port)):
+        clash = next((name for name, used in taken.items() if used == port), None)
+        if clash:
+            problems.append((key, f"is the same port as {clash} ({port})"))
+        taken[key] = port
     if settings.http_port == settings.dicom_port:
         problems.append(("HTTP_PORT", f"is the same port as DICOM_PORT ({settings.dicom_port})"))
     return problems

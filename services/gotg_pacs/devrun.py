@@ -16,30 +16,40 @@ import threading  # only for the Event the signal handlers set: no thread is sta
 from typing import TextIO
 
 from .config import Settings
-from .process import Child, StartCancelled, check_ports_free, start_orthanc
+from .process import Child, StartCancelled, check_ports_free, start_orthanc, start_proxy
 
 # Our services, as systemd runs them on the appliance (one unit each), Orthanc first.
 SERVICES = (("sync", ("sync", "run")),)
 
 
+def origin(settings: Settings) -> str:
+    """The appliance's HTTPS origin as a browser on this machine reaches it."""
+    port = "" if settings.https_port == 443 else f":{settings.https_port}"
+    return f"https://localhost{port}"
+
+
 def endpoints(settings: Settings) -> dict[str, object]:
-    http = settings.orthanc_url
+    https = origin(settings)
     return {"name": settings.pacs_name, "aet": settings.pacs_aet, "dicom_port": settings.dicom_port,
-            "dicom_access": settings.dicom_access, "orthanc_explorer": f"{http}/app/explorer.html",
-            "rest": f"{http}/", "dicomweb": f"{http}/dicom-web/",
+            "dicom_access": settings.dicom_access, "origin": https,
+            "orthanc_explorer": f"{https}/orthanc/app/explorer.html",
+            "rest": f"{https}/orthanc/", "dicomweb": f"{https}/dicom-web/",
+            "orthanc_loopback": f"{settings.orthanc_url}/",
+            "ca_certificate": str(settings.tls_dir / "ca-chain.crt"),
             "data": str(settings.storage_path), "logs": str(settings.log_dir)}
 
 
 def banner(settings: Settings) -> str:
-    http = settings.orthanc_url
+    https = origin(settings)
     auth = " (login: admin / ADMIN_PASSWORD)" if settings.enable_auth else ""
     return "\n".join([
         f"GOTG PACS '{settings.pacs_name}' is running. Ctrl-C stops it.",
         f"  DICOM        AET {settings.pacs_aet} on port {settings.dicom_port} "
         f"(access: {settings.dicom_access})",
-        f"  Orthanc      {http}/app/explorer.html{auth}",
-        f"  REST API     {http}/",
-        f"  DICOMweb     {http}/dicom-web/",
+        f"  Orthanc      {https}/orthanc/app/explorer.html{auth}",
+        f"  REST API     {https}/orthanc/  (loopback only: {settings.orthanc_url}/)",
+        f"  DICOMweb     {https}/dicom-web/",
+        f"  Trust        {settings.tls_dir / 'ca-chain.crt'} (this site's CA; `pacs tls show`)",
         f"  Data         {settings.storage_path}",
         f"  Logs         {settings.log_dir}",
         f"  Try it       echoscu -aec {settings.pacs_aet} 127.0.0.1 {settings.dicom_port}",
@@ -54,8 +64,9 @@ def run(settings: Settings, env_file: str, out: TextIO = sys.stdout, as_json: bo
     With as_json, stdout carries one JSON line of endpoints once everything is up and nothing
     else; the logs still go to their files.
     """
-    check_ports_free({"DICOM_PORT": settings.dicom_port, "HTTP_PORT": settings.http_port},
-                     env_file)
+    ports = {"DICOM_PORT": settings.dicom_port, "HTTP_PORT": settings.http_port,
+             "HTTPS_PORT": settings.https_port, "HTTP_REDIRECT_PORT": settings.http_redirect_port}
+    check_ports_free({key: port for key, port in ports.items() if port}, env_file)
     logging.basicConfig(stream=sys.stderr if as_json else out, level=logging.INFO,
                         format="[pacs] %(message)s")
     stop = threading.Event()
@@ -69,6 +80,7 @@ def run(settings: Settings, env_file: str, out: TextIO = sys.stdout, as_json: bo
         except StartCancelled:
             print("Stopped during start-up.", file=sys.stderr, flush=True)
             return 0
+        children.append(start_proxy(settings, echo=echo))
         for name, args in SERVICES:
             child = Child(name, [sys.executable, "-m", "gotg_pacs", "--env-file", env_file, *args],
                           settings.log_dir / f"{name}.log", echo=echo)

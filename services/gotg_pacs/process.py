@@ -24,6 +24,7 @@ import psutil
 from . import orphans, orthanc_conf
 from .config import ConfigError, Settings
 from .orthanc import Orthanc
+from .web import nginx
 
 # Debian installs it in /usr/sbin, which is not on an ordinary user's PATH.
 ORTHANC_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
@@ -310,3 +311,60 @@ def postgresql_failure(settings: Settings, log: str) -> str | None:
                 "that PostgreSQL runs and POSTGRESQL_HOST, POSTGRESQL_PORT, POSTGRESQL_DATABASE, "
                 "POSTGRESQL_USER and POSTGRESQL_PASSWORD")
     return None
+
+
+NGINX_SEARCH_PATH = ORTHANC_SEARCH_PATH
+
+
+def nginx_argv(settings: Settings, config_file: Path, *extra: str) -> list[str]:
+    found = shutil.which("nginx", path=NGINX_SEARCH_PATH)
+    if not found:
+        raise StartError("nginx is not installed (no nginx program on PATH or in /usr/sbin): "
+                         "run `make deps` or `apt-get install nginx`")
+    # -e: nginx logs there even before it has read the configuration.
+    return [found, "-c", str(config_file), "-e", str(nginx.error_log(settings)), *extra]
+
+
+def check_proxy_config(settings: Settings, config_file: Path) -> None:
+    """nginx's own test of the rendered configuration; its words on failure."""
+    result = subprocess.run(nginx_argv(settings, config_file, "-t", "-q"), capture_output=True,
+                            text=True, check=False)
+    if result.returncode != 0:
+        raise StartError("nginx refuses its configuration: "
+                         + " ".join((result.stderr or result.stdout).split()))
+
+
+def start_proxy(settings: Settings, echo: TextIO | None = None, timeout: float = 30.0,
+                hq: bool = False) -> Child:
+    """The HTTPS origin (HQ's with `hq`): the TLS material made or renewed, nginx started in the
+    foreground, and waited for until HTTPS_PORT accepts connections."""
+    try:
+        config_file, outcome = nginx.prepare(settings, hq=hq)
+    except (OSError, ValueError) as exc:
+        raise StartError(f"cannot prepare the HTTPS origin: {exc}") from exc
+    if echo and outcome.ca_created:
+        echo.write(f"[proxy] created this site's certificate authority; fingerprint (SHA-256) "
+                   f"{outcome.ca_fingerprint}\n")
+    check_proxy_config(settings, config_file)
+    child = Child("proxy", nginx_argv(settings, config_file, "-g", "daemon off;"),
+                  settings.log_dir / "proxy.log", echo=echo)
+    try:
+        child.start()
+    except OSError as exc:
+        raise StartError(str(exc)) from exc
+
+    def listening() -> bool:
+        child.pump()
+        if not child.running():
+            return True
+        try:
+            socket.create_connection(("127.0.0.1", settings.https_port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    if not wait_until(listening, timeout) or not child.running():
+        child.stop()
+        raise StartError(f"nginx did not come up on port {settings.https_port}; see "
+                         f"{nginx.error_log(settings)}:\n{child.last_lines()}")
+    return child

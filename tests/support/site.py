@@ -36,6 +36,8 @@ def write_env(path: Path, **overrides: str) -> Path:
         "PACS_AET": "GOTG_PACS",
         "DICOM_PORT": str(free_port()),
         "HTTP_PORT": str(free_port()),
+        "HTTPS_PORT": str(free_port()),
+        "HTTP_REDIRECT_PORT": str(free_port()),
         "DICOM_ACCESS": "open",
         "STORAGE_PATH": "orthanc",
         "STATE_PATH": "state",

@@ -166,6 +166,40 @@ def test_same_port_twice_is_refused(tmp_path):
     env = _env(tmp_path, "ENABLE_AUTH=false\nDICOM_PORT=8042\n")
     with pytest.raises(ConfigError, match="HTTP_PORT is the same port as DICOM_PORT"):
         load(env)
+    env = _env(tmp_path, "ENABLE_AUTH=false\nHTTP_REDIRECT_PORT=443\n")
+    with pytest.raises(ConfigError, match="HTTP_REDIRECT_PORT is the same port as HTTPS_PORT"):
+        load(env)
+    env = _env(tmp_path, "ENABLE_AUTH=false\nHTTPS_PORT=4242\n")
+    with pytest.raises(ConfigError, match="HTTPS_PORT is the same port as DICOM_PORT"):
+        load(env)
+    assert load(_env(tmp_path, "ENABLE_AUTH=false\nHTTP_REDIRECT_PORT=0\n")).http_redirect_port == 0
+
+
+@pytest.mark.parametrize("url, accepted", [
+    ("https://hq.example.org/sync", True),
+    ("http://127.0.0.1:7000", True),
+    ("http://localhost:7000", True),
+    ("http://10.8.0.1:7000", True),          # HQ across the clinic's VPN
+    ("http://[fd00::1]:7000", True),
+    ("http://hq.example.org/sync", False),   # a name could be anywhere: the token in clear
+    ("http://41.76.108.46/sync", False),
+    ("http://8.8.8.8/sync", False),
+])
+def test_the_sites_credential_never_crosses_the_internet_in_clear(tmp_path, url, accepted):
+    env = _env(tmp_path, f"ENABLE_AUTH=false\nSITE_CODE=x-1\nHQ_TOKEN=t\nHQ_URL={url}\n")
+    if accepted:
+        assert load(env).hq_url == url
+    else:
+        with pytest.raises(ConfigError, match="HQ_URL must be https://"):
+            load(env)
+
+
+def test_hq_ca_file_must_exist(tmp_path):
+    env = _env(tmp_path, "ENABLE_AUTH=false\nHQ_CA_FILE=hq-root.crt\n")
+    with pytest.raises(ConfigError, match="HQ_CA_FILE .*hq-root.crt is not a file"):
+        load(env)
+    (tmp_path / "hq-root.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    assert load(env).hq_ca_file == tmp_path / "hq-root.crt"
 
 
 def test_a_missing_file_is_named(tmp_path):

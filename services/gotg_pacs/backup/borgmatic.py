@@ -205,8 +205,7 @@ class Backups:
         from ..sync.transport import HQClient, HQRefused, HQUnreachable
 
         try:
-            HQClient(self.settings.hq_url, self.settings.hq_token,
-                     timeout=30).kept_passphrases()
+            HQClient.from_settings(self.settings, timeout=30).kept_passphrases()
         except HQRefused as exc:
             return exc.status != 404
         except HQUnreachable:

@@ -38,7 +38,7 @@ def backup_now(ctx: Context, as_json: bool) -> None:
     if ctx.settings.hq_url:
         from ..sync.transport import HQClient
 
-        hq = HQClient(ctx.settings.hq_url, ctx.settings.hq_token, timeout=60)
+        hq = HQClient.from_settings(ctx.settings, timeout=60)
         if _backups(ctx).hand_over_passphrase(hq):
             lines.append("backup passphrase handed to HQ (kept there for a new box)")
     if made["remote_error"]:
@@ -152,8 +152,8 @@ def backup_passphrase(ctx: Context, put_back: bool, from_hq: bool, as_json: bool
                 if not ctx.settings.hq_url:
                     raise BackupError("HQ_URL is not set")
                 try:  # newest first: the one that opens the repository is kept
-                    candidates = HQClient(ctx.settings.hq_url, ctx.settings.hq_token,
-                                          timeout=60).kept_passphrases()[::-1]
+                    candidates = HQClient.from_settings(
+                        ctx.settings, timeout=60).kept_passphrases()[::-1]
                 except (HQRefused, HQUnreachable) as exc:
                     raise BackupError(f"HQ did not give the passphrase back: {exc}") from None
             else:
@@ -180,7 +180,7 @@ def _cleanup(settings: Settings, backups: Backups, days: float, dry_run: bool):
     from ..sync.outbox import Outbox, OutboxError
     from ..sync.transport import HQClient
 
-    hq = HQClient(settings.hq_url, settings.hq_token, timeout=60) if settings.hq_url else None
+    hq = HQClient.from_settings(settings, timeout=60) if settings.hq_url else None
     try:
         with Outbox(settings.sync_outbox_file, readonly=True) as outbox:
             return Cleanup(settings, Orthanc.from_settings(settings), outbox, backups,

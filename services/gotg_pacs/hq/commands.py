@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 import click
 from werkzeug.serving import WSGIRequestHandler, run_simple
@@ -19,8 +20,9 @@ from .sites import Sites
 @pass_context
 def hq(ctx: Context) -> None:
     """The HQ archive's receiver and site credentials."""
-    # `backups` keeps root: it reads the escrow, then runs borg as the repositories' owner.
-    if click.get_current_context().invoked_subcommand != "backups":
+    # `backups` keeps root: it reads the escrow, then runs borg as the repositories' owner;
+    # `tls` too: HQ's root key is root's alone, never readable by the network-facing receiver.
+    if click.get_current_context().invoked_subcommand not in ("backups", "tls"):
         as_state_owner(ctx.settings)
 
 
@@ -331,3 +333,47 @@ def reconcile_resolve(ctx: Context, entry_id: int, decision: str, note: str, by:
     if entry is None:
         raise click.ClickException(f"no entry {entry_id}")
     emit(entry, as_json, _describe(entry, True))
+
+
+@hq.group("tls")
+def hq_tls() -> None:
+    """HQ's root certificate authority, which vouches for every site's own CA."""
+
+
+def _authority(ctx: Context):
+    from .authority import Authority
+
+    return Authority(ctx.settings.hq_dir / "authority")
+
+
+@hq_tls.command("init")
+@json_option
+@pass_context
+def hq_tls_init(ctx: Context, as_json: bool) -> None:
+    """Make HQ's root CA once (kept if it exists); install root.crt on HQ's devices."""
+    authority = _authority(ctx)
+    created, root_print = authority.init()
+    emit({"created": created, "root": str(authority.cert_file), "fingerprint": root_print},
+         as_json, f"{'created' if created else 'kept'} {authority.cert_file}\n"
+                  f"fingerprint (SHA-256) {root_print}")
+
+
+@hq_tls.command("sign")
+@click.argument("csr", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--site", "code", callback=_code, required=True,
+              help="The site whose CA this is (its SITE_CODE).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@json_option
+@pass_context
+def hq_tls_sign(ctx: Context, csr: Path, code: str, out: Path, as_json: bool) -> None:
+    """Sign a site CA's request (`pacs tls csr` at the site); take OUT back to the site for
+    `pacs tls install-ca`."""
+    from ..web.tls import TLSError
+
+    try:
+        chain = _authority(ctx).sign_site(csr.read_text(), code)
+    except TLSError as exc:
+        raise click.ClickException(str(exc)) from None
+    out.write_text(chain)
+    emit({"site": code, "written": str(out)}, as_json,
+         f"wrote {out}: on {code}, `pacs tls install-ca {out.name}`")

@@ -150,11 +150,10 @@ def _hq_configured(ctx: Context) -> None:
 @pass_context
 def sync_test_connection(ctx: Context, as_json: bool) -> None:
     """Can this site reach HQ, and does HQ accept its credential? Exit 1 if not."""
-    from .service import hq_client
-    from .transport import HQRefused, HQUnreachable
+    from .transport import HQClient, HQRefused, HQUnreachable
 
     _hq_configured(ctx)
-    client = hq_client(ctx.settings)
+    client = HQClient.from_settings(ctx.settings)
     started = time.monotonic()
     try:
         client.holdings([])
@@ -179,8 +178,7 @@ def sync_now(ctx: Context, as_json: bool) -> None:
     """Send everything that is ready, now, showing progress (waits for nothing else)."""
     from .feed import Feed
     from .sender import Sender, SenderBusy
-    from .service import hq_client
-    from .transport import HQUnreachable
+    from .transport import HQClient, HQUnreachable
 
     _hq_configured(ctx)
     with _outbox(ctx) as outbox:
@@ -191,7 +189,7 @@ def sync_now(ctx: Context, as_json: bool) -> None:
         while not feed.step():
             pass
         try:
-            sender = Sender(ctx.settings, outbox, clinic, hq_client(ctx.settings))
+            sender = Sender(ctx.settings, outbox, clinic, HQClient.from_settings(ctx.settings))
         except SenderBusy as exc:
             raise click.ClickException(str(exc)) from None
         totals = {"confirmed": 0, "already_held": 0, "refused": 0}

@@ -85,10 +85,6 @@ def in_window(window: tuple[int, int] | None, when: datetime | None = None) -> b
     return start <= minute < end if start < end else minute >= start or minute < end
 
 
-def hq_client(settings: Settings) -> HQClient:
-    return HQClient(settings.hq_url, settings.hq_token, max_mbps=settings.max_bandwidth_mbps)
-
-
 def run(settings: Settings, idle: float = 1.0) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -96,7 +92,7 @@ def run(settings: Settings, idle: float = 1.0) -> int:
     outbox = Outbox(settings.sync_outbox_file)
     clinic = Orthanc.from_settings(settings)
     feed = Feed(clinic, outbox)
-    hq = hq_client(settings) if settings.hq_url else None
+    hq = HQClient.from_settings(settings) if settings.hq_url else None
     sender = Sender(settings, outbox, clinic, hq) if hq else None
     inbound = Inbound(settings, clinic, hq) if hq else None  # reports, priors from HQ
     breaker = CircuitBreaker()

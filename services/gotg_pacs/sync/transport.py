@@ -9,11 +9,14 @@ and timeouts follow what the link can do (seconds on a LAN, longer on 2G).
 from __future__ import annotations
 
 import base64
+import re
 import threading
 import time
+from pathlib import Path
 
 import requests
 
+from ..config import Settings
 from .network import LinkEstimate
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -59,15 +62,24 @@ class RateCap:
 
 class HQClient:
     def __init__(self, url: str, token: str, timeout: float | None = None,
-                 max_mbps: float = 0.0, link: LinkEstimate | None = None) -> None:
-        """`timeout` fixes every call's timeout (tests); by default the link estimate sets it."""
+                 max_mbps: float = 0.0, link: LinkEstimate | None = None,
+                 ca_file: Path | None = None) -> None:
+        """`timeout` fixes every call's timeout (tests); by default the link estimate sets it.
+        `ca_file`: the CA(s) HQ's certificate must chain to (default: the system's)."""
         self.url = url.rstrip("/")
         self.fixed_timeout = timeout
         self.session = requests.Session()
         self.session.headers.update({"Authorization": f"Bearer {token}", **TUS})
+        self.session.verify = str(ca_file) if ca_file else True
         self.link = link or LinkEstimate(max_mbps)
         self.cap = RateCap(max_mbps)
         self._sent = [0]  # payload bytes HQ accepted, shared with clones
+
+    @classmethod
+    def from_settings(cls, settings: Settings, timeout: float | None = None) -> HQClient:
+        """This site's client: HQ_URL, its own HQ_TOKEN, HQ_CA_FILE, MAX_BANDWIDTH_MBPS."""
+        return cls(settings.hq_url, settings.hq_token, timeout=timeout,
+                   max_mbps=settings.max_bandwidth_mbps, ca_file=settings.hq_ca_file)
 
     @property
     def bytes_sent(self) -> int:
@@ -80,6 +92,7 @@ class HQClient:
         twin.url, twin.fixed_timeout = self.url, self.fixed_timeout
         twin.session = requests.Session()
         twin.session.headers.update(self.session.headers)
+        twin.session.verify = self.session.verify
         twin.link, twin.cap, twin._sent = self.link, self.cap, self._sent
         return twin
 
@@ -95,9 +108,19 @@ class HQClient:
     def _call(self, method: str, url: str, size: int = 0, extra_wait: float = 0.0,
               **kwargs) -> requests.Response:
         started = time.monotonic()
+        # Per request: requests lets REQUESTS_CA_BUNDLE in the environment override the
+        # session's own setting, which would silently trust something other than HQ_CA_FILE.
+        kwargs.setdefault("verify", self.session.verify)
         try:
             response = self.session.request(method, url, timeout=self._timeout(size, extra_wait),
                                             **kwargs)
+        except requests.exceptions.SSLError as exc:
+            # Waited out like an outage (nothing is sent, nothing lost), but worded so that
+            # someone looks: a wrong HQ_CA_FILE, or a network that intercepts TLS.
+            reason = re.search(r"(certificate verify failed: [^(]*|[A-Z_]{6,})", str(exc))
+            raise HQUnreachable(f"HQ at {self.url}: its certificate is not trusted "
+                                f"({reason.group(1).strip() if reason else exc}); "
+                                "check HQ_CA_FILE") from exc
         except requests.RequestException as exc:
             self.link.failed(size if isinstance(exc, requests.Timeout) else 0)
             raise HQUnreachable(f"HQ at {self.url}: {exc.__class__.__name__}") from exc

@@ -1,0 +1,108 @@
+"""`pacs web prepare` (nginx's unit runs it before every start) and `pacs tls ...`: what a
+tablet must trust, and HQ vouching for the site's certificate authority."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..clikit import Context, emit, json_option, pass_context
+from . import nginx
+from .tls import TLSError, fingerprint, names_of
+
+
+@click.group()
+def web() -> None:
+    """The appliance's HTTPS origin (nginx)."""
+
+
+@web.command("prepare")
+@click.option("--worker-user", default=None,
+              help=f"Account nginx's worker runs as (the appliance: "
+                   f"{nginx.APPLIANCE_WORKER_USER}) [default: the current user].")
+@click.option("--hq", is_flag=True, help="HQ's origin: also carry the clinics' uploads to the "
+                                        "HQ receiver under /sync/.")
+@json_option
+@pass_context
+def web_prepare(ctx: Context, worker_user: str | None, hq: bool, as_json: bool) -> None:
+    """Make or renew the site's TLS material and render nginx's configuration."""
+    try:
+        path, outcome = nginx.prepare(ctx.settings, worker_user, hq)
+    except (TLSError, OSError, ValueError, LookupError) as exc:
+        click.echo(f"cannot prepare the HTTPS origin: {exc}", err=True)
+        sys.exit(1)
+    lines = [f"wrote {path}"]
+    if outcome.ca_created:
+        lines.append(f"created this site's certificate authority; fingerprint (SHA-256) "
+                     f"{outcome.ca_fingerprint}")
+    if outcome.server_issued:
+        lines.append(f"issued the server certificate ({outcome.server_issued}) for "
+                     + ", ".join(outcome.names))
+    emit({"config": str(path), "ca_created": outcome.ca_created,
+          "server_issued": outcome.server_issued, "names": outcome.names,
+          "ca_fingerprint": outcome.ca_fingerprint}, as_json, "\n".join(lines))
+
+
+@click.group()
+def tls() -> None:
+    """The site's certificate authority: what tablets trust."""
+
+
+@tls.command("show")
+@json_option
+@pass_context
+def tls_show(ctx: Context, as_json: bool) -> None:
+    """The CA fingerprint to compare on a tablet, the names the server certificate covers and
+    when it expires."""
+    material = nginx.site_tls(ctx.settings)
+    try:
+        ca, server = material.ca_cert(), material.server_cert()
+    except FileNotFoundError:
+        click.echo("no TLS material yet: it is made when the web server first starts "
+                   "(`pacs web prepare`)", err=True)
+        sys.exit(1)
+    chain = material.ca_chain_file.read_text()
+    report = {
+        "ca": str(material.ca_chain_file), "ca_subject": ca.subject.rfc4514_string(),
+        "ca_fingerprint": fingerprint(ca), "ca_expires": ca.not_valid_after_utc.isoformat(),
+        "signed_by_hq": chain.count("BEGIN CERTIFICATE") > 1,
+        "server_names": sorted(names_of(server)),
+        "server_expires": server.not_valid_after_utc.isoformat(),
+    }
+    emit(report, as_json, "\n".join([
+        f"site CA       {report['ca_subject']}",
+        f"fingerprint   {report['ca_fingerprint']}",
+        f"CA expires    {ca.not_valid_after_utc:%Y-%m-%d}"
+        + ("  (signed by HQ)" if report["signed_by_hq"] else "  (self-signed)"),
+        f"server names  {', '.join(report['server_names'])}",
+        f"server cert   expires {server.not_valid_after_utc:%Y-%m-%d} (renewed automatically)",
+        f"tablets       download {nginx.CA_DOWNLOAD} from this box and compare the fingerprint",
+    ]))
+
+
+@tls.command("csr")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@json_option
+@pass_context
+def tls_csr(ctx: Context, out: Path, as_json: bool) -> None:
+    """A signing request for the site CA, to take to HQ (`pacs hq tls sign`)."""
+    out.write_text(nginx.site_tls(ctx.settings).csr())
+    emit({"written": str(out)}, as_json, f"wrote {out}: HQ signs it with `pacs hq tls sign`")
+
+
+@tls.command("install-ca")
+@click.argument("chain", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@json_option
+@pass_context
+def tls_install_ca(ctx: Context, chain: Path, as_json: bool) -> None:
+    """Put HQ's signature of this site's CA in place; restart nginx to serve it."""
+    try:
+        root = nginx.site_tls(ctx.settings).install_ca_chain(chain.read_text())
+    except TLSError as exc:
+        click.echo(f"not installed: {exc}", err=True)
+        sys.exit(1)
+    emit({"installed": str(chain), "hq_root_fingerprint": root}, as_json,
+         f"installed; HQ root fingerprint {root}. Restart the web server (systemctl restart "
+         "nginx) to serve it.")

@@ -1,0 +1,196 @@
+"""nginx's configuration for the appliance's one HTTPS origin, rendered from the settings model.
+
+Tablets and laptops reach everything web through one TLS endpoint (HTTPS_PORT): Orthanc's REST
+API and Explorer under `/orthanc/`, DICOMweb at `/dicom-web/`, later the viewer and the
+dashboard. Every backend listens on loopback only; nginx is the one door. Plain HTTP
+(HTTP_REDIRECT_PORT) only redirects, and hands out the site CA certificate so a tablet can be
+taught to trust it.
+
+Choices, for a 2 GB Pi on an SD card:
+* TLS 1.2 and 1.3 only, forward-secret AEAD suites only (ECDHE with AES-GCM or ChaCha20), no
+  session tickets (their key would outlive a restart's forward secrecy); HSTS for a year.
+* request and response bodies stream through (`proxy_request_buffering off`,
+  `proxy_buffering off`): a 500 MB study upload or download is never spooled to the SD card.
+* one worker process, few connections: enough for a clinic, small in memory.
+The same rendering serves `pacs run`, the tests and the appliance's nginx unit.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+from pathlib import Path
+
+from .. import durable
+from ..config import Settings
+from .tls import Outcome, SiteTLS, box_names
+
+CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+])
+HSTS_SECONDS = 365 * 86400
+CA_DOWNLOAD = "/gotg-pacs-ca.crt"
+# Headers every page gets: no framing, no sniffing, no referrer leaking study URLs.
+SECURITY_HEADERS = {
+    "Strict-Transport-Security": f"max-age={HSTS_SECONDS}",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+# Largest single request (a STOW-RS upload of a big study); bodies stream, nothing is buffered.
+MAX_BODY = "4g"
+APPLIANCE_WORKER_USER = "www-data"
+# Debian's nginx keeps its temporary files here, owned by www-data; STATE_PATH is not theirs to
+# enter. Only `pacs run` and the tests, running nginx as themselves, use the proxy folder.
+APPLIANCE_TEMP_ROOT = Path("/var/lib/nginx")
+TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+def config_file(settings: Settings) -> Path:
+    return settings.proxy_dir / "nginx.conf"
+
+
+def error_log(settings: Settings) -> Path:
+    return settings.log_dir / "nginx-error.log"
+
+
+def site_tls(settings: Settings) -> SiteTLS:
+    return SiteTLS(settings.tls_dir, settings.site_code)
+
+
+def _headers() -> list[str]:
+    return [f'add_header {name} "{value}" always;' for name, value in SECURITY_HEADERS.items()]
+
+
+def _ipv6() -> bool:
+    """Whether this kernel has IPv6 (containers and some boxes turn it off): nginx refuses to
+    start when asked to listen on an address family it lacks."""
+    return Path("/proc/net/if_inet6").exists()
+
+
+def _listen(port: int, *flags: str) -> list[str]:
+    tail = "".join(f" {flag}" for flag in flags) + ";"
+    return [f"listen {port}{tail}", *([f"listen [::]:{port}{tail}"] if _ipv6() else [])]
+
+
+def _temp_root(settings: Settings, worker_user: str | None) -> Path:
+    return APPLIANCE_TEMP_ROOT if worker_user else settings.proxy_dir
+
+
+def render(settings: Settings, ca_chain: str, worker_user: str | None = None,
+           hq: bool = False) -> str:
+    """nginx.conf as text. `ca_chain`: the site CA (PEM) handed out to tablets, written into the
+    configuration so workers never read the TLS folder. `worker_user`: who the worker runs as
+    (www-data on the appliance; by default whoever renders it, so `pacs run` and the tests need
+    no other account). `hq`: HQ's origin, which also carries the clinics' uploads to the HQ
+    receiver under `/sync/` (their HQ_URL is https://HQ/sync)."""
+    user = worker_user or getpass.getuser()
+    proxy, tls, temp = settings.proxy_dir, settings.tls_dir, _temp_root(settings, worker_user)
+    if '"' in ca_chain or "\\" in ca_chain:
+        raise ValueError("a PEM certificate never holds quotes or backslashes")
+    orthanc = f"http://127.0.0.1:{settings.http_port}"
+    redirect_port = "" if settings.https_port == 443 else f":{settings.https_port}"
+    backend = [
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        "proxy_set_header Host $host;",
+        "proxy_set_header X-Forwarded-For $remote_addr;",
+        "proxy_set_header X-Forwarded-Proto https;",
+        # Orthanc's DICOMweb builds the URLs in its answers from this (RFC 7239; Orthanc
+        # takes the host unquoted).
+        f'proxy_set_header Forwarded "proto=https;host=$host:{settings.https_port}";',
+        "proxy_request_buffering off;",
+        "proxy_buffering off;",
+        "proxy_read_timeout 1h;",
+        "proxy_send_timeout 1h;",
+    ]
+    ca_location = [
+        f"location = {CA_DOWNLOAD} {{",
+        "    default_type application/x-x509-ca-cert;",
+        f'    return 200 "{ca_chain}";',
+        "}",
+    ]
+    lines = [
+        "# Rendered by pacs from pacs.env (web/nginx.py); changes here are overwritten.",
+        *([f"user {user};"] if os.geteuid() == 0 else []),
+        "worker_processes 1;",
+        f"pid {proxy / 'nginx.pid'};",
+        f"error_log {error_log(settings)} warn;",
+        "events { worker_connections 256; }",
+        "http {",
+        "    include /etc/nginx/mime.types;",
+        "    default_type application/octet-stream;",
+        "    server_tokens off;",
+        "    sendfile on;",
+        f"    access_log {settings.log_dir / 'nginx-access.log'};",
+        *(f"    {kind}_temp_path {temp / kind};" for kind in TEMP_KINDS),
+        f"    client_max_body_size {MAX_BODY};",
+        "    ssl_protocols TLSv1.2 TLSv1.3;",
+        f"    ssl_ciphers {CIPHERS};",
+        "    ssl_prefer_server_ciphers off;",
+        "    ssl_session_tickets off;",
+        "    ssl_session_cache shared:gotg:1m;",
+        "    ssl_session_timeout 1h;",
+        "",
+    ]
+    if settings.http_redirect_port:
+        lines += [
+            "    server {",
+            *(f"        {line}" for line in _listen(settings.http_redirect_port)),
+            *(f"        {line}" for line in ca_location),
+            f"        location / {{ return 301 https://$host{redirect_port}$request_uri; }}",
+            "    }",
+        ]
+    lines += [
+        "    server {",
+        *(f"        {line}" for line in _listen(settings.https_port, "ssl")),
+        f"        ssl_certificate {tls / 'server.crt'};",
+        f"        ssl_certificate_key {tls / 'server.key'};",
+        *(f"        {line}" for line in _headers()),
+        *(f"        {line}" for line in ca_location),
+        # Until the viewer arrives, Orthanc Explorer is the front page.
+        "        location = / { return 302 /orthanc/app/explorer.html; }",
+        "        location /orthanc/ {",
+        f"            proxy_pass {orthanc}/;",
+        *(f"            {line}" for line in backend),
+        "        }",
+        "        location /dicom-web/ {",
+        f"            proxy_pass {orthanc}/dicom-web/;",
+        *(f"            {line}" for line in backend),
+        "        }",
+        *([
+            "        location /sync/ {",
+            f"            proxy_pass http://127.0.0.1:{settings.hq_receiver_port}/;",
+            *(f"            {line}" for line in backend),
+            "        }",
+        ] if hq else []),
+        "    }",
+        "}",
+    ]
+    return "\n".join(line for line in lines if line != "") + "\n"
+
+
+def write(settings: Settings, ca_chain: str, worker_user: str | None = None,
+          hq: bool = False) -> Path:
+    """Render to the proxy folder, with nginx's temporary folders made where it looks."""
+    path = config_file(settings)
+    settings.proxy_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temp = _temp_root(settings, worker_user)
+    for kind in TEMP_KINDS:
+        (temp / kind).mkdir(parents=True, exist_ok=True, mode=0o700)
+        if worker_user:
+            shutil.chown(temp / kind, worker_user)
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    durable.replace_text(path, render(settings, ca_chain, worker_user, hq), mode=0o644)
+    return path
+
+
+def prepare(settings: Settings, worker_user: str | None = None,
+            hq: bool = False) -> tuple[Path, Outcome]:
+    """Before nginx starts, under `pacs run` or systemd alike: the site's CA and a server
+    certificate for the box's current names (made or renewed), then the configuration."""
+    tls = site_tls(settings)
+    outcome = tls.ensure(box_names(settings.server_names))
+    return write(settings, tls.ca_chain_file.read_text(), worker_user, hq), outcome
