@@ -9,8 +9,9 @@ ENV_FILE ?= pacs.dev.env
 # its index in PostgreSQL (orthanc-postgresql), and the tests run a throw-away server of their own.
 # mmdebstrap and systemd-nspawn build and boot the appliance's Debian 13 tree (roles, images);
 # mkfs/mtools/sfdisk/zstd lay out the disk images, qemu with OVMF boots them; the Pi 4's arm64
-# tree is built through qemu-user (binfmt_misc) and booted by qemu-system-aarch64.
-DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgresql dcmtk \
+# tree is built through qemu-user (binfmt_misc) and booted by qemu-system-aarch64. nginx is the
+# appliance's one HTTPS origin (started by `pacs run` and the tests with their own configuration).
+DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgresql dcmtk nginx \
 	python3-venv python3-dev gcc iproute2 mmdebstrap systemd-container curl \
 	e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 ovmf openssh-client openssh-server \
 	qemu-user-static binfmt-support arch-test qemu-system-arm borgbackup
@@ -35,6 +36,10 @@ system-deps:
 	  if echo " $$missing " | grep -q " orthanc " && [ -d /run/systemd/system ]; then \
 	    echo "Disabling the Debian orthanc service: the appliance runs its own Orthanc on 4242/8042"; \
 	    $(SUDO) systemctl disable --now orthanc || true; \
+	  fi; \
+	  if echo " $$missing " | grep -q " nginx " && [ -d /run/systemd/system ]; then \
+	    echo "Disabling the Debian nginx service: the appliance runs its own on HTTPS_PORT"; \
+	    $(SUDO) systemctl disable --now nginx || true; \
 	  fi; \
 	  if echo " $$missing " | grep -q " postgresql " && [ -d /run/systemd/system ]; then \
 	    echo "Disabling the Debian postgresql service: the tests start their own PostgreSQL"; \

@@ -177,3 +177,43 @@ def _the_disk_dies_and_restore_brings_back_index_files_and_services(host):
     assert json.loads(host.check_output(studies)) == before
     owners = host.run("find /var/lib/gotg-pacs/orthanc ! -user orthanc").stdout.split()
     assert owners == [], "Orthanc's user owns every file and folder put back"
+
+
+# Through the HTTPS origin as a tablet on the LAN would go, trusting only the box's own CA.
+ORIGIN = """
+import json, sys, requests
+ca = "/var/lib/gotg-pacs/state/tls/ca-chain.crt"
+plain = requests.get("http://127.0.0.1/orthanc/system", allow_redirects=False, timeout=10)
+secure = requests.get("https://localhost/orthanc/system", verify=ca, timeout=10,
+                      auth=("admin", sys.argv[1]))
+anonymous = requests.get("https://localhost/orthanc/system", verify=ca, timeout=10)
+print(json.dumps({"redirect": [plain.status_code, plain.headers.get("Location")],
+                  "aet": secure.json()["DicomAet"], "anonymous": anonymous.status_code,
+                  "hsts": secure.headers.get("Strict-Transport-Security")}))
+"""
+
+
+WORKERS = """
+import sys, psutil
+print(" ".join(child.username() for child in psutil.Process(int(sys.argv[1])).children()))
+"""
+
+
+def test_tablets_reach_the_archive_only_through_https_with_the_boxs_own_ca(host):
+    """nginx, sandboxed, is the one door; the CA it serves was made on this box at its first
+    start and its key is root's alone."""
+    assert host.service("nginx").is_enabled and host.service("nginx").is_running
+    assert _show(host, "nginx")["ProtectSystem"] == "strict"
+    key = host.file("/var/lib/gotg-pacs/state/tls/ca.key")
+    assert (key.user, key.mode) == ("root", 0o600)
+    ran = host.run(f"{VENV}/bin/python -c {shlex.quote(ORIGIN)} {PASSWORD}")
+    assert ran.rc == 0, ran.stderr
+    seen = json.loads(ran.stdout)
+    assert seen["redirect"] == [301, "https://127.0.0.1/orthanc/system"]
+    assert seen["aet"] == "FIELD9" and seen["anonymous"] == 401
+    assert seen["hsts"] == "max-age=31536000"
+    main = host.check_output("systemctl show -p MainPID --value nginx")
+    workers = host.check_output(f"{VENV}/bin/python -c {shlex.quote(WORKERS)} {main}")
+    assert set(workers.split()) == {"www-data"}, workers
+    shown = json.loads(host.check_output("pacs tls show --json"))
+    assert "localhost" in shown["server_names"] and not shown["signed_by_hq"]

@@ -3,6 +3,7 @@ tablet must trust, and HQ vouching for the site's certificate authority."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import click
 
 from ..clikit import Context, emit, json_option, pass_context
 from . import nginx
-from .tls import TLSError, fingerprint, names_of
+from .tls import Outcome, TLSError, fingerprint, names_of
 
 
 @click.group()
@@ -18,21 +19,24 @@ def web() -> None:
     """The appliance's HTTPS origin (nginx)."""
 
 
-@web.command("prepare")
-@click.option("--worker-user", default=None,
-              help=f"Account nginx's worker runs as (the appliance: "
-                   f"{nginx.APPLIANCE_WORKER_USER}) [default: the current user].")
-@click.option("--hq", is_flag=True, help="HQ's origin: also carry the clinics' uploads to the "
-                                        "HQ receiver under /sync/.")
-@json_option
-@pass_context
-def web_prepare(ctx: Context, worker_user: str | None, hq: bool, as_json: bool) -> None:
-    """Make or renew the site's TLS material and render nginx's configuration."""
+_appliance = click.option(
+    "--appliance", is_flag=True,
+    help=f"As systemd runs it on the appliance: workers as {nginx.APPLIANCE_WORKER_USER}, "
+         f"pid file {nginx.APPLIANCE_PID_FILE}.")
+_hq = click.option("--hq", is_flag=True,
+                   help="HQ's origin: also carry the clinics' uploads to the HQ receiver under "
+                        "/sync/.")
+
+
+def _prepare(ctx: Context, appliance: bool, hq: bool) -> tuple[Path, Outcome]:
     try:
-        path, outcome = nginx.prepare(ctx.settings, worker_user, hq)
+        return nginx.prepare(ctx.settings, appliance, hq)
     except (TLSError, OSError, ValueError, LookupError) as exc:
         click.echo(f"cannot prepare the HTTPS origin: {exc}", err=True)
         sys.exit(1)
+
+
+def _report(path: Path, outcome: Outcome) -> list[str]:
     lines = [f"wrote {path}"]
     if outcome.ca_created:
         lines.append(f"created this site's certificate authority; fingerprint (SHA-256) "
@@ -40,9 +44,42 @@ def web_prepare(ctx: Context, worker_user: str | None, hq: bool, as_json: bool) 
     if outcome.server_issued:
         lines.append(f"issued the server certificate ({outcome.server_issued}) for "
                      + ", ".join(outcome.names))
+    return lines
+
+
+@web.command("prepare")
+@_appliance
+@_hq
+@json_option
+@pass_context
+def web_prepare(ctx: Context, appliance: bool, hq: bool, as_json: bool) -> None:
+    """Make or renew the site's TLS material and render nginx's configuration."""
+    path, outcome = _prepare(ctx, appliance, hq)
     emit({"config": str(path), "ca_created": outcome.ca_created,
           "server_issued": outcome.server_issued, "names": outcome.names,
-          "ca_fingerprint": outcome.ca_fingerprint}, as_json, "\n".join(lines))
+          "ca_fingerprint": outcome.ca_fingerprint}, as_json, "\n".join(_report(path, outcome)))
+
+
+@web.command("serve")
+@_appliance
+@_hq
+@pass_context
+def web_serve(ctx: Context, appliance: bool, hq: bool) -> None:
+    """Prepare, have nginx test its configuration, then become nginx in the foreground (the
+    appliance's nginx unit runs this)."""
+    from ..process import StartError, check_proxy_config, nginx_argv
+
+    path, outcome = _prepare(ctx, appliance, hq)
+    for line in _report(path, outcome):
+        click.echo(line, err=True)
+    try:
+        check_proxy_config(ctx.settings, path)
+        argv = nginx_argv(ctx.settings, path, "-g", "daemon off;")
+    except StartError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    sys.stderr.flush()
+    os.execv(argv[0], argv)
 
 
 @click.group()

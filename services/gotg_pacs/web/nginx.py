@@ -41,10 +41,12 @@ SECURITY_HEADERS = {
 }
 # Largest single request (a STOW-RS upload of a big study); bodies stream, nothing is buffered.
 MAX_BODY = "4g"
+# On the appliance (systemd, as root): workers run as Debian's www-data, which may not enter
+# STATE_PATH, so their temporary files go where Debian's nginx keeps them, and the pid file to
+# /run. `pacs run` and the tests run nginx as themselves, with everything in the proxy folder.
 APPLIANCE_WORKER_USER = "www-data"
-# Debian's nginx keeps its temporary files here, owned by www-data; STATE_PATH is not theirs to
-# enter. Only `pacs run` and the tests, running nginx as themselves, use the proxy folder.
 APPLIANCE_TEMP_ROOT = Path("/var/lib/nginx")
+APPLIANCE_PID_FILE = Path("/run/nginx.pid")
 TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 
 
@@ -75,19 +77,18 @@ def _listen(port: int, *flags: str) -> list[str]:
     return [f"listen {port}{tail}", *([f"listen [::]:{port}{tail}"] if _ipv6() else [])]
 
 
-def _temp_root(settings: Settings, worker_user: str | None) -> Path:
-    return APPLIANCE_TEMP_ROOT if worker_user else settings.proxy_dir
+def _temp_root(settings: Settings, appliance: bool) -> Path:
+    return APPLIANCE_TEMP_ROOT if appliance else settings.proxy_dir
 
 
-def render(settings: Settings, ca_chain: str, worker_user: str | None = None,
-           hq: bool = False) -> str:
+def render(settings: Settings, ca_chain: str, appliance: bool = False, hq: bool = False) -> str:
     """nginx.conf as text. `ca_chain`: the site CA (PEM) handed out to tablets, written into the
-    configuration so workers never read the TLS folder. `worker_user`: who the worker runs as
-    (www-data on the appliance; by default whoever renders it, so `pacs run` and the tests need
-    no other account). `hq`: HQ's origin, which also carries the clinics' uploads to the HQ
-    receiver under `/sync/` (their HQ_URL is https://HQ/sync)."""
-    user = worker_user or getpass.getuser()
-    proxy, tls, temp = settings.proxy_dir, settings.tls_dir, _temp_root(settings, worker_user)
+    configuration so workers never read the TLS folder. `appliance`: run by systemd as root
+    (see APPLIANCE_WORKER_USER). `hq`: HQ's origin, which also carries the clinics' uploads to
+    the HQ receiver under `/sync/` (their HQ_URL is https://HQ/sync)."""
+    user = APPLIANCE_WORKER_USER if appliance else getpass.getuser()
+    tls, temp = settings.tls_dir, _temp_root(settings, appliance)
+    pid = APPLIANCE_PID_FILE if appliance else settings.proxy_dir / "nginx.pid"
     if '"' in ca_chain or "\\" in ca_chain:
         raise ValueError("a PEM certificate never holds quotes or backslashes")
     orthanc = f"http://127.0.0.1:{settings.http_port}"
@@ -114,9 +115,9 @@ def render(settings: Settings, ca_chain: str, worker_user: str | None = None,
     ]
     lines = [
         "# Rendered by pacs from pacs.env (web/nginx.py); changes here are overwritten.",
-        *([f"user {user};"] if os.geteuid() == 0 else []),
+        *([f"user {user};"] if os.geteuid() == 0 else []),  # only root may name one
         "worker_processes 1;",
-        f"pid {proxy / 'nginx.pid'};",
+        f"pid {pid};",
         f"error_log {error_log(settings)} warn;",
         "events { worker_connections 256; }",
         "http {",
@@ -172,25 +173,24 @@ def render(settings: Settings, ca_chain: str, worker_user: str | None = None,
     return "\n".join(line for line in lines if line != "") + "\n"
 
 
-def write(settings: Settings, ca_chain: str, worker_user: str | None = None,
-          hq: bool = False) -> Path:
+def write(settings: Settings, ca_chain: str, appliance: bool = False, hq: bool = False) -> Path:
     """Render to the proxy folder, with nginx's temporary folders made where it looks."""
     path = config_file(settings)
     settings.proxy_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temp = _temp_root(settings, worker_user)
+    temp = _temp_root(settings, appliance)
     for kind in TEMP_KINDS:
         (temp / kind).mkdir(parents=True, exist_ok=True, mode=0o700)
-        if worker_user:
-            shutil.chown(temp / kind, worker_user)
+        if appliance:
+            shutil.chown(temp / kind, APPLIANCE_WORKER_USER)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
-    durable.replace_text(path, render(settings, ca_chain, worker_user, hq), mode=0o644)
+    durable.replace_text(path, render(settings, ca_chain, appliance, hq), mode=0o644)
     return path
 
 
-def prepare(settings: Settings, worker_user: str | None = None,
+def prepare(settings: Settings, appliance: bool = False,
             hq: bool = False) -> tuple[Path, Outcome]:
     """Before nginx starts, under `pacs run` or systemd alike: the site's CA and a server
     certificate for the box's current names (made or renewed), then the configuration."""
     tls = site_tls(settings)
     outcome = tls.ensure(box_names(settings.server_names))
-    return write(settings, tls.ca_chain_file.read_text(), worker_user, hq), outcome
+    return write(settings, tls.ca_chain_file.read_text(), appliance, hq), outcome
