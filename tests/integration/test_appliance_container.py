@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import ssl
 
 import pydicom
 import pytest
@@ -67,6 +68,21 @@ def test_the_tree_is_built_for_a_clinic(clinic_tree):
     fstab = (clinic_tree / "etc/fstab").read_text()
     assert re.search(r"^tmpfs\s+/tmp\s+tmpfs\s+\S*size=", fstab, re.M)
     assert (clinic_tree / "etc/machine-id").read_text() == "", "every box makes its own machine id"
+    unit = (clinic_tree / "etc/systemd/system/nginx.service").read_text()
+    assert "ExecStart=/opt/gotg-pacs/venv/bin/pacs web serve --appliance\n" in unit
+
+
+def test_the_tree_holds_no_secret_that_two_boxes_would_share(clinic_tree):
+    """Every box flashed from one image makes its own keys at its first boot: nothing a thief
+    learns from one box, or from the image, opens another."""
+    assert not list((clinic_tree / "etc/ssh").glob("ssh_host_*key*"))
+    state = clinic_tree / "var/lib/gotg-pacs/state"
+    assert not [p for p in (state / "tls").rglob("*") if p.is_file()], "TLS keys come at boot"
+    assert not (state / "backup/passphrase").exists(), "the backup passphrase comes at boot"
+    assert not list(clinic_tree.glob("root/.config/borg/keys/*"))
+    private = [p for p in clinic_tree.glob("etc/**/*") if p.is_file() and p.suffix == ".key"
+               and "PRIVATE KEY" in p.read_text(errors="replace")]
+    assert private == [], private
 
 
 def test_the_booted_clinic_takes_images_through_its_firewall(clinic_tree, tmp_path):
@@ -81,7 +97,17 @@ def test_the_booted_clinic_takes_images_through_its_firewall(clinic_tree, tmp_pa
         assert modality.store(files).ok
         stats = _rest(box, "/statistics")
         assert stats["CountInstances"] == len(files)
-        # The LAN reaches DICOM; Orthanc's REST API and everything else are closed to it.
+        # The LAN reaches DICOM and the HTTPS origin, whose CA the box made at its first start;
+        # Orthanc's REST API and everything else are closed to it.
+        assert wait_until(lambda: box.active("nginx"), 60), box.run(
+            "journalctl", "--no-pager", "-u", "nginx").stdout[-2000:]
+        ca = box.run("cat", "/var/lib/gotg-pacs/state/tls/ca-chain.crt").stdout
+        context = ssl.create_default_context(cadata=ca)
+        context.check_hostname = False  # the chain only: the address may postdate the start
+        with socket.create_connection((box.address, 443), timeout=10) as raw, \
+                context.wrap_socket(raw) as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        assert _reachable(box.address, 80)
         assert _reachable(box.address, 4242)
         assert not _reachable(box.address, 8042)
         assert not _reachable(box.address, 5432)

@@ -217,3 +217,10 @@ def test_tablets_reach_the_archive_only_through_https_with_the_boxs_own_ca(host)
     assert set(workers.split()) == {"www-data"}, workers
     shown = json.loads(host.check_output("pacs tls show --json"))
     assert "localhost" in shown["server_names"] and not shown["signed_by_hq"]
+    # The renewal timer reloads nginx through the sandboxed unit; it keeps serving.
+    assert host.service("nginx-renew.timer").is_enabled
+    renewed = host.run("systemctl start nginx-renew.service")
+    assert renewed.rc == 0, host.run("journalctl -u nginx --no-pager -n 20").stdout
+    assert host.check_output("systemctl show -p MainPID --value nginx") == main
+    again = host.run(f"{VENV}/bin/python -c {shlex.quote(ORIGIN)} {PASSWORD}")
+    assert again.rc == 0 and json.loads(again.stdout)["aet"] == "FIELD9", again.stderr
