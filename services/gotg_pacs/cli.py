@@ -344,6 +344,7 @@ cli.add_command(backup_commands.restore)
 cli.add_command(backup_commands.integrity)
 cli.add_command(web_commands.web)
 cli.add_command(web_commands.tls)
+cli.add_command(web_commands.user)
 
 
 def main() -> None:

@@ -314,6 +314,17 @@ class Settings:
         "80",
         "Plain HTTP port that only redirects to HTTPS_PORT and hands out the site's CA "
         "certificate (`/gotg-pacs-ca.crt`) for tablets to trust. 0: not opened.", "Web")
+    web_api_port: int = setting(
+        "WEB_API_PORT", Port(), "5002",
+        "The appliance's web service (logins, accounts, marking urgent; `pacs-web`), on "
+        "loopback behind the HTTPS origin, which asks it before every request to a backend.",
+        "Web")
+    session_idle_timeout: int = setting(
+        "SESSION_IDLE_TIMEOUT", Duration(minimum=60, maximum=7 * 86400), "1h",
+        "A login ends after this long without use.", "Web")
+    session_max_age: int = setting(
+        "SESSION_MAX_AGE", Duration(minimum=300, maximum=30 * 86400), "12h",
+        "A login ends this long after it began, used or not (a shift).", "Web")
     server_names: str = setting(
         "SERVER_NAMES", Text(allowed="host names and IP addresses, separated by spaces",
                              max_length=1024, pattern=r"[A-Za-z0-9.:\- ]+"), "",
@@ -555,7 +566,8 @@ def _cross_checks(settings: Settings) -> list[tuple[str, str]]:
                                                 "e.g. POSTGRESQL_HOST=/run/postgresql)"))
     taken = {"DICOM_PORT": settings.dicom_port, "HTTP_PORT": settings.http_port}
     for key, port in (("HTTPS_PORT", settings.https_port),
-                      ("HTTP_REDIRECT_PORT", settings.http_redirect_port)):
+                      ("HTTP_REDIRECT_PORT", settings.http_redirect_port),
+                      ("WEB_API_PORT", settings.web_api_port)):
         clash = next((name for name, used in taken.items() if used == port), None)
         if clash:
             problems.append((key, f"is the same port as {clash} ({port})"))

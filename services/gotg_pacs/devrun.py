@@ -16,10 +16,19 @@ import threading  # only for the Event the signal handlers set: no thread is sta
 from typing import TextIO
 
 from .config import Settings
-from .process import Child, StartCancelled, check_ports_free, start_orthanc, start_proxy
+from .process import (
+    Child,
+    StartCancelled,
+    StartError,
+    check_ports_free,
+    start_orthanc,
+    start_proxy,
+    wait_listening,
+)
 
 # Our services, as systemd runs them on the appliance (one unit each), Orthanc first.
-SERVICES = (("sync", ("sync", "run")),)
+# With the setting naming the port each listens on, waited for before "running" is said.
+SERVICES = (("sync", ("sync", "run"), None), ("web", ("web", "run"), "web_api_port"))
 
 
 def origin(settings: Settings) -> str:
@@ -65,7 +74,8 @@ def run(settings: Settings, env_file: str, out: TextIO = sys.stdout, as_json: bo
     else; the logs still go to their files.
     """
     ports = {"DICOM_PORT": settings.dicom_port, "HTTP_PORT": settings.http_port,
-             "HTTPS_PORT": settings.https_port, "HTTP_REDIRECT_PORT": settings.http_redirect_port}
+             "HTTPS_PORT": settings.https_port, "HTTP_REDIRECT_PORT": settings.http_redirect_port,
+             "WEB_API_PORT": settings.web_api_port}
     check_ports_free({key: port for key, port in ports.items() if port}, env_file)
     logging.basicConfig(stream=sys.stderr if as_json else out, level=logging.INFO,
                         format="[pacs] %(message)s")
@@ -81,11 +91,15 @@ def run(settings: Settings, env_file: str, out: TextIO = sys.stdout, as_json: bo
             print("Stopped during start-up.", file=sys.stderr, flush=True)
             return 0
         children.append(start_proxy(settings, echo=echo))
-        for name, args in SERVICES:
+        for name, args, _port in SERVICES:
             child = Child(name, [sys.executable, "-m", "gotg_pacs", "--env-file", env_file, *args],
                           settings.log_dir / f"{name}.log", echo=echo)
             child.start()
             children.append(child)
+        for child, (_, _, port) in zip(children[-len(SERVICES):], SERVICES, strict=True):
+            if port and not wait_listening(child, getattr(settings, port), 60):
+                raise StartError(f"the {child.name} service did not come up on port "
+                                 f"{getattr(settings, port)}:\n{child.last_lines()}")
         if as_json:
             print(json.dumps({"ready": True, **endpoints(settings)}), file=out, flush=True)
         else:

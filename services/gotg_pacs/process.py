@@ -187,6 +187,22 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     return predicate()
 
 
+def wait_listening(child: Child, port: int, timeout: float) -> bool:
+    """Whether the child, still running, accepts connections on 127.0.0.1:port in time."""
+
+    def listening() -> bool:
+        child.pump()
+        if not child.running():
+            return True
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    return wait_until(listening, timeout) and child.running()
+
+
 def orthanc_binary() -> str:
     found = shutil.which("Orthanc", path=ORTHANC_SEARCH_PATH)
     if not found:
@@ -353,17 +369,7 @@ def start_proxy(settings: Settings, echo: TextIO | None = None, timeout: float =
     except OSError as exc:
         raise StartError(str(exc)) from exc
 
-    def listening() -> bool:
-        child.pump()
-        if not child.running():
-            return True
-        try:
-            socket.create_connection(("127.0.0.1", settings.https_port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    if not wait_until(listening, timeout) or not child.running():
+    if not wait_listening(child, settings.https_port, timeout):
         child.stop()
         raise StartError(f"nginx did not come up on port {settings.https_port}; see "
                          f"{nginx.error_log(settings)}:\n{child.last_lines()}")

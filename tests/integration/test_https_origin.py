@@ -39,6 +39,24 @@ class Origin:
         self.redirect = self.settings.http_redirect_port
         self.ca_file = self.settings.tls_dir / "ca-chain.crt"
         self.login = ("admin", self.settings.admin_password)
+        self.session = ""
+
+    def sign_in(self) -> None:
+        """The admin's first sign-in through the origin, and the password change it asks for."""
+        answer = requests.post(self.url("/auth/login"), verify=str(self.ca_file), timeout=30,
+                               json={"user": "admin", "password": self.settings.admin_password})
+        assert answer.status_code == 200 and answer.json()["must_change_password"]
+        self.session = answer.cookies["pacs_session"]
+        changed = self.post("/auth/password", json={"old": self.settings.admin_password,
+                                                    "new": "a radiology department's own"})
+        assert changed.status_code == 200, changed.text
+
+    def cookie(self) -> dict:
+        return {"Cookie": f"pacs_session={self.session}"} if self.session else {}
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return requests.post(self.url(path), verify=str(self.ca_file), timeout=30,
+                             headers=self.cookie(), **kwargs)
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"https://{host}:{self.https}{path}"
@@ -53,7 +71,9 @@ def origin(tmp_path_factory):
     env = write_env(folder / "pacs.env", SERVER_NAMES=" ".join(EXTRA_NAMES))
     running = Running(env)
     running.wait_for("is running")
-    yield Origin(env)
+    origin = Origin(env)
+    origin.sign_in()
+    yield origin
     assert running.interrupt() == 0
 
 
@@ -176,11 +196,13 @@ def test_every_https_answer_carries_hsts_and_the_security_headers(origin):
         assert answer.headers["Server"] == "nginx"  # no version to look up exploits by
 
 
-def test_orthanc_answers_only_a_login_and_only_through_the_origin(origin):
+def test_orthanc_answers_only_a_signed_in_person_and_only_through_the_origin(origin):
     assert origin.get("/orthanc/system").status_code == 401
-    assert origin.get("/orthanc/system", auth=("admin", "wrong password")).status_code == 401
     assert origin.get("/dicom-web/studies").status_code == 401
-    assert origin.get("/orthanc/system", auth=origin.login).json()["DicomAet"] == "GOTG_PACS"
+    # Orthanc's own credential is no way in from outside: the origin wants a session.
+    assert origin.get("/orthanc/system", auth=origin.login).status_code == 401
+    system = origin.get("/orthanc/system", headers=origin.cookie())
+    assert system.json()["DicomAet"] == "GOTG_PACS"
     # Orthanc's own port, from an address of this box that is not loopback: refused even with
     # the right password (what a laptop on the clinic LAN would get).
     lan = [a.address for nic in psutil.net_if_addrs().values() for a in nic
@@ -196,13 +218,13 @@ def test_orthanc_answers_only_a_login_and_only_through_the_origin(origin):
 
 def test_images_go_in_and_dicomweb_points_back_at_the_origin(origin):
     path = Path(get_testdata_file("CT_small.dcm"))
-    stored = requests.post(origin.url("/orthanc/instances"), data=path.read_bytes(),
-                           auth=origin.login, verify=str(origin.ca_file), timeout=30)
+    stored = origin.post("/orthanc/instances", data=path.read_bytes())
     assert stored.status_code == 200 and stored.json()["Status"] in ("Success", "AlreadyStored")
     study = dcmread(path).StudyInstanceUID
-    found = origin.get(f"/dicom-web/studies?StudyInstanceUID={study}", auth=origin.login).json()
+    found = origin.get(f"/dicom-web/studies?StudyInstanceUID={study}",
+                       headers=origin.cookie()).json()
     assert found[0]["00081190"]["Value"] == [origin.url(f"/dicom-web/studies/{study}")]
-    back = origin.get(f"/orthanc/instances/{stored.json()['ID']}/file", auth=origin.login)
+    back = origin.get(f"/orthanc/instances/{stored.json()['ID']}/file", headers=origin.cookie())
     assert back.content == path.read_bytes()
 
 

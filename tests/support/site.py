@@ -38,6 +38,7 @@ def write_env(path: Path, **overrides: str) -> Path:
         "HTTP_PORT": str(free_port()),
         "HTTPS_PORT": str(free_port()),
         "HTTP_REDIRECT_PORT": str(free_port()),
+        "WEB_API_PORT": str(free_port()),
         "DICOM_ACCESS": "open",
         "STORAGE_PATH": "orthanc",
         "STATE_PATH": "state",

@@ -122,21 +122,13 @@ def sync_queue(ctx: Context, limit: int, as_json: bool) -> None:
 @pass_context
 def sync_prioritize(ctx: Context, study: str, as_json: bool) -> None:
     """Send STUDY (Study Instance UID or Orthanc ID) first, even before it is complete."""
-    client = Orthanc.from_settings(ctx.settings)
-    found = [item for item in client.post("/tools/lookup", data=study.encode()) or []
-             if item.get("Type") == "Study"]
-    if not found:
-        try:
-            client.get(f"/studies/{study}")
-            found = [{"ID": study}]
-        except OrthancError:
-            raise click.ClickException(f"no study {study!r} in this archive") from None
+    from .outbox import mark_urgent
+
     with _outbox(ctx) as outbox:
-        for item in found:  # one UID can name studies of different patients
-            uid = client.get(f"/studies/{item['ID']}")["MainDicomTags"].get(
-                "StudyInstanceUID", "")
-            outbox.prioritize(item["ID"], uid)
-    emit({"prioritized": [item["ID"] for item in found], "priority": "critical"}, as_json,
+        found = mark_urgent(outbox, Orthanc.from_settings(ctx.settings), study)
+    if not found:
+        raise click.ClickException(f"no study {study!r} in this archive")
+    emit({"prioritized": found, "priority": "critical"}, as_json,
          f"{len(found)} study(ies) marked critical: sent first, even before complete")
 
 

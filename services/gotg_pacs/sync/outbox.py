@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..orthanc import Orthanc, OrthancError
 from ..sqlite_tx import immediate, open_store
 
 # Priority -> seconds within which it should be sent (the deadline added to the enqueue time).
@@ -367,3 +368,21 @@ class Outbox:
             "oldest_pending_age_s": round(now - oldest, 1) if oldest else None,
             "overdue_studies": overdue,
         }
+
+
+def mark_urgent(outbox: Outbox, client: Orthanc, study: str) -> list[str]:
+    """Staff marked STUDY (Study Instance UID or Orthanc ID) urgent: every study it names goes
+    first, even before it is complete (one UID can name studies of different patients).
+    Returns the Orthanc IDs marked; empty when the archive has no such study."""
+    found = [item["ID"] for item in client.post("/tools/lookup", data=study.encode()) or []
+             if item.get("Type") == "Study"]
+    if not found:
+        try:
+            client.get(f"/studies/{study}")
+        except OrthancError:
+            return []
+        found = [study]
+    for orthanc_id in found:
+        uid = client.get(f"/studies/{orthanc_id}")["MainDicomTags"].get("StudyInstanceUID", "")
+        outbox.prioritize(orthanc_id, uid)
+    return found

@@ -3,7 +3,9 @@ tablet must trust, and HQ vouching for the site's certificate authority."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -50,11 +52,23 @@ def _report(path: Path, outcome: Outcome) -> list[str]:
 @web.command("prepare")
 @_appliance
 @_hq
+@click.option("--reload", "reload_pid", type=int, default=None,
+              help="Then have the nginx master with this pid load it (the unit's $MAINPID).")
 @json_option
 @pass_context
-def web_prepare(ctx: Context, appliance: bool, hq: bool, as_json: bool) -> None:
+def web_prepare(ctx: Context, appliance: bool, hq: bool, reload_pid: int | None,
+                as_json: bool) -> None:
     """Make or renew the site's TLS material and render nginx's configuration."""
     path, outcome = _prepare(ctx, appliance, hq)
+    if reload_pid:
+        from ..process import StartError, check_proxy_config
+
+        try:  # a configuration nginx would refuse is never handed to the running one
+            check_proxy_config(ctx.settings, path)
+        except StartError as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(1)
+        os.kill(reload_pid, signal.SIGHUP)
     emit({"config": str(path), "ca_created": outcome.ca_created,
           "server_issued": outcome.server_issued, "names": outcome.names,
           "ca_fingerprint": outcome.ca_fingerprint}, as_json, "\n".join(_report(path, outcome)))
@@ -63,15 +77,20 @@ def web_prepare(ctx: Context, appliance: bool, hq: bool, as_json: bool) -> None:
 @web.command("serve")
 @_appliance
 @_hq
+@json_option
 @pass_context
-def web_serve(ctx: Context, appliance: bool, hq: bool) -> None:
+def web_serve(ctx: Context, appliance: bool, hq: bool, as_json: bool) -> None:
     """Prepare, have nginx test its configuration, then become nginx in the foreground (the
-    appliance's nginx unit runs this)."""
+    appliance's nginx unit runs this). What was prepared goes to stderr (the journal)."""
     from ..process import StartError, check_proxy_config, nginx_argv
 
     path, outcome = _prepare(ctx, appliance, hq)
-    for line in _report(path, outcome):
-        click.echo(line, err=True)
+    if as_json:
+        click.echo(json.dumps({"config": str(path), "ca_created": outcome.ca_created,
+                               "server_issued": outcome.server_issued}), err=True)
+    else:
+        for line in _report(path, outcome):
+            click.echo(line, err=True)
     try:
         check_proxy_config(ctx.settings, path)
         argv = nginx_argv(ctx.settings, path, "-g", "daemon off;")
@@ -80,6 +99,106 @@ def web_serve(ctx: Context, appliance: bool, hq: bool) -> None:
         sys.exit(1)
     sys.stderr.flush()
     os.execv(argv[0], argv)
+
+
+@web.command("run")
+@json_option
+@pass_context
+def web_run(ctx: Context, as_json: bool) -> None:
+    """Run the web service (logins, accounts, marking urgent) on WEB_API_PORT, loopback."""
+    import logging
+
+    from werkzeug.serving import run_simple
+
+    from .app import create_app
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="[web] %(message)s")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # nginx logs every request
+    settings = ctx.settings
+    app = create_app(settings)
+    emit({"listening": f"http://127.0.0.1:{settings.web_api_port}"}, as_json,
+         f"web service on http://127.0.0.1:{settings.web_api_port}")
+    sys.stdout.flush()
+    run_simple("127.0.0.1", settings.web_api_port, app, threaded=True)
+
+
+@click.group()
+def user() -> None:
+    """Accounts for the web pages: admin, clinician, radiographer, hq_operator."""
+
+
+def _users(ctx: Context):
+    from ..clikit import as_state_owner
+    from .users import Users
+
+    as_state_owner(ctx.settings)  # the service's database stays the service's
+    settings = ctx.settings
+    return Users(settings.state_path / "web" / "users.sqlite", settings.session_idle_timeout,
+                 settings.session_max_age)
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["admin", "clinician", "radiographer",
+                                           "hq_operator"]), required=True)
+@json_option
+@pass_context
+def user_add(ctx: Context, name: str, role: str, as_json: bool) -> None:
+    """A new account; its one-time password is shown once and must be changed at first login."""
+    from .users import UserError
+
+    try:
+        password = _users(ctx).add(name, role)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    emit({"name": name, "role": role, "one_time_password": password}, as_json,
+         f"{name} ({role}): one-time password {password} (changed at first login)")
+
+
+@user.command("list")
+@json_option
+@pass_context
+def user_list(ctx: Context, as_json: bool) -> None:
+    """Every account, its role and state."""
+    rows = _users(ctx).list()
+    emit(rows, as_json, "\n".join(
+        f"{row['name']:<20} {row['role']:<13}"
+        + (" disabled" if row["disabled"] else "") + (" locked" if row["locked"] else "")
+        + (" (must change password)" if row["must_change_password"] else "")
+        for row in rows) or "no accounts yet (the web service makes admin at its first start)")
+
+
+@user.command("reset")
+@click.argument("name")
+@json_option
+@pass_context
+def user_reset(ctx: Context, name: str, as_json: bool) -> None:
+    """A new one-time password for NAME; their sessions end everywhere."""
+    from .users import UserError
+
+    try:
+        password = _users(ctx).reset(name)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    emit({"name": name, "one_time_password": password}, as_json,
+         f"{name}: one-time password {password} (changed at first login)")
+
+
+@user.command("disable")
+@click.argument("name")
+@click.option("--enable", is_flag=True, help="Enable the account again instead.")
+@json_option
+@pass_context
+def user_disable(ctx: Context, name: str, enable: bool, as_json: bool) -> None:
+    """Disable NAME (their sessions end at once everywhere), or --enable it again."""
+    from .users import UserError
+
+    try:
+        _users(ctx).set_disabled(name, not enable)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    emit({"name": name, "disabled": not enable}, as_json,
+         f"{name} {'enabled' if enable else 'disabled; every session ended'}")
 
 
 @click.group()

@@ -17,6 +17,7 @@ The same rendering serves `pacs run`, the tests and the appliance's nginx unit.
 
 from __future__ import annotations
 
+import base64
 import getpass
 import os
 import shutil
@@ -72,9 +73,16 @@ def _ipv6() -> bool:
     return Path("/proc/net/if_inet6").exists()
 
 
-def _listen(port: int, *flags: str) -> list[str]:
+def _listen(port: int, *flags: str, local: bool = False) -> list[str]:
+    """Every interface, or loopback only (`local`: no logins required, so nobody else may)."""
     tail = "".join(f" {flag}" for flag in flags) + ";"
-    return [f"listen {port}{tail}", *([f"listen [::]:{port}{tail}"] if _ipv6() else [])]
+    v4, v6 = ("127.0.0.1:", "[::1]:") if local else ("", "[::]:")
+    return [f"listen {v4}{port}{tail}", *([f"listen {v6}{port}{tail}"] if _ipv6() else [])]
+
+
+def _basic(settings: Settings) -> str:
+    user, password = settings.orthanc_credentials or ("", "")
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def _temp_root(settings: Settings, appliance: bool) -> Path:
@@ -125,7 +133,6 @@ def render(settings: Settings, ca_chain: str, appliance: bool = False, hq: bool 
         "    default_type application/octet-stream;",
         "    server_tokens off;",
         "    sendfile on;",
-        f"    access_log {settings.log_dir / 'nginx-access.log'};",
         *(f"    {kind}_temp_path {temp / kind};" for kind in TEMP_KINDS),
         f"    client_max_body_size {MAX_BODY};",
         "    ssl_protocols TLSv1.2 TLSv1.3;",
@@ -134,33 +141,90 @@ def render(settings: Settings, ca_chain: str, appliance: bool = False, hq: bool 
         "    ssl_session_tickets off;",
         "    ssl_session_cache shared:gotg:1m;",
         "    ssl_session_timeout 1h;",
+        # Guessing passwords: ten tries a minute per address, then 429 (accounts also lock).
+        "    limit_req_zone $binary_remote_addr zone=logins:1m rate=10r/m;",
+        "    limit_req_status 429;",
+        # Who did what, for the audit trail: the signed-in person beside each request.
+        "    log_format gotg '$remote_addr $pacs_user [$time_iso8601] \"$request\" $status "
+        "$body_bytes_sent';",
+        f"    access_log {settings.log_dir / 'nginx-access.log'} gotg;",
         "",
     ]
     if settings.http_redirect_port:
         lines += [
             "    server {",
-            *(f"        {line}" for line in _listen(settings.http_redirect_port)),
+            *(f"        {line}" for line in _listen(settings.http_redirect_port,
+                                                     local=not settings.enable_auth)),
             *(f"        {line}" for line in ca_location),
             f"        location / {{ return 301 https://$host{redirect_port}$request_uri; }}",
             "    }",
         ]
+    web = f"http://127.0.0.1:{settings.web_api_port}"
+    # Every request to a backend is first asked of the web service (its session, its role).
+    guarded = [
+        # The path as nginx routes it (decoded, dot segments resolved), kept for the check: the
+        # subrequest's own $uri is /_auth, and the raw $request_uri is not what is routed.
+        "set $pacs_path $uri;",
+        "auth_request /_auth;",
+        "auth_request_set $pacs_user $upstream_http_x_pacs_user;",
+        "error_page 401 = @signin;",
+    ] if settings.enable_auth else []
+    to_orthanc = [
+        *backend,
+        # Users never hold Orthanc's credential: the origin adds it once they are let through.
+        *([f'proxy_set_header Authorization "Basic {_basic(settings)}";']
+          if settings.orthanc_credentials else []),
+        'proxy_set_header X-HTTP-Method-Override "";',
+    ]
     lines += [
         "    server {",
-        *(f"        {line}" for line in _listen(settings.https_port, "ssl")),
+        *(f"        {line}" for line in _listen(settings.https_port, "ssl",
+                                                 local=not settings.enable_auth)),
         f"        ssl_certificate {tls / 'server.crt'};",
         f"        ssl_certificate_key {tls / 'server.key'};",
         *(f"        {line}" for line in _headers()),
         *(f"        {line}" for line in ca_location),
+        "        location = /_auth {",
+        "            internal;",
+        f"            proxy_pass {web}/auth/check;",
+        "            proxy_pass_request_body off;",
+        '            proxy_set_header Content-Length "";',
+        "            proxy_set_header X-Original-URI $pacs_path;",
+        "            proxy_set_header X-Original-Method $request_method;",
+        "            proxy_set_header X-Real-IP $remote_addr;",
+        "        }",
+        # A browser is sent to the sign-in page; a program gets the 401 itself.
+        "        location @signin {",
+        '            if ($http_accept ~* "text/html") { return 302 /auth/login?next=$uri; }',
+        "            return 401;",
+        "        }",
+        "        location = /auth/login {",
+        "            limit_req zone=logins burst=5 nodelay;",
+        f"            proxy_pass {web};",
+        "            proxy_set_header X-Real-IP $remote_addr;",
+        "        }",
+        "        location /auth/ {",
+        f"            proxy_pass {web};",
+        "            proxy_set_header X-Real-IP $remote_addr;",
+        "        }",
+        "        location /api/ {",
+        *(f"            {line}" for line in guarded),
+        f"            proxy_pass {web};",
+        "            proxy_set_header X-Real-IP $remote_addr;",
+        "        }",
         # Until the viewer arrives, Orthanc Explorer is the front page.
         "        location = / { return 302 /orthanc/app/explorer.html; }",
         "        location /orthanc/ {",
+        *(f"            {line}" for line in guarded),
         f"            proxy_pass {orthanc}/;",
-        *(f"            {line}" for line in backend),
+        *(f"            {line}" for line in to_orthanc),
         "        }",
         "        location /dicom-web/ {",
+        *(f"            {line}" for line in guarded),
         f"            proxy_pass {orthanc}/dicom-web/;",
-        *(f"            {line}" for line in backend),
+        *(f"            {line}" for line in to_orthanc),
         "        }",
+        # The clinics' uploads prove themselves with their own site token (hq/sites.py).
         *([
             "        location /sync/ {",
             f"            proxy_pass http://127.0.0.1:{settings.hq_receiver_port}/;",
