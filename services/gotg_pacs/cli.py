@@ -196,12 +196,25 @@ def orthanc_stopped(ctx: Context, as_json: bool) -> None:
               help="The site file [default: gotg-site.txt on the boot partition, if present].")
 @click.option("--network-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("/etc/systemd/network"), show_default=True)
+@click.option("--forget-password", is_flag=True,
+              help="Only erase the boot partition's copy of the made admin password (run once "
+                   "the admin chose their own).")
 @json_option
 @pass_context
 def firstboot_command(ctx: Context, site_file: Path | None, network_dir: Path,
-                      as_json: bool) -> None:
+                      forget_password: bool, as_json: bool) -> None:
     """First boot: merge the site file into the configuration, make a new ADMIN_PASSWORD."""
     from .firstboot import SiteFileError, apply, find_site_file
+
+    if forget_password:
+        from .firstboot import forget_password as forget
+        from .web.users import ADMIN_CHANGED_MARKER
+
+        erased = forget()
+        (ctx.settings.state_path / ADMIN_CHANGED_MARKER).unlink(missing_ok=True)
+        emit({"erased": erased}, as_json,
+             "\n".join(f"erased {path}" for path in erased) or "no copy of the password left")
+        return
 
     site_file = site_file or find_site_file()
     try:
@@ -210,12 +223,14 @@ def firstboot_command(ctx: Context, site_file: Path | None, network_dir: Path,
         click.echo(f"pacs: site file not applied, nothing changed: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     password = (f"  Administrator password for this box: {report.admin_password}\n"
-                "  (shown once: write it down)" if report.admin_password else
+                f"  (also in {report.password_file or 'no file: no boot partition'} until the "
+                "admin chooses their own)" if report.admin_password else
                 "  Administrator password: the one in the site file (now removed from it)")
     text = "\n".join([report.summary(), "", password, ""])
     emit({"site_file": str(site_file) if site_file else None, "applied": report.applied,
           "network": report.network, "scrubbed": report.scrubbed,
-          "admin_password": report.admin_password}, as_json, text)
+          "admin_password": report.admin_password,
+          "password_file": report.password_file}, as_json, text)
 
 
 # --- modalities -----------------------------------------------------------------------------------
@@ -268,6 +283,47 @@ def modality_remove(ctx: Context, name: str, as_json: bool) -> None:
     """Forget a declared modality (its images stay)."""
     Orthanc.from_settings(ctx.settings).delete_modality(name)
     emit({"removed": name}, as_json, f"removed {name}")
+
+
+@modality.command("senders")
+@click.option("--undeclared", is_flag=True, help="Only senders no declared modality matches.")
+@json_option
+@pass_context
+def modality_senders(ctx: Context, undeclared: bool, as_json: bool) -> None:
+    """Every device that sent images (AE title and address), whether a declared modality matches
+    it, and whether it is blocked: what an admin declares (`modality add`) or blocks."""
+    from . import senders
+
+    listed = senders.seen(ctx.settings,
+                          list(Orthanc.from_settings(ctx.settings).modalities().values()))
+    if undeclared:
+        listed = [sender for sender in listed if not sender["declared"]]
+    text = "\n".join(
+        f"{s['printable_aet']:<16} {s['ip']:<39} since "
+        f"{datetime.fromtimestamp(s['first_seen']):%Y-%m-%d %H:%M}  "
+        + ("declared" if s["declared"] else "NOT DECLARED")
+        + (", BLOCKED" if s["blocked"] else "") for s in listed) or "no sender yet"
+    emit(listed, as_json, text)
+
+
+@modality.command("block")
+@click.argument("aet")
+@click.option("--unblock", is_flag=True, help="Accept images from AET again.")
+@json_option
+@pass_context
+def modality_block(ctx: Context, aet: str, unblock: bool, as_json: bool) -> None:
+    """Refuse C-STORE from the calling AE title AET from now on (takes effect at once), or
+    --unblock it. Images it sent before stay."""
+    from . import senders
+
+    try:
+        names = senders.set_blocked(ctx.settings, aet, block=not unblock)
+    except ValueError:
+        raise click.BadParameter(f"{aet!r} is not a valid AE title ({AETitle.allowed})",
+                                 param_hint="AET") from None
+    emit({"blocked": names}, as_json,
+         f"{aet} {'may send again' if unblock else 'blocked'}; blocked now: "
+         f"{', '.join(names) or 'none'}")
 
 
 # --- external media -------------------------------------------------------------------------------

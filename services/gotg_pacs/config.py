@@ -259,12 +259,15 @@ class Settings:
         "DICOM")
     dicom_port: int = setting("DICOM_PORT", Port(), "4242", "DICOM listening port.", "DICOM")
     dicom_access: str = setting(
-        "DICOM_ACCESS", Choice(allowed="open or standard", values=("open", "standard")),
+        "DICOM_ACCESS", Choice(allowed="open, standard or strict",
+                               values=("open", "standard", "strict")),
         "standard",
-        "`standard`: any modality may store (never lose images from an unknown device) but only "
-        "declared modalities, calling from their declared IP address, may query, retrieve and "
-        "read the worklist, and the called AE title is checked. `open`: any caller may do all "
-        "of it, called AE title not checked (development and first trials only).", "DICOM")
+        "`standard`: any modality may store (never lose images from an unknown device; each new "
+        "sender is noted and listed by `pacs modality senders` to be declared or blocked) but "
+        "only declared modalities, calling from their declared IP address, may query, retrieve "
+        "and read the worklist, and the called AE title is checked. `strict`: the same, and "
+        "only declared modalities may store. `open`: any caller may do all of it, called AE "
+        "title not checked (development and first trials only).", "DICOM")
     stable_age: int = setting(
         "STABLE_AGE", Duration(minimum=10, maximum=3600), "2m",
         "Quiet time after the last image before a study counts as complete and is queued for HQ. "

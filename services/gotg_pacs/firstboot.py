@@ -21,6 +21,9 @@ from . import durable
 from .config import ConfigError, parse_values, read_env_file, schema
 
 SITE_FILE = "gotg-site.txt"
+# The made password, written once beside the site file for whoever set the box up, and erased
+# when the admin has chosen their own (pacs-web marks it, `pacs firstboot --forget-password`).
+PASSWORD_FILE = "gotg-admin-password.txt"
 BOOT_DIRS = (Path("/boot/firmware"), Path("/boot/efi"))
 # Network of the box, beside the settings: without them the box asks DHCP.
 NETWORK_KEYS = ("NETWORK_ADDRESS", "NETWORK_GATEWAY", "NETWORK_DNS")
@@ -40,6 +43,7 @@ class FirstBoot:
     network: str = "dhcp"                                    # or the static address
     scrubbed: list[str] = field(default_factory=list)       # secrets removed from the FAT file
     box: str = ""                                            # what the box now is, in one line
+    password_file: str = ""           # where the made password was written for the person
 
     def summary(self) -> str:
         keys = ", ".join(self.applied) or "none"
@@ -96,7 +100,8 @@ def render_env(values: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def apply(env_file: Path, site_file: Path | None, network_dir: Path) -> FirstBoot:
+def apply(env_file: Path, site_file: Path | None, network_dir: Path,
+          boot_dirs: tuple[Path, ...] = BOOT_DIRS) -> FirstBoot:
     """Merge the site file into env_file with a new ADMIN_PASSWORD; raise SiteFileError."""
     report = FirstBoot()
     current, _ = read_env_file(env_file)
@@ -131,7 +136,33 @@ def apply(env_file: Path, site_file: Path | None, network_dir: Path) -> FirstBoo
         report.network = network_values["NETWORK_ADDRESS"]
     if site_file is not None:
         report.scrubbed = _scrub(site_file, site)
+    boot = site_file.parent if site_file is not None else find_boot_dir(boot_dirs)
+    if report.admin_password and boot is not None:
+        durable.replace_text(boot / PASSWORD_FILE, (
+            f"Administrator password of {settings.pacs_name} (site {settings.site_code}):\n"
+            f"{report.admin_password}\n\nSign in as admin at https://<this box>/ and choose "
+            "your own password; this file is then erased.\n"), mode=None)
+        report.password_file = str(boot / PASSWORD_FILE)
     return report
+
+
+def find_boot_dir(boot_dirs: tuple[Path, ...] = BOOT_DIRS) -> Path | None:
+    """The boot partition (FAT) as mounted on this box, if it is."""
+    return next((folder for folder in boot_dirs if folder.is_dir()), None)
+
+
+def forget_password(boot_dirs: tuple[Path, ...] = BOOT_DIRS) -> list[str]:
+    """Erase the boot partition's copy of the made password (overwritten, then removed): the
+    admin has chosen their own. Returns the files erased."""
+    erased = []
+    for folder in boot_dirs:
+        copy = folder / PASSWORD_FILE
+        if copy.is_file():
+            durable.replace_text(copy, "erased\n", mode=None)
+            copy.unlink()
+            durable.fsync_dir(folder)
+            erased.append(str(copy))
+    return erased
 
 
 def _scrub(site_file: Path, site: dict[str, str]) -> list[str]:

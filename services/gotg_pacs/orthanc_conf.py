@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from . import durable
+from . import durable, senders
 from .config import Settings
 
 PLUGINS_DIR = Path("/usr/share/orthanc/plugins")
@@ -105,16 +105,17 @@ def render(settings: Settings) -> dict[str, Any]:
         "OrthancExplorerEnabled": True,
         "AuthenticationEnabled": settings.enable_auth,
         "RegisteredUsers": ({"admin": settings.admin_password} if settings.enable_auth else {}),
-        # DICOM: a modality the site has never declared may always store (a new portable X-ray
-        # in a disaster must not lose images). Queries, retrievals and the worklist (it holds
-        # patient names) need a declared modality calling from its declared IP address, unless
-        # the site runs in open (development) mode.
+        # DICOM: a modality the site has never declared may store (a new portable X-ray in a
+        # disaster must not lose images) unless the site chose strict mode; it is noted and
+        # listed (senders.py). Queries, retrievals and the worklist (it holds patient names)
+        # need a declared modality calling from its declared IP address, unless the site runs
+        # in open (development) mode.
         "DicomServerEnabled": True,
         "DicomAet": settings.pacs_aet,
         "DicomPort": settings.dicom_port,
         "DicomCheckCalledAet": not open_access,
         "DicomAlwaysAllowEcho": True,
-        "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowStore": settings.dicom_access != "strict",
         "DicomAlwaysAllowFind": open_access,
         "DicomAlwaysAllowFindWorklist": open_access,
         "DicomAlwaysAllowGet": open_access,
@@ -124,6 +125,8 @@ def render(settings: Settings) -> dict[str, Any]:
         "OrthancPeersInDatabase": True,
         "DicomModalities": {},
         "UnknownSopClassAccepted": True,
+        # Notes every new sender and refuses blocked ones (senders.py).
+        "LuaScripts": [str(senders.lua_file(settings))],
         "DicomScpTimeout": 30,
         "StableAge": settings.stable_age,
         # Recorded by the HQ receiver on every instance it confirms (harmless at a clinic).
@@ -192,6 +195,8 @@ def write(settings: Settings, path: Path | None = None) -> Path:
     path = Path(path or settings.orthanc_config_file)
     private_dir(path.parent)
     text = json.dumps(render(settings), indent=2, sort_keys=False) + "\n"
+    private_dir(senders.lua_file(settings).parent)
+    senders.write_lua(settings)
     durable.replace_text(path, text, mode=0o600)  # holds the admin password
     return path
 

@@ -88,6 +88,38 @@ def test_the_image_is_laid_out_for_uefi_and_checksummed(nuc_image):
     assert "BOOTX64.EFI" in listing.upper()
 
 
+def _debugfs(image: Path, offset: int, command: str) -> str:
+    """A read-only look into the image's root file system (no mount, no loop device)."""
+    done = subprocess.run(["debugfs", "-R", command, f"{image}?offset={offset}"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_image_holds_no_secret_that_two_boxes_would_share(nuc_image, tmp_path):
+    """Every box flashed from this image makes its own keys at its first boot (SSH host keys,
+    the site CA and TLS keys, the backup passphrase and key): nothing learnt from the image,
+    or from one stolen box, opens another."""
+    _, root = _partitions(nuc_image)
+    offset = root["start"] * 512
+    ssh = _debugfs(nuc_image, offset, "ls -p /etc/ssh")
+    assert "sshd_config" in ssh and "ssh_host_" not in ssh
+    assert _debugfs(nuc_image, offset, "cat /etc/machine-id").strip() == ""
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    for folder in ("/etc", "/var/lib/gotg-pacs", "/root"):
+        _debugfs(nuc_image, offset, f"rdump {folder} {dump}")
+    state = dump / "gotg-pacs" / "state"
+    assert state.is_dir()
+    for made_at_boot in ("tls", "web"):
+        assert not [p for p in (state / made_at_boot).rglob("*") if p.is_file()], made_at_boot
+    assert not (state / "backup" / "passphrase").exists()
+    private = [str(path.relative_to(dump)) for path in dump.rglob("*")
+               if path.is_file() and not path.is_symlink()
+               and b"PRIVATE KEY-----" in path.read_bytes()[:1 << 20]]
+    assert private == [], private
+
+
 def _echo(modality: Modality) -> bool:
     return modality.echo().ok
 
@@ -135,8 +167,8 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
                          "NETWORK_ADDRESS=10.0.2.15/24\nNETWORK_GATEWAY=10.0.2.2\n")
     subprocess.run(["mcopy", "-i", esp, str(site_file), "::/gotg-site.txt"], check=True,
                    env=MTOOLS)
-    dicom, http = free_port(), free_port()
-    vm = VM(disk, tmp_path, {4242: dicom, 8042: http, 22: free_port()})
+    dicom, http, https = free_port(), free_port(), free_port()
+    vm = VM(disk, tmp_path, {4242: dicom, 8042: http, 443: https, 22: free_port()})
     modality = Modality(SITE_AET, dicom, timeout=60)
     try:
         vm.start()
@@ -147,6 +179,10 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
         assert "site settings applied: HQ_TOKEN, HQ_URL, PACS_AET" in console, console[-3000:]
         assert "network: 10.0.2.15/24" in console
         assert "Administrator password for this box: " in console
+        made = console.split("Administrator password for this box: ", 1)[1].split()[0]
+        waiting = subprocess.run(["mtype", "-i", esp, "::/gotg-admin-password.txt"],
+                                 env=MTOOLS, capture_output=True, text=True).stdout
+        assert made in waiting, "the made password waits on the boot partition"
         assert (f"this box: 'Field NUC' (site field-nuc), DICOM AE title {SITE_AET} on port "
                 "4242, HQ https://hq.invalid/sync") in console
 
@@ -156,6 +192,13 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
             assert _held(modality, _uid(path), tmp_path / "find")
         with pytest.raises(requests.RequestException):  # Orthanc's REST is not for the LAN
             requests.get(f"http://127.0.0.1:{http}/system", timeout=5)
+        # The HTTPS origin is, with the CA the box made for itself, and a sign-in first.
+        ca = vm.ssh(admin_key, ADMIN, "sudo", "cat", "/var/lib/gotg-pacs/state/tls/ca.crt")
+        served = requests.get(f"https://127.0.0.1:{https}/gotg-pacs-ca.crt", timeout=30,
+                              verify=False)
+        assert served.status_code == 200 and served.text == ca.stdout
+        assert requests.get(f"https://127.0.0.1:{https}/orthanc/system", timeout=30,
+                            verify=False).status_code == 401
 
         # HQ's administrator gets in with the key and has sudo; a password gets nobody in.
         root = vm.ssh(admin_key, ADMIN, "sudo", "-n", "id", "-un")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from gotg_pacs.config import load
-from gotg_pacs.firstboot import NETWORK_FILE, SiteFileError, apply
+from gotg_pacs.firstboot import NETWORK_FILE, PASSWORD_FILE, SiteFileError, apply, forget_password
 
 IMAGE_ENV = ('PACS_NAME="GOTG PACS"\nPACS_AET="GOTG_PACS"\nADMIN_PASSWORD="image-placeholder"\n'
              'STORAGE_PATH="/var/lib/gotg-pacs/orthanc"\n')
@@ -47,8 +47,8 @@ def test_a_good_site_file_becomes_the_sites_configuration(env_file, tmp_path):
 
 
 def test_no_site_file_still_gives_the_box_its_own_password(env_file, tmp_path):
-    first = apply(env_file, None, tmp_path / "network").admin_password
-    second = apply(env_file, None, tmp_path / "network").admin_password
+    first = apply(env_file, None, tmp_path / "network", boot_dirs=()).admin_password
+    second = apply(env_file, None, tmp_path / "network", boot_dirs=()).admin_password
     assert first != second and load(env_file).admin_password == second
     assert not (tmp_path / "network").exists(), "no static address: DHCP stays"
 
@@ -80,3 +80,24 @@ def test_a_password_chosen_in_the_site_file_is_kept_and_removed_from_the_card(en
     assert load(env_file).admin_password == "chosen-by-the-clinic"
     assert report.admin_password == "" and report.scrubbed == ["ADMIN_PASSWORD"]
     assert "chosen-by-the-clinic" not in site.read_text()
+
+
+def test_a_made_password_waits_on_the_boot_partition_until_the_admin_has_their_own(env_file,
+                                                                                  tmp_path):
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    report = apply(env_file, None, tmp_path / "network", boot_dirs=(boot,))
+    copy = boot / PASSWORD_FILE
+    assert report.password_file == str(copy)
+    assert report.admin_password in copy.read_text()
+    assert forget_password((boot,)) == [str(copy)]
+    assert not copy.exists() and forget_password((boot,)) == []
+
+
+def test_a_password_the_site_chose_is_not_copied_anywhere(env_file, tmp_path):
+    site = tmp_path / "gotg-site.txt"
+    site.write_text("ADMIN_PASSWORD=chosen-by-the-site\n")
+    report = apply(env_file, site, tmp_path / "network")
+    assert report.admin_password == "" and report.password_file == ""
+    assert not (tmp_path / PASSWORD_FILE).exists()
+    assert "chosen-by-the-site" not in site.read_text()

@@ -80,7 +80,7 @@ def test_written_atomically_and_private(settings, tmp_path):
     path = orthanc_conf.write(settings)
     assert json.loads(path.read_text()) == orthanc_conf.render(settings)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600, "it holds the admin password"
-    assert [p.name for p in path.parent.iterdir()] == ["orthanc.json"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["orthanc.json", "senders.lua"]
 
 
 @pytest.fixture

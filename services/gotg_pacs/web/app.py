@@ -14,9 +14,18 @@ import re
 
 from flask import Flask, Response, g, jsonify, redirect, render_template_string, request
 
+from .. import durable
 from ..config import Settings
 from . import policy
-from .users import MIN_PASSWORD, ROLES, LoginRefused, Session, UserError, Users
+from .users import (
+    ADMIN_CHANGED_MARKER,
+    MIN_PASSWORD,
+    ROLES,
+    LoginRefused,
+    Session,
+    UserError,
+    Users,
+)
 
 COOKIE = "pacs_session"
 LOGIN_PAGE = """<!doctype html>
@@ -161,6 +170,8 @@ def create_app(settings: Settings, users: Users | None = None) -> Flask:
             return (jsonify({"error": str(exc)}), 400) if wants_json() else page(
                 error=str(exc), change=True, status=400)
         log.info("%s changed their password", session.name)
+        if session.name == "admin" and session.must_change:
+            durable.write_bytes(settings.state_path / ADMIN_CHANGED_MARKER, b"")
         return jsonify({"changed": True}) if wants_json() else redirect("/", 303)
 
     @app.get("/auth/me")

@@ -32,6 +32,9 @@ ROLE_NAMES = {"admin": "administrator", "clinician": "clinician / radiologist",
               "radiographer": "radiographer", "hq_operator": "HQ operator"}
 NAME_PATTERN = r"[a-z][a-z0-9._-]{1,31}"
 MIN_PASSWORD = 10
+# Left in STATE_PATH when the admin has replaced ADMIN_PASSWORD with their own: a root unit
+# then erases the copy of it on the boot partition (`pacs firstboot --forget-password`).
+ADMIN_CHANGED_MARKER = "web/admin-password-changed"
 LOCK_AFTER = 5
 LOCK_SECONDS = 15 * 60
 HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
