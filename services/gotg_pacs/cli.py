@@ -326,6 +326,32 @@ def modality_block(ctx: Context, aet: str, unblock: bool, as_json: bool) -> None
          f"{', '.join(names) or 'none'}")
 
 
+# --- audit trail ----------------------------------------------------------------------------------
+
+
+@cli.command("audit")
+@click.option("--last", type=click.IntRange(1, 100000), default=50, show_default=True,
+              help="How many of the newest events to show.")
+@json_option
+@pass_context
+def audit_command(ctx: Context, last: int, as_json: bool) -> None:
+    """Who viewed, exported, changed or deleted which study, who signed in, from where; and
+    whether the chain of events is intact (exit 1 if not)."""
+    from . import audit
+
+    events, _ = audit.read(ctx.settings.audit_file)
+    problems = audit.verify(events)
+    shown = events[-last:]
+    text = "\n".join(
+        f"{datetime.fromtimestamp(e.get('time', 0)):%Y-%m-%d %H:%M:%S} "
+        f"{e.get('user', '?'):<16} {e.get('action', '?'):<15} "
+        f"{e.get('kind', '')} {e.get('resource', '') or e.get('path', '')} "
+        f"from {e.get('address', '?')}" for e in shown) or "no events yet"
+    text += "\n" + ("chain intact" if not problems else "CHAIN BROKEN: " + "; ".join(problems))
+    emit({"events": shown, "total": len(events), "chain_problems": problems}, as_json, text)
+    sys.exit(1 if problems else 0)
+
+
 # --- external media -------------------------------------------------------------------------------
 
 

@@ -485,6 +485,11 @@ class Settings:
         return self.state_path / "proxy"
 
     @property
+    def audit_file(self) -> Path:
+        """Who did what to which study (audit.py), appended to only, shipped to HQ."""
+        return self.state_path / "audit" / "audit.jsonl"
+
+    @property
     def log_dir(self) -> Path:
         return self.state_path / "logs"
 

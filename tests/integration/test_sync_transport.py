@@ -22,7 +22,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from gotg_pacs import config
+from gotg_pacs import audit, config
+from gotg_pacs.audit import AuditLog
 from gotg_pacs.hq.receiver import sweep
 from gotg_pacs.process import wait_until
 from gotg_pacs.sync.outbox import Outbox
@@ -597,3 +598,27 @@ def test_a_clinic_updated_before_hq_sends_what_hq_knows_at_once(clinic, hq, tmp_
         older.terminate()
         older.wait(30)
         hq.start_receiver()
+
+
+def test_the_audit_trail_reaches_hq_in_order_once_and_only_for_its_own_site(clinic, hq):
+    trail = AuditLog(clinic.settings.audit_file)
+    for number in range(3):
+        trail.record("export", "amina", "10.0.0.5", kind="studies", resource=f"s{number}")
+    client = HQClient.from_settings(clinic.settings)
+    assert audit.ship(clinic.settings.audit_file, client) == 3
+    assert audit.ship(clinic.settings.audit_file, client) == 0
+    trail.record("delete", "admin", "10.0.0.1", kind="studies", resource="s0")
+    assert audit.ship(clinic.settings.audit_file, client) == 1
+    kept = hq.settings.hq_dir / "audit" / "test-site.jsonl"
+    events, _ = audit.read(kept)
+    assert [e["resource"] for e in events] == ["s0", "s1", "s2", "s0"]
+    assert audit.verify(events) == []
+    # A batch that does not start where HQ's copy ends is answered with HQ's offset.
+    held, took = client.ship_audit(0, 10, [{"action": "forged"}])
+    assert not took and held == clinic.settings.audit_file.stat().st_size
+    with pytest.raises(HQRefused) as malformed:
+        client.ship_audit(5, 1, [])
+    assert malformed.value.status == 400
+    with pytest.raises(HQRefused):
+        HQClient(hq.url, "not-a-token").ship_audit(0, 0, [])
+    assert audit.read(kept)[0] == events

@@ -84,6 +84,8 @@ def tokens(site) -> dict[str, str]:
                             json={"old": first, "new": NEW_PASSWORD})
         assert changed.status_code == 200, changed.text
         made[role] = token
+    # The admin chose their own: the boot partition's copy of the made one may go.
+    assert (site.settings.state_path / "web" / "admin-password-changed").exists()
     return made
 
 
@@ -137,6 +139,7 @@ def matrix(stored: dict[str, str]) -> list[tuple[str, str, set[str], dict]]:
         ("POST", "/dicom-web/studies", {"admin", "radiographer"}, _stow(stored["file"])),
         ("POST", f"/api/studies/{uid}/urgent", {"admin", "clinician"}, {}),
         ("GET", "/api/users", {"admin"}, {}),
+        ("GET", "/api/audit", {"admin"}, {}),
         ("GET", "/auth/me", EVERYONE, {}),
         # last: the admin's DELETEs really delete
         ("DELETE", "/orthanc/modalities/matrix", {"admin"}, {}),
@@ -156,6 +159,22 @@ def test_every_role_against_every_endpoint(site, tokens, stored):
                 wrong.append(f"{role} {method} {path}: expected {expected}, got {got} "
                              f"{answer.text[:120]!r}")
     assert wrong == [], "\n".join(wrong)
+
+
+def test_the_audit_trail_names_who_did_what_to_which_study(site, tokens, stored):
+    """After the matrix (module order): views, exports, deletions and refusals, each with the
+    person, and a chain that shows nothing was removed."""
+    trail = site.call("GET", "/api/audit", tokens["admin"]).json()
+    assert trail["chain"] == []
+    done = {(e["user"], e["action"], e.get("resource", "")) for e in trail["events"]}
+    assert ("clinician", "view", stored["study"]) in done
+    assert ("clinician", "export", stored["study"]) in done
+    assert ("admin", "delete", stored["victim"]) in done
+    assert ("hq-operator", "denied", "") in done
+    assert {("admin", "login", ""), ("radiographer", "password-changed", "")} <= done
+    assert site.call("GET", "/api/audit", tokens["clinician"]).status_code == 403
+    shown = run_pacs("audit", "--last", "5", env_file=site.env)
+    assert shown.returncode == 0 and "chain intact" in shown.stdout
 
 
 def test_nobody_signed_in_gets_nothing_but_the_sign_in_page(site, stored):

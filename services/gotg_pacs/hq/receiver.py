@@ -23,6 +23,7 @@ Routes for sites (`Authorization: Bearer <site token>`):
   POST  /api/v1/holdings    which of these (SOP Instance UID, original MD5) HQ already holds
   ...   /api/v1/outbound    what HQ sends back to the site (`outbound`)
   PUT/GET /api/v1/escrow    the site's backup passphrase, kept at HQ (`escrow`)
+  POST /api/v1/audit        the site's audit trail, in order (`audit`)
 
 Routes for HQ operators (`Authorization: Bearer <operator token>`, `pacs hq operator add`; a
 site's token gets 403: the list holds every site's patients; see conflicts.py):
@@ -55,7 +56,7 @@ from flask import Flask, Response, abort, g, jsonify, request, send_file
 from ..config import Settings
 from ..orthanc import Orthanc
 from ..sync import codecs
-from . import escrow, outbound
+from . import audit, escrow, outbound
 from .archive import BATCH_CODEC, Archive, Refused
 from .conflicts import DECISIONS, Ledger
 from .sites import Sites
@@ -196,6 +197,7 @@ def create_app(settings: Settings) -> Flask:
     archive = Archive(orthanc, settings.hq_dir / "transfers.jsonl", ledger)
     outgoing = outbound.register(app, orthanc, settings.hq_dir / "outbound.sqlite")
     escrow.register(app, escrow.Escrow(settings.hq_dir / "escrow"))
+    audit.register(app, audit.Trails(settings.hq_dir / "audit"))
     readers = Readers()
     swept = {"at": 0.0}
 

@@ -18,13 +18,14 @@ import threading
 import time
 from datetime import datetime
 
+from .. import audit
 from ..config import Settings
 from ..orthanc import Orthanc, OrthancError
 from .feed import Feed
 from .inbound import Inbound
 from .outbox import Outbox
 from .sender import Sender
-from .transport import HQClient, HQUnreachable
+from .transport import HQClient, HQRefused, HQUnreachable
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,10 @@ def run(settings: Settings, idle: float = 1.0) -> int:
                         breaker.probed()
                     sent = sender.send(low_allowed=in_window(settings.offpeak_window))
                     busy = inbound.step() or busy
+                    try:
+                        busy = bool(audit.ship(settings.audit_file, hq)) or busy
+                    except HQRefused as exc:  # an older HQ: studies must still go
+                        log.warning("HQ did not take the audit trail (%s); kept here", exc)
                     if breaker.is_open:
                         log.info("sending to HQ again after %.0fs", outage)
                     breaker.succeeded()

@@ -15,6 +15,7 @@ import re
 from flask import Flask, Response, g, jsonify, redirect, render_template_string, request
 
 from .. import durable
+from ..audit import AuditLog, action_of
 from ..config import Settings
 from . import policy
 from .users import (
@@ -77,6 +78,7 @@ def create_app(settings: Settings, users: Users | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     store = users or Users(settings.state_path / "web" / "users.sqlite",
                            settings.session_idle_timeout, settings.session_max_age)
+    audit = AuditLog(settings.audit_file)
     if settings.enable_auth and store.bootstrap_admin(settings.admin_password):
         log.info("made the admin account from ADMIN_PASSWORD; it must be changed at first "
                  "login")
@@ -112,10 +114,17 @@ def create_app(settings: Settings, users: Users | None = None) -> Flask:
         if path is None or session.must_change:
             return Response(status=403, headers={"X-Pacs-Reason": "password-change-required"
                                                  if session.must_change else "bad-path"})
+        address = request.headers.get("X-Real-IP", "?")
         if not policy.allowed(session.role, method, path):
-            log.info("denied %s %s %s to %s (%s) from %s", method, path, "", session.name,
-                     session.role, request.headers.get("X-Real-IP", "?"))
+            log.info("denied %s %s to %s (%s) from %s", method, path, session.name,
+                     session.role, address)
+            audit.record("denied", session.name, address, role=session.role, method=method,
+                         path=path)
             return Response(status=403)
+        done = action_of(method, path)
+        if done:
+            audit.record(done[0], session.name, address, role=session.role, kind=done[1],
+                         resource=done[2])
         return Response(status=200, headers={"X-Pacs-User": session.name,
                                              "X-Pacs-Role": session.role})
 
@@ -134,10 +143,12 @@ def create_app(settings: Settings, users: Users | None = None) -> Flask:
             token, session = store.login(name, password, address)
         except LoginRefused as exc:
             log.info("login refused for %r from %s: %s", name, address, exc)
+            audit.record("login-refused", name, address, reason=str(exc))
             if wants_json():
                 return jsonify({"error": str(exc)}), 401
             return page(error=str(exc), status=401)
         log.info("login %s (%s) from %s", session.name, session.role, address)
+        audit.record("login", session.name, address, role=session.role)
         answer = (jsonify({"user": session.name, "role": session.role,
                            "must_change_password": session.must_change})
                   if wants_json() else redirect(
@@ -150,7 +161,11 @@ def create_app(settings: Settings, users: Users | None = None) -> Flask:
     @app.post("/auth/logout")
     def logout() -> Response:
         everywhere = request.args.get("everywhere") == "1" or request.form.get("everywhere")
+        session = current()
         ended = store.logout(request.cookies.get(COOKIE, ""), bool(everywhere))
+        if session and ended:
+            audit.record("logout", session.name, request.headers.get("X-Real-IP", "?"),
+                         sessions=str(ended))
         answer = jsonify({"ended": ended}) if wants_json() else redirect("/auth/login", 303)
         answer.delete_cookie(COOKIE, path="/", secure=True, httponly=True, samesite="Strict")
         return answer
@@ -170,6 +185,7 @@ def create_app(settings: Settings, users: Users | None = None) -> Flask:
             return (jsonify({"error": str(exc)}), 400) if wants_json() else page(
                 error=str(exc), change=True, status=400)
         log.info("%s changed their password", session.name)
+        audit.record("password-changed", session.name, request.headers.get("X-Real-IP", "?"))
         if session.name == "admin" and session.must_change:
             durable.write_bytes(settings.state_path / ADMIN_CHANGED_MARKER, b"")
         return jsonify({"changed": True}) if wants_json() else redirect("/", 303)
@@ -211,8 +227,24 @@ def create_app(settings: Settings, users: Users | None = None) -> Flask:
         except UserError as exc:
             return jsonify({"error": str(exc)}), 400
         log.info("%s added account %s (%s)", session.name, body["name"], body["role"])
+        audit.record("account-added", session.name, request.headers.get("X-Real-IP", "?"),
+                     account=str(body["name"]), role=str(body["role"]))
         return jsonify({"name": body["name"], "role": body["role"],
                         "one_time_password": password}), 201
+
+    @app.get("/api/audit")
+    def audit_trail() -> Response:
+        if acting() is None:
+            return jsonify({"error": "forbidden"}), 403
+        from ..audit import read, verify
+
+        try:
+            offset = max(0, int(request.args.get("since", "0")))
+        except ValueError:
+            return jsonify({"error": "since is a byte offset"}), 400
+        events, end = read(settings.audit_file, offset)
+        return jsonify({"events": events[-1000:], "next": end,
+                        "chain": verify(events) if offset == 0 else None})
 
     @app.post("/api/studies/<study_uid>/urgent")
     def urgent(study_uid: str) -> Response:
@@ -229,6 +261,8 @@ def create_app(settings: Settings, users: Users | None = None) -> Flask:
         if not found:
             return jsonify({"error": "no such study here"}), 404
         log.info("%s marked study %s urgent", session.name, study_uid)
+        audit.record("mark-urgent", session.name, request.headers.get("X-Real-IP", "?"),
+                     kind="studies", resource=study_uid)
         return jsonify({"study": study_uid, "urgent": True})
 
     return app

@@ -54,6 +54,7 @@ RULES: tuple[Rule, ...] = (
     Rule(frozenset({"POST"}), r"/api/studies/[^/]+/urgent", frozenset({"admin", "clinician"}),
          "marking a study urgent"),
     Rule(READ, r"/api/users", frozenset({"admin"}), "accounts"),
+    Rule(READ, r"/api/audit", frozenset({"admin"}), "the audit trail"),
     Rule(WRITE, r"/api/users(/[^/]+(/(reset|disable|enable))?)?", frozenset({"admin"}),
          "accounts"),
     Rule(ANY, r"/orthanc/.*", frozenset({"admin"}), "anything else of Orthanc's: changes, "

@@ -1,0 +1,172 @@
+"""The audit trail, in the spirit of IHE ATNA: who viewed, exported, changed or deleted which
+study, who signed in or failed to, and who changed accounts or blocked a device; when, and from
+where.
+
+One JSON line per event in STATE_PATH/audit/audit.jsonl, opened only for appending and fsynced
+before the request it records is answered. Each line carries the SHA-256 of the line before it,
+so a line removed or edited afterwards breaks the chain (`verify`), and the sync service ships
+the lines to HQ in order (`since`), where the site cannot reach them. Viewing is recorded once
+per person and resource every VIEW_WINDOW, not per image tile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+from . import durable
+
+VIEW_WINDOW = 600.0
+GENESIS = "0" * 64
+# What a request to a backend does to which resource (method, path pattern, action).
+RESOURCE = re.compile(r"/(?:orthanc/(patients|studies|series|instances)|dicom-web/(studies))"
+                      r"/([^/]+)(/.*)?")
+
+
+def action_of(method: str, path: str) -> tuple[str, str, str] | None:
+    """(action, resource kind, resource id) for a request worth recording, else None."""
+    match = RESOURCE.fullmatch(path)
+    if not match:
+        if method == "POST" and path in ("/orthanc/instances", "/dicom-web/studies"):
+            return "import", "instances", ""
+        return None
+    kind = match.group(1) or match.group(2)
+    ident, rest = match.group(3), match.group(4) or ""
+    if method == "DELETE":
+        return "delete", kind, ident
+    if method == "POST" and rest in ("/archive", "/media"):
+        return "export", kind, ident
+    if method in ("POST", "PUT"):
+        return "modify", kind, ident
+    if method in ("GET", "HEAD"):
+        return "view", kind, ident
+    return None
+
+
+class AuditLog:
+    def __init__(self, path: Path, clock=time.time) -> None:
+        self.path = path
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._last_hash: str | None = None
+        self._recent: dict[tuple[str, str, str], float] = {}
+
+    def _tail_hash(self) -> str:
+        """The last complete event's hash; a line a power cut left unfinished is closed first,
+        so the next event never joins it (verify then reports the cut line)."""
+        try:
+            with open(self.path, "rb") as log:
+                log.seek(0, os.SEEK_END)
+                size = log.tell()
+                log.seek(max(0, size - 65536))
+                tail = log.read()
+        except FileNotFoundError:
+            return GENESIS
+        if tail and not tail.endswith(b"\n"):
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(descriptor, b"\n")
+            finally:
+                os.close(descriptor)
+        lines = [line for line in tail.splitlines() if line.strip()]
+        for line in reversed(lines):
+            try:
+                return json.loads(line)["hash"]
+            except (ValueError, KeyError):
+                continue  # a line cut by a power cut: chained over, `verify` reports it
+        return GENESIS
+
+    def record(self, action: str, user: str, address: str, **details: str) -> bool:
+        """Append one event; False when it repeats a view of the same thing just recorded."""
+        now = self.clock()
+        with self._lock:
+            if action == "view":
+                key = (user, details.get("kind", ""), details.get("resource", ""))
+                if now - self._recent.get(key, -VIEW_WINDOW) < VIEW_WINDOW:
+                    return False
+                self._recent[key] = now
+                if len(self._recent) > 10000:
+                    self._recent = {k: t for k, t in self._recent.items()
+                                    if now - t < VIEW_WINDOW}
+            if self._last_hash is None:
+                self._last_hash = self._tail_hash()
+            event = {"time": round(now, 3), "action": action, "user": user,
+                     "address": address, **details, "previous": self._last_hash}
+            body = json.dumps(event, sort_keys=True, ensure_ascii=True)
+            event["hash"] = hashlib.sha256(body.encode()).hexdigest()
+            line = json.dumps(event, sort_keys=True, ensure_ascii=True) + "\n"
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(descriptor, line.encode())
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            self._last_hash = event["hash"]
+        return True
+
+
+def read(path: Path, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
+    """Complete events from byte `offset` on (at most `limit`), and the offset after the last
+    one returned."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(offset)
+            data = log.read()
+    except FileNotFoundError:
+        return [], offset
+    lines = data[:data.rfind(b"\n") + 1].splitlines(keepends=True)[:limit]
+    events = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            events.append({"action": "unreadable-line"})
+    return events, offset + sum(len(line) for line in lines)
+
+
+def verify(events: list[dict]) -> list[str]:
+    """Breaks in the chain: an event edited, removed or put in between (empty: intact)."""
+    problems, previous = [], GENESIS
+    for number, event in enumerate(events, 1):
+        if event.get("action") == "unreadable-line":
+            problems.append(f"event {number} is unreadable (cut short by a power cut?)")
+            continue
+        claimed = event.get("hash", "")
+        body = json.dumps({k: v for k, v in event.items() if k != "hash"}, sort_keys=True,
+                          ensure_ascii=True)
+        if hashlib.sha256(body.encode()).hexdigest() != claimed:
+            problems.append(f"event {number} was altered")
+        elif event.get("previous") != previous:
+            problems.append(f"events are missing before event {number}")
+        previous = claimed
+    return problems
+
+
+def shipped_file(log: Path) -> Path:
+    return log.with_name("shipped-to-hq")
+
+
+def ship(log: Path, client, batch: int = 500) -> int:
+    """Send HQ what it does not hold yet, in order; how many events went. `client` is the
+    site's HQClient (HQUnreachable and HQRefused pass through: the next round tries again)."""
+    marker = shipped_file(log)
+    try:
+        start = int(marker.read_text())
+    except (FileNotFoundError, ValueError):
+        start = 0
+    events, end = read(log, start, limit=batch)
+    if end == start:
+        return 0
+    held, took = client.ship_audit(start, end, events)
+    size = log.stat().st_size if log.exists() else 0
+    if 0 <= held <= size:
+        durable.replace_text(marker, str(held), mode=0o600)
+    return len(events) if took else 0

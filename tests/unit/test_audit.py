@@ -1,0 +1,95 @@
+"""The audit trail: what is recorded, views counted once a while, and a chain that shows any
+line edited, removed or cut."""
+
+from __future__ import annotations
+
+import json
+
+from gotg_pacs import audit
+from gotg_pacs.audit import AuditLog, action_of
+
+
+class Clock:
+    now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_requests_are_named_by_what_they_do_to_which_resource():
+    assert action_of("GET", "/orthanc/studies/abc/archive") == ("view", "studies", "abc")
+    assert action_of("POST", "/orthanc/studies/abc/archive") == ("export", "studies", "abc")
+    assert action_of("DELETE", "/orthanc/instances/x") == ("delete", "instances", "x")
+    assert action_of("PUT", "/orthanc/series/s/metadata/1") == ("modify", "series", "s")
+    assert action_of("GET", "/dicom-web/studies/1.2.3/series") == ("view", "studies", "1.2.3")
+    assert action_of("POST", "/dicom-web/studies") == ("import", "instances", "")
+    assert action_of("GET", "/orthanc/system") is None
+
+
+def test_a_view_is_recorded_once_per_window_and_everything_else_every_time(tmp_path):
+    clock = Clock()
+    log = AuditLog(tmp_path / "audit.jsonl", clock=clock)
+    assert log.record("view", "amina", "10.0.0.5", kind="studies", resource="s1")
+    assert not log.record("view", "amina", "10.0.0.5", kind="studies", resource="s1")
+    assert log.record("view", "amina", "10.0.0.5", kind="studies", resource="s2")
+    assert log.record("view", "omar", "10.0.0.6", kind="studies", resource="s1")
+    assert log.record("export", "amina", "10.0.0.5", kind="studies", resource="s1")
+    assert log.record("export", "amina", "10.0.0.5", kind="studies", resource="s1")
+    clock.now += audit.VIEW_WINDOW
+    assert log.record("view", "amina", "10.0.0.5", kind="studies", resource="s1")
+    events, end = audit.read(tmp_path / "audit.jsonl")
+    assert [e["action"] for e in events] == ["view", "view", "view", "export", "export", "view"]
+    assert end == (tmp_path / "audit.jsonl").stat().st_size
+    assert audit.verify(events) == []
+
+
+def test_an_edited_removed_or_cut_line_breaks_the_chain(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    for number in range(4):
+        log.record("delete", "admin", "10.0.0.1", kind="studies", resource=f"s{number}")
+    lines = path.read_text().splitlines(keepends=True)
+    edited = json.loads(lines[1])
+    edited["user"] = "someone-else"
+    path.write_text(lines[0] + json.dumps(edited, sort_keys=True) + "\n" + "".join(lines[2:]))
+    assert audit.verify(audit.read(path)[0]) == ["event 2 was altered"]
+    path.write_text(lines[0] + "".join(lines[2:]))
+    assert audit.verify(audit.read(path)[0]) == ["events are missing before event 2"]
+    # A power cut mid-line: the next event starts on a line of its own, the cut is reported.
+    path.write_text("".join(lines) + lines[0][:40])
+    AuditLog(path).record("login", "admin", "10.0.0.1")
+    events = audit.read(path)[0]
+    assert events[-1]["action"] == "login" and events[-2]["action"] == "unreadable-line"
+    assert audit.verify(events) == ["event 5 is unreadable (cut short by a power cut?)"]
+
+
+class FakeHQ:
+    """HQ's side of the exchange as hq/audit.py answers it: 409 with what it holds on a gap."""
+
+    def __init__(self) -> None:
+        self.held, self.events = 0, []
+
+    def ship_audit(self, start: int, end: int, events: list[dict]) -> tuple[int, bool]:
+        if start != self.held:
+            return self.held, False
+        self.events += events
+        self.held = end
+        return end, True
+
+
+def test_shipping_sends_each_event_once_in_order_and_resumes_where_hq_is(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    for number in range(7):
+        log.record("export", "amina", "x", kind="studies", resource=f"s{number}")
+    hq = FakeHQ()
+    assert audit.ship(path, hq, batch=5) == 5
+    assert audit.ship(path, hq, batch=5) == 2
+    assert audit.ship(path, hq, batch=5) == 0
+    assert [e["resource"] for e in hq.events] == [f"s{n}" for n in range(7)]
+    # The site's marker lost (a restored box): HQ says where it is, nothing goes twice.
+    audit.shipped_file(path).unlink()
+    assert audit.ship(path, hq) == 0
+    log.record("login", "amina", "x")
+    assert audit.ship(path, hq) == 1 and len(hq.events) == 8
+    assert audit.verify(hq.events) == []
