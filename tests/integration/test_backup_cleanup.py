@@ -16,8 +16,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from gotg_pacs import audit
+from gotg_pacs.audit import AuditLog
 from gotg_pacs.sync.sender import Sender
 from gotg_pacs.sync.transport import HQClient
+from gotg_pacs.web.tls import SiteTLS
+from gotg_pacs.web.users import Users
 from tests.conftest import run_pacs
 from tests.support import corpus
 from tests.support.disk import tmpfs
@@ -83,6 +87,12 @@ def test_cleanup_removes_only_studies_hq_holds_and_the_backup_holds_as_stored(
     declared = run_pacs("modality", "add", "xray-tent", "XRAY_TENT", "10.0.0.9", "104",
                         env_file=clinic.env_file)
     assert declared.returncode == 0, declared.stderr
+    # The box's own state beyond the archive: accounts, the audit trail, the site CA.
+    users = Users(clinic.settings.state_path / "web" / "users.sqlite", 3600, 43200)
+    users.bootstrap_admin("kept in the backup")
+    users.close()
+    AuditLog(clinic.settings.audit_file).record("login", "admin", "10.0.0.9")
+    SiteTLS(clinic.settings.tls_dir, "test-site").ensure(["localhost"])
     backed_up = run_pacs("backup", "now", "--json", env_file=clinic.env_file)
     assert backed_up.returncode == 0, backed_up.stderr
     [archive] = json.loads(backed_up.stdout)["archives"]
@@ -100,11 +110,18 @@ def test_cleanup_removes_only_studies_hq_holds_and_the_backup_holds_as_stored(
     extracted = subprocess.run(
         [str(Path(sys.executable).parent / "borgmatic"), "--config",
          str(clinic.settings.state_path / "backup" / "borgmatic.yaml"), "extract",
-         "--archive", "latest", "--path", str(snapshot / "modalities.json").lstrip("/"),
+         "--archive", "latest", "--path", str(snapshot).lstrip("/"),
          "--destination", str(out)], capture_output=True, text=True)
     assert extracted.returncode == 0, extracted.stderr
-    modalities = json.loads((out / str(snapshot).lstrip("/") / "modalities.json").read_text())
+    held = out / str(snapshot).lstrip("/")
+    modalities = json.loads((held / "modalities.json").read_text())
     assert modalities["xray-tent"]["AET"] == "XRAY_TENT"
+    assert (held / "tls" / "ca.key").read_bytes() == (clinic.settings.tls_dir
+                                                      / "ca.key").read_bytes()
+    assert audit.read(held / "audit.jsonl")[0][0]["action"] == "login"
+    kept = Users(held / "users.sqlite", 3600, 43200)
+    assert kept.login("admin", "kept in the backup", "x")[1].must_change
+    kept.close()
 
     _send(clinic, hq, [SENT_AFTER_THE_BACKUP, late])
     assert clinic.modality.store([corpus.DATA_DIR / NEVER_SENT]).ok

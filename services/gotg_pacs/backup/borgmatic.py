@@ -7,8 +7,9 @@ archive holds:
 - Orthanc's storage area: every DICOM file exactly as stored (the data itself);
 - a snapshot of the appliance's own state taken just before: Orthanc's SQLite index (copied with
   Orthanc frozen for milliseconds, see index_copy: index and files form a consistent pair), the
-  sync outbox (which instances HQ confirmed, through SQLite's online backup), pacs.env and the
-  modalities declared to Orthanc.
+  sync outbox (which instances HQ confirmed, through SQLite's online backup), pacs.env, the
+  modalities declared to Orthanc, the web accounts, the audit trail and the site CA with its key
+  (restoring those into a new box is still by hand: `borg extract` from the snapshot folder).
 
 The local repository lives on the backup disk mounted at BACKUP_PATH, never on the disk that
 holds the images (a backup on the same disk dies with it). With REMOTE_BACKUP_URL, every backup
@@ -84,6 +85,18 @@ class Contents(dict):
     def __init__(self) -> None:
         super().__init__()
         self.irregular: list[Path] = []
+
+
+def _sqlite_copy(source: Path, target: Path) -> None:
+    """A consistent copy of a live SQLite database (SQLite's online backup), if it exists."""
+    if not source.exists():
+        return
+    partial = target.with_suffix(".partial")
+    partial.unlink(missing_ok=True)
+    with closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)) as src, \
+            closing(sqlite3.connect(partial)) as copy:
+        src.backup(copy)
+    os.replace(partial, target)
 
 
 class Backups:
@@ -370,16 +383,21 @@ class Backups:
             index.unlink(missing_ok=True)
             log.warning("backup without Orthanc's index: %s", exc)
             taken = {"index_error": str(exc)}
-        outbox = self.settings.sync_outbox_file
-        target = self.snapshot_dir / "outbox.sqlite"
-        if outbox.exists():
-            partial = target.with_suffix(".partial")
-            partial.unlink(missing_ok=True)
-            with closing(sqlite3.connect(f"file:{outbox}?mode=ro", uri=True,
-                                         timeout=30)) as source, \
-                    closing(sqlite3.connect(partial)) as copy:
-                source.backup(copy)
-            os.replace(partial, target)
+        _sqlite_copy(self.settings.sync_outbox_file, self.snapshot_dir / "outbox.sqlite")
+        # The web accounts, the audit trail (append-only: its complete lines are a consistent
+        # copy) and the site CA with its key (a restored box keeps its tablets' trust).
+        _sqlite_copy(self.settings.state_path / "web" / "users.sqlite",
+                     self.snapshot_dir / "users.sqlite")
+        if self.settings.audit_file.exists():
+            shutil.copyfile(self.settings.audit_file, self.snapshot_dir / "audit.jsonl")
+        try:
+            for name in ("ca.key", "ca.crt", "ca-chain.crt"):
+                if (self.settings.tls_dir / name).exists():
+                    (self.snapshot_dir / "tls").mkdir(exist_ok=True, mode=0o700)
+                    shutil.copyfile(self.settings.tls_dir / name, self.snapshot_dir / "tls" / name)
+                    os.chmod(self.snapshot_dir / "tls" / name, 0o600)
+        except PermissionError as exc:
+            log.warning("the site CA is not in this backup (%s): back up as root", exc)
         if self.env_file is not None and self.env_file.exists():
             shutil.copyfile(self.env_file, self.snapshot_dir / "pacs.env")
             os.chmod(self.snapshot_dir / "pacs.env", 0o600)
