@@ -116,6 +116,8 @@ def read(path: Path, offset: int = 0, limit: int | None = None) -> tuple[list[di
     one returned."""
     try:
         with open(path, "rb") as log:
+            if offset >= os.fstat(log.fileno()).st_size:  # nothing there (nor seekable so far)
+                return [], offset
             log.seek(offset)
             data = log.read()
     except FileNotFoundError:

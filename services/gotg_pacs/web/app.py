@@ -84,7 +84,8 @@ def create_app(settings: Settings, users: Users | None = None) -> Flask:
                  "login")
 
     def wants_json() -> bool:
-        return request.is_json or "application/json" in request.headers.get("Accept", "")
+        """Programs get JSON; a browser (asking for HTML) gets pages and redirects."""
+        return request.is_json or "text/html" not in request.headers.get("Accept", "")
 
     def current() -> Session | None:
         if "session" not in g:
@@ -162,6 +163,8 @@ def create_app(settings: Settings, users: Users | None = None) -> Flask:
     def logout() -> Response:
         everywhere = request.args.get("everywhere") == "1" or request.form.get("everywhere")
         session = current()
+        if session is None and wants_json():
+            return jsonify({"error": "not signed in"}), 401
         ended = store.logout(request.cookies.get(COOKIE, ""), bool(everywhere))
         if session and ended:
             audit.record("logout", session.name, request.headers.get("X-Real-IP", "?"),
@@ -239,7 +242,9 @@ def create_app(settings: Settings, users: Users | None = None) -> Flask:
         from ..audit import read, verify
 
         try:
-            offset = max(0, int(request.args.get("since", "0")))
+            offset = int(request.args.get("since", "0"))
+            if not 0 <= offset < 2**62:
+                raise ValueError
         except ValueError:
             return jsonify({"error": "since is a byte offset"}), 400
         events, end = read(settings.audit_file, offset)
