@@ -68,11 +68,7 @@ class AuditLog:
         except FileNotFoundError:
             return GENESIS
         if tail and not tail.endswith(b"\n"):
-            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            try:
-                os.write(descriptor, b"\n")
-            finally:
-                os.close(descriptor)
+            durable.append(self.path, b"\n")
         lines = [line for line in tail.splitlines() if line.strip()]
         for line in reversed(lines):
             try:
@@ -101,12 +97,7 @@ class AuditLog:
             event["hash"] = hashlib.sha256(body.encode()).hexdigest()
             line = json.dumps(event, sort_keys=True, ensure_ascii=True) + "\n"
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(descriptor, line.encode())
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+            durable.append(self.path, line.encode())
             self._last_hash = event["hash"]
         return True
 

@@ -29,6 +29,17 @@ def write_bytes(path: Path, data: bytes, exclusive: bool = False) -> None:
         os.fsync(handle.fileno())
 
 
+def append(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Add `data` at the end of `path` (made with `mode` if new) and wait until it is on disk:
+    the way to keep a log that is only ever appended to (an audit trail)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    try:
+        os.write(descriptor, data)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def replace_text(path: Path, text: str, mode: int | None = None, like: Path | None = None) -> None:
     """Replace `path` with `text` atomically and durably: readers see the old file or the new
     one, never a half-written one, and the new one survives a power cut once this returns.

@@ -14,7 +14,7 @@ from playwright.sync_api import sync_playwright
 from pydicom.data import get_testdata_file
 
 from gotg_pacs import config
-from tests.support.site import Running, write_env
+from tests.support.site import running_appliance
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -29,20 +29,17 @@ PASSWORD = "a ward's own long secret"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     folder = tmp_path_factory.mktemp("xss")
-    env = write_env(folder / "pacs.env")
-    running = Running(env)
-    running.wait_for("is running")
-    settings = config.load(env)
-    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    dataset.PatientName, dataset.PatientID = HOSTILE_NAME, HOSTILE_ID
-    dataset.StudyDescription = HOSTILE_STUDY
-    hostile = folder / "hostile.dcm"
-    dataset.save_as(hostile)
-    stored = requests.post(f"{settings.orthanc_url}/instances", data=hostile.read_bytes(),
-                           auth=settings.orthanc_credentials, timeout=30)
-    assert stored.status_code == 200, stored.text
-    yield settings, stored.json()
-    assert running.interrupt() == 0
+    with running_appliance(folder) as env:
+        settings = config.load(env)
+        dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        dataset.PatientName, dataset.PatientID = HOSTILE_NAME, HOSTILE_ID
+        dataset.StudyDescription = HOSTILE_STUDY
+        hostile = folder / "hostile.dcm"
+        dataset.save_as(hostile)
+        stored = requests.post(f"{settings.orthanc_url}/instances", data=hostile.read_bytes(),
+                               auth=settings.orthanc_credentials, timeout=30)
+        assert stored.status_code == 200, stored.text
+        yield settings, stored.json()
 
 
 def test_html_in_dicom_headers_is_shown_as_text_and_never_runs(site):

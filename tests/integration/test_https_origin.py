@@ -27,7 +27,7 @@ from gotg_pacs.process import start_proxy
 from gotg_pacs.web.tls import SiteTLS
 from tests.conftest import run_pacs
 from tests.support import corpus
-from tests.support.site import Running, owe, write_env
+from tests.support.site import owe, running_appliance
 
 EXTRA_NAMES = ("pacs.clinic.example", "10.99.0.7")
 
@@ -67,14 +67,11 @@ class Origin:
 
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("origin")
-    env = write_env(folder / "pacs.env", SERVER_NAMES=" ".join(EXTRA_NAMES))
-    running = Running(env)
-    running.wait_for("is running")
-    origin = Origin(env)
-    origin.sign_in()
-    yield origin
-    assert running.interrupt() == 0
+    with running_appliance(tmp_path_factory.mktemp("origin"),
+                           SERVER_NAMES=" ".join(EXTRA_NAMES)) as env:
+        origin = Origin(env)
+        origin.sign_in()
+        yield origin
 
 
 def handshake(port: int, *, version: ssl.TLSVersion | None = None, cipher: str | None = None,

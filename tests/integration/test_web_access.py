@@ -19,7 +19,7 @@ from pydicom.data import get_testdata_file
 from gotg_pacs import config
 from tests.conftest import run_pacs
 from tests.support import corpus
-from tests.support.site import Running, write_env
+from tests.support.site import running_appliance
 
 ROLES = ("admin", "clinician", "radiographer", "hq_operator")
 EVERYONE = set(ROLES)
@@ -56,12 +56,8 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("access")
-    env = write_env(folder / "pacs.env", DICOM_ACCESS="standard")
-    running = Running(env)
-    running.wait_for("is running")
-    yield Site(env)
-    assert running.interrupt() == 0
+    with running_appliance(tmp_path_factory.mktemp("access"), DICOM_ACCESS="standard") as env:
+        yield Site(env)
 
 
 @pytest.fixture(scope="module")

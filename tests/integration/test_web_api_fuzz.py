@@ -15,7 +15,7 @@ from schemathesis.checks import positive_data_acceptance
 from gotg_pacs import config
 from gotg_pacs.web import app as web_app
 from tests.support import corpus
-from tests.support.site import Running, write_env
+from tests.support.site import running_appliance
 
 SPEC = Path(web_app.__file__).with_name("openapi.yaml")
 PASSWORD = "a fuzzing ward's secret"
@@ -36,23 +36,19 @@ class Web:
 
 @pytest.fixture(scope="module")
 def web(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fuzz")
-    env = write_env(folder / "pacs.env")
-    running = Running(env)
-    running.wait_for("is running")
-    site = Web(env)
-    first = requests.post(f"{site.url}/auth/login", timeout=30, json={
-        "user": "admin", "password": site.settings.admin_password})
-    changed = requests.post(f"{site.url}/auth/password", timeout=30,
-                            cookies={"pacs_session": first.cookies["pacs_session"]},
-                            json={"old": site.settings.admin_password, "new": PASSWORD})
-    assert changed.status_code == 200, changed.text
-    stored = requests.post(f"{site.settings.orthanc_url}/instances", timeout=60,
-                           data=corpus.representative()[0].read_bytes(),
-                           auth=site.settings.orthanc_credentials)
-    assert stored.status_code == 200
-    yield site
-    assert running.interrupt() == 0
+    with running_appliance(tmp_path_factory.mktemp("fuzz")) as env:
+        site = Web(env)
+        first = requests.post(f"{site.url}/auth/login", timeout=30, json={
+            "user": "admin", "password": site.settings.admin_password})
+        changed = requests.post(f"{site.url}/auth/password", timeout=30,
+                                cookies={"pacs_session": first.cookies["pacs_session"]},
+                                json={"old": site.settings.admin_password, "new": PASSWORD})
+        assert changed.status_code == 200, changed.text
+        stored = requests.post(f"{site.settings.orthanc_url}/instances", timeout=60,
+                               data=corpus.representative()[0].read_bytes(),
+                               auth=site.settings.orthanc_credentials)
+        assert stored.status_code == 200
+        yield site
 
 
 def test_every_operation_answers_as_documented(web):

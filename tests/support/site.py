@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +107,17 @@ class Running:
             if running.process.poll() is None:
                 running.process.kill()
                 running.process.wait(30)
+
+
+@contextmanager
+def running_appliance(folder: Path, **overrides: str) -> Iterator[Path]:
+    """`pacs run` of a site living in `folder` (a module's appliance): its env file once
+    everything is up, and a clean stop (Ctrl-C) after."""
+    env = write_env(folder / "pacs.env", **overrides)
+    running = Running(env)
+    running.wait_for("is running")
+    yield env
+    assert running.interrupt() == 0
 
 
 def owe(clinic, files) -> Outbox:

@@ -9,7 +9,6 @@ answers how far it now holds. A retry of a batch HQ already took, or a gap, is a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from flask import Flask, Response, abort, g, jsonify, request
@@ -40,12 +39,7 @@ class Trails:
         lines = "".join(json.dumps(event, sort_keys=True, ensure_ascii=True) + "\n"
                         for event in events)
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        descriptor = os.open(self.log(site), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(descriptor, lines.encode())
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        durable.append(self.log(site), lines.encode())
         # The offset after the events: a crash between the two writes resends the batch,
         # which HQ then holds twice; never once less.
         durable.replace_text(self._offset_file(site), str(end), mode=0o600)

@@ -227,12 +227,7 @@ class Ledger:
         """One line per event, on disk before the caller goes on."""
         line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "event": event, **fields}) + "\n"
-        descriptor = os.open(self.audit_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(descriptor, line.encode())
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        durable.append(self.audit_file, line.encode())
 
     # --- patients ---
 
