@@ -115,8 +115,12 @@ def running_appliance(folder: Path, **overrides: str) -> Iterator[Path]:
     everything is up, and a clean stop (Ctrl-C) after."""
     env = write_env(folder / "pacs.env", **overrides)
     running = Running(env)
-    running.wait_for("is running")
-    yield env
+    try:
+        running.wait_for("is running")
+        yield env
+    except BaseException:  # a fixture or test failed: no orphan appliance outlives the run
+        running.interrupt()
+        raise
     assert running.interrupt() == 0
 
 
