@@ -89,7 +89,8 @@ def test_run_json_prints_one_line_of_endpoints_for_an_ordinary_users_path(tmp_pa
     try:
         ready = json.loads(process.stdout.readline())
         assert ready["ready"] is True and ready["dicom_port"] == settings.dicom_port
-        assert ready["dicomweb"] == f"http://127.0.0.1:{settings.http_port}/dicom-web/"
+        assert ready["dicomweb"] == f"https://localhost:{settings.https_port}/dicom-web/"
+        assert ready["orthanc_loopback"] == f"http://127.0.0.1:{settings.http_port}/"
         assert Modality(settings.pacs_aet, settings.dicom_port).echo().ok
     finally:
         process.send_signal(signal.SIGINT)
