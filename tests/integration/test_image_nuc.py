@@ -120,6 +120,15 @@ def test_the_image_holds_no_secret_that_two_boxes_would_share(nuc_image, tmp_pat
     assert private == [], private
 
 
+def _serves(https: int) -> bool:
+    """The HTTPS origin answers (its CA is made on the box's first start: slow under TCG)."""
+    try:
+        return requests.get(f"https://127.0.0.1:{https}/gotg-pacs-ca.crt", timeout=10,
+                            verify=False).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def _echo(modality: Modality) -> bool:
     return modality.echo().ok
 
@@ -141,11 +150,11 @@ def _uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
-def _orthanc_journal(vm: VM, key: Path) -> str:
-    """What Orthanc's unit logged this boot, for the failure message."""
+def _journal(vm: VM, key: Path, unit: str = "orthanc") -> str:
+    """What a unit logged this boot, for the failure message."""
     try:
         shown = vm.ssh(key, ADMIN, "sudo", "journalctl", "--no-pager", "-b", "-n", "60",
-                       "-u", "orthanc")
+                       "-u", unit)
     except subprocess.TimeoutExpired:
         return "(no answer over SSH)"
     return shown.stdout + shown.stderr
@@ -193,6 +202,8 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
         with pytest.raises(requests.RequestException):  # Orthanc's REST is not for the LAN
             requests.get(f"http://127.0.0.1:{http}/system", timeout=5)
         # The HTTPS origin is, with the CA the box made for itself, and a sign-in first.
+        assert wait_until(lambda: _serves(https), 300, interval=5), \
+            _journal(vm, admin_key, "nginx")
         ca = vm.ssh(admin_key, ADMIN, "sudo", "cat", "/var/lib/gotg-pacs/state/tls/ca.crt")
         served = requests.get(f"https://127.0.0.1:{https}/gotg-pacs-ca.crt", timeout=30,
                               verify=False)
@@ -220,7 +231,7 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
         killed = vm.ssh(admin_key, ADMIN, "sudo", "systemctl", "kill", "--signal=KILL", "orthanc")
         assert killed.returncode == 0, killed.stderr
         assert wait_until(lambda: _back(modality, _uid(hidden), tmp_path / "hidden-find"), 600,
-                          interval=5), _orthanc_journal(vm, admin_key)
+                          interval=5), _journal(vm, admin_key)
 
         # Unplug it while a modality is sending, one image per association.
         copies = corpus.renumbered_copies(corpus.representative()[:2], 20, tmp_path / "copies")
@@ -247,7 +258,7 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
                                                               tmp_path / f"after-{n}"), 300,
                               interval=5), \
                 f"{path.name} was acknowledged before the power went, then lost\n" \
-                + _orthanc_journal(vm, admin_key)
+                + _journal(vm, admin_key)
     finally:
         vm.power_off()
         shutil.rmtree(tmp_path / "copies", ignore_errors=True)

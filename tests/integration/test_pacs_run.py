@@ -47,7 +47,8 @@ def test_run_serves_dicom_stops_on_ctrl_c_and_keeps_the_data(tmp_path):
     first.wait_for("FILE.dcm")
     banner = "\n".join(first.lines)
     assert f"AET {settings.pacs_aet} on port {settings.dicom_port}" in banner
-    assert f"http://127.0.0.1:{settings.http_port}/dicom-web/" in banner
+    assert f"https://localhost:{settings.https_port}/dicom-web/" in banner
+    assert f"(loopback only: http://127.0.0.1:{settings.http_port}/)" in banner
     orthanc_processes = _orthanc_children(first.process.pid)
     assert len(orthanc_processes) == 1
     assert modality.echo().ok
@@ -171,12 +172,13 @@ def test_a_bad_value_stops_start_up_with_one_line_naming_the_key(tmp_path):
 
 def test_an_unknown_key_stops_start_up_and_suggests_the_right_one(tmp_path):
     env = write_env(tmp_path / "pacs.env")
+    typo_line = len(env.read_text().splitlines()) + 1
     with env.open("a") as handle:
         handle.write("DICOM_PROT=4243\n")
     result = run_pacs("run", env_file=env, timeout=30)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
-    assert f"{env}:14: unknown key DICOM_PROT (did you mean DICOM_PORT?)" in line
+    assert f"{env}:{typo_line}: unknown key DICOM_PROT (did you mean DICOM_PORT?)" in line
 
 
 def test_an_unusable_storage_folder_is_named_and_left_alone(tmp_path):
