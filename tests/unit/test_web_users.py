@@ -130,3 +130,28 @@ def test_hashes_made_at_an_older_cost_are_upgraded_at_login(store, monkeypatch):
     store.login("amina", "an old password here", "x")
     upgraded = store.db.execute("SELECT hash FROM users WHERE name = 'amina'").fetchone()[0]
     assert "m=19456,t=2,p=1" in upgraded
+
+
+def test_requests_on_many_threads_at_once_share_the_store_safely(store):
+    """The web service answers on threads: every tile a viewer loads asks for its session."""
+    import threading
+
+    password = store.add("amina", "clinician")
+    token, _ = store.login("amina", password, "x")
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(20):
+                assert store.session(token).name == "amina"
+                other, _ = store.login("amina", password, "y")
+                store.logout(other)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []

@@ -14,10 +14,12 @@ The `admin` account is made from ADMIN_PASSWORD the first time the service start
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import secrets
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,12 +99,23 @@ def check_password_strength(password: str, name: str) -> None:
         raise UserError("a password must not contain the account's name")
 
 
+def _serialized(method):
+    @functools.wraps(method)
+    def under_lock(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return under_lock
+
+
 class Users:
     """The accounts and sessions database (STATE_PATH/web/users.sqlite)."""
 
     def __init__(self, path: Path, idle_timeout: int, max_age: int,
                  clock=time.time) -> None:
         self.db = open_store(path, SCHEMA)
+        # One connection, one caller at a time: the web service answers requests on threads,
+        # and two transactions on one SQLite connection would collide.
+        self._lock = threading.Lock()
         self.idle_timeout, self.max_age = idle_timeout, max_age
         self.clock = clock
 
@@ -111,6 +124,7 @@ class Users:
 
     # --- accounts ----------------------------------------------------------------------------
 
+    @_serialized
     def bootstrap_admin(self, password: str) -> bool:
         """Make `admin` from ADMIN_PASSWORD if no account exists yet; True when made."""
         with immediate(self.db) as db:
@@ -121,6 +135,7 @@ class Users:
                                                               self.clock()))
         return True
 
+    @_serialized
     def add(self, name: str, role: str) -> str:
         """A new account with a one-time password (returned, never stored in clear) that must be
         changed at first login."""
@@ -138,6 +153,7 @@ class Users:
             raise UserError(f"there is already an account {name!r}") from None
         return password
 
+    @_serialized
     def reset(self, name: str) -> str:
         """A new one-time password for a person who forgot theirs; their sessions end."""
         password = secrets.token_urlsafe(12)
@@ -150,6 +166,7 @@ class Users:
             raise UserError(f"no account {name!r}")
         return password
 
+    @_serialized
     def set_disabled(self, name: str, disabled: bool) -> None:
         with immediate(self.db) as db:
             if name == "admin" and disabled:
@@ -160,6 +177,7 @@ class Users:
         if not changed:
             raise UserError(f"no account {name!r}")
 
+    @_serialized
     def list(self) -> list[dict]:
         now = self.clock()
         return [{"name": row["name"], "role": row["role"], "disabled": bool(row["disabled"]),
@@ -169,6 +187,7 @@ class Users:
 
     # --- logging in and out ------------------------------------------------------------------
 
+    @_serialized
     def login(self, name: str, password: str, address: str) -> tuple[str, Session]:
         """A new session token for the right password; LoginRefused otherwise."""
         now = self.clock()
@@ -206,6 +225,7 @@ class Users:
                        (_digest(token), name, now, now, address))
         return token, Session(name, row["role"], bool(row["must_change"]), address)
 
+    @_serialized
     def session(self, token: str) -> Session | None:
         """The live session of a token (its idle clock restarted), or None."""
         if not token:
@@ -228,6 +248,7 @@ class Users:
                            (now, _digest(token)))
         return Session(row["name"], row["role"], bool(row["must_change"]), row["address"])
 
+    @_serialized
     def logout(self, token: str, everywhere: bool = False) -> int:
         """End this session, or every session of its person; how many ended."""
         with immediate(self.db) as db:
@@ -241,6 +262,7 @@ class Users:
             return db.execute("DELETE FROM sessions WHERE token_sha256 = ?",
                               (_digest(token),)).rowcount
 
+    @_serialized
     def change_password(self, name: str, old: str, new: str, keep_token: str) -> None:
         """The person's own change (first login included); every other session ends."""
         row = self.db.execute("SELECT hash FROM users WHERE name = ?", (name,)).fetchone()
