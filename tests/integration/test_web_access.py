@@ -186,6 +186,9 @@ def test_nobody_signed_in_gets_nothing_but_the_sign_in_page(site, stored):
     assert page.status_code == 200 and 'name="password"' in page.text
     # A stolen cookie from an earlier, ended session, or a made-up one, is nobody.
     assert site.call("GET", "/orthanc/system", "made-up-token").status_code == 401
+    # The check nginx makes (and which writes the audit trail) is not a client's to call.
+    forged = site.call("GET", "/auth/check", headers={"X-Original-URI": "/orthanc/studies/x"})
+    assert forged.status_code == 404
 
 
 def test_orthanc_itself_never_answers_without_its_credential(site):

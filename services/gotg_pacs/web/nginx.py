@@ -198,6 +198,8 @@ def render(settings: Settings, ca_chain: str, appliance: bool = False, hq: bool 
         '            if ($http_accept ~* "text/html") { return 302 /auth/login?next=$uri; }',
         "            return 401;",
         "        }",
+        # Only nginx's own subrequest asks this (it writes the audit trail): never a client.
+        "        location = /auth/check { return 404; }",
         "        location = /auth/login {",
         "            limit_req zone=logins burst=5 nodelay;",
         f"            proxy_pass {web};",
