@@ -181,6 +181,8 @@ def _backup_text(backup: dict[str, Any]) -> str:
     text = f"{last} to {backup['path']}{disabled}{failing}"
     if error := backup.get("index", {}).get("index_error"):
         text += f"; WITHOUT Orthanc's index ({error})"
+    for problem in backup.get("index", {}).get("state_errors", []):
+        text += f"; NOT CURRENT in it: {problem}"
     names = {"check": "checked", "verify_data": "data verified", "drill": "restore drill",
              "integrity": "integrity check"}
     for kind, outcome in backup.get("checks", {}).items():

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from gotg_pacs.audit import AuditLog
 from gotg_pacs.backup.borgmatic import Backups
 from gotg_pacs.config import Settings
+from gotg_pacs.web.users import Users
 
 BORGMATIC = Path(sys.executable).parent / "borgmatic"
 
@@ -55,3 +57,26 @@ def test_borgmatic_accepts_the_configuration_and_the_passphrase_stays_out_of_it(
     # A second run keeps the passphrase: a new one would lock the box out of its own backups.
     Backups(settings)._prepare()  # a later command, its own instance
     assert backups.passphrase_file.read_text() == passphrase
+
+
+def test_a_state_file_that_cannot_be_copied_keeps_its_last_copy_and_not_the_backup(settings):
+    """A damaged accounts database must not cost the studies their backup: the snapshot takes
+    everything else, keeps the previous copy of the accounts and says what is not current."""
+    backups = Backups(settings)
+    accounts = Users.from_settings(settings)
+    accounts.bootstrap_admin("first password here")
+    accounts.close()
+    AuditLog(settings.audit_file).record("login", "admin", "10.0.0.9")
+    first = backups.snapshot()
+    assert "state_errors" not in first
+    kept = backups.snapshot_dir / "users.sqlite"
+    before = kept.read_bytes()
+    assert before
+
+    settings.users_file.write_bytes(b"this is no SQLite database" * 200)
+    AuditLog(settings.audit_file).record("logout", "admin", "10.0.0.9")
+    second = backups.snapshot()
+    assert [problem.split(":")[0] for problem in second["state_errors"]] == ["the web accounts"]
+    assert kept.read_bytes() == before, "the last good copy stays"
+    assert b"logout" in (backups.snapshot_dir / "audit.jsonl").read_bytes()
+    assert stat.S_IMODE((backups.snapshot_dir / "audit.jsonl").stat().st_mode) == 0o600

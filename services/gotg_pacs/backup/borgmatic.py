@@ -383,24 +383,27 @@ class Backups:
             index.unlink(missing_ok=True)
             log.warning("backup without Orthanc's index: %s", exc)
             taken = {"index_error": str(exc)}
-        _sqlite_copy(self.settings.sync_outbox_file, self.snapshot_dir / "outbox.sqlite")
-        # The web accounts, the audit trail (append-only: its complete lines are a consistent
-        # copy) and the site CA with its key (a restored box keeps its tablets' trust).
-        _sqlite_copy(self.settings.state_path / "web" / "users.sqlite",
-                     self.snapshot_dir / "users.sqlite")
-        if self.settings.audit_file.exists():
-            shutil.copyfile(self.settings.audit_file, self.snapshot_dir / "audit.jsonl")
-        try:
-            for name in ("ca.key", "ca.crt", "ca-chain.crt"):
-                if (self.settings.tls_dir / name).exists():
-                    (self.snapshot_dir / "tls").mkdir(exist_ok=True, mode=0o700)
-                    shutil.copyfile(self.settings.tls_dir / name, self.snapshot_dir / "tls" / name)
-                    os.chmod(self.snapshot_dir / "tls" / name, 0o600)
-        except PermissionError as exc:
-            log.warning("the site CA is not in this backup (%s): back up as root", exc)
-        if self.env_file is not None and self.env_file.exists():
-            shutil.copyfile(self.env_file, self.snapshot_dir / "pacs.env")
-            os.chmod(self.snapshot_dir / "pacs.env", 0o600)
+        # The sync queue, the web accounts, the audit trail (append-only: its complete lines
+        # are a consistent copy), the site CA with its key (a restored box keeps its tablets'
+        # trust) and the settings. Each is taken on its own: one that cannot be copied is
+        # reported and keeps its previous copy, and never costs the studies their backup.
+        problems = []
+        for what, take in (
+                ("the sync queue", lambda: _sqlite_copy(self.settings.sync_outbox_file,
+                                                        self.snapshot_dir / "outbox.sqlite")),
+                ("the web accounts", lambda: _sqlite_copy(self.settings.users_file,
+                                                          self.snapshot_dir / "users.sqlite")),
+                ("the audit trail", lambda: self._copy_private(self.settings.audit_file,
+                                                               "audit.jsonl")),
+                ("the site's certificate authority", self._copy_site_ca),
+                ("the settings", lambda: self._copy_private(self.env_file, "pacs.env"))):
+            try:
+                take()
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("%s is not in this backup (%s); its previous copy stays", what, exc)
+                problems.append(f"{what}: {exc}")
+        if problems:
+            taken["state_errors"] = problems
         # Also as JSON: a restore that merges into another box's index declares them there.
         try:
             declared = Orthanc.from_settings(self.settings, timeout=10).modalities()
@@ -410,6 +413,22 @@ class Backups:
             durable.replace_text(self.snapshot_dir / "modalities.json",
                                  json.dumps(declared, indent=2) + "\n", mode=0o600)
         return taken
+
+    def _copy_private(self, source: Path | None, name: str) -> None:
+        if source is not None and source.exists():
+            partial = self.snapshot_dir / (name + ".partial")
+            shutil.copyfile(source, partial)
+            os.chmod(partial, 0o600)
+            os.replace(partial, self.snapshot_dir / name)
+
+    def _copy_site_ca(self) -> None:
+        """The CA's key is root's: a backup run by another user says so instead of failing."""
+        names = [name for name in ("ca.key", "ca.crt", "ca-chain.crt")
+                 if (self.settings.tls_dir / name).exists()]
+        if names:
+            (self.snapshot_dir / "tls").mkdir(exist_ok=True, mode=0o700)
+        for name in names:
+            self._copy_private(self.settings.tls_dir / name, f"tls/{name}")
 
     def create(self) -> dict:
         """Back up now to every repository; prune the local one. Returns what was made. The

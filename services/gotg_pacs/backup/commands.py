@@ -41,6 +41,8 @@ def backup_now(ctx: Context, as_json: bool) -> None:
         hq = HQClient.from_settings(ctx.settings, timeout=60)
         if _backups(ctx).hand_over_passphrase(hq):
             lines.append("backup passphrase handed to HQ (kept there for a new box)")
+    for problem in made.get("state_errors", []):
+        lines.append(f"NOT in this backup (its previous copy is): {problem}")
     if made["remote_error"]:
         lines.append(f"not sent to HQ this time (the backup disk has it): {made['remote_error']}")
     if ctx.settings.auto_cleanup:
