@@ -485,6 +485,11 @@ class Settings:
         return self.state_path / "proxy"
 
     @property
+    def users_file(self) -> Path:
+        """Web accounts and sessions (web/users.py); backed up with the studies."""
+        return self.state_path / "web" / "users.sqlite"
+
+    @property
     def audit_file(self) -> Path:
         """Who did what to which study (audit.py), appended to only, shipped to HQ."""
         return self.state_path / "audit" / "audit.jsonl"

@@ -91,13 +91,16 @@ def run(settings: Settings, env_file: str, out: TextIO = sys.stdout, as_json: bo
             print("Stopped during start-up.", file=sys.stderr, flush=True)
             return 0
         children.append(start_proxy(settings, echo=echo))
-        for name, args, _port in SERVICES:
+        listening = []  # (service, the setting naming its port)
+        for name, args, port in SERVICES:
             child = Child(name, [sys.executable, "-m", "gotg_pacs", "--env-file", env_file, *args],
                           settings.log_dir / f"{name}.log", echo=echo)
             child.start()
             children.append(child)
-        for child, (_, _, port) in zip(children[-len(SERVICES):], SERVICES, strict=True):
-            if port and not wait_listening(child, getattr(settings, port), 60):
+            if port:
+                listening.append((child, port))
+        for child, port in listening:
+            if not wait_listening(child, getattr(settings, port), 60):
                 raise StartError(f"the {child.name} service did not come up on port "
                                  f"{getattr(settings, port)}:\n{child.last_lines()}")
         if as_json:

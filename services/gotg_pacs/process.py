@@ -25,9 +25,10 @@ from . import orphans, orthanc_conf
 from .config import ConfigError, Settings
 from .orthanc import Orthanc
 from .web import nginx
+from .web.tls import TLSError
 
-# Debian installs it in /usr/sbin, which is not on an ordinary user's PATH.
-ORTHANC_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+# Debian installs Orthanc and nginx in /usr/sbin, which is not on an ordinary user's PATH.
+SBIN_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
 
 
 class StartError(Exception):
@@ -204,7 +205,7 @@ def wait_listening(child: Child, port: int, timeout: float) -> bool:
 
 
 def orthanc_binary() -> str:
-    found = shutil.which("Orthanc", path=ORTHANC_SEARCH_PATH)
+    found = shutil.which("Orthanc", path=SBIN_SEARCH_PATH)
     if not found:
         raise StartError("Orthanc is not installed (no Orthanc program on PATH or in /usr/sbin): "
                          "run `make deps` or `apt-get install orthanc`")
@@ -329,11 +330,8 @@ def postgresql_failure(settings: Settings, log: str) -> str | None:
     return None
 
 
-NGINX_SEARCH_PATH = ORTHANC_SEARCH_PATH
-
-
 def nginx_argv(settings: Settings, config_file: Path, *extra: str) -> list[str]:
-    found = shutil.which("nginx", path=NGINX_SEARCH_PATH)
+    found = shutil.which("nginx", path=SBIN_SEARCH_PATH)
     if not found:
         raise StartError("nginx is not installed (no nginx program on PATH or in /usr/sbin): "
                          "run `make deps` or `apt-get install nginx`")
@@ -350,19 +348,31 @@ def check_proxy_config(settings: Settings, config_file: Path) -> None:
                          + " ".join((result.stderr or result.stdout).split()))
 
 
+def prepare_proxy(settings: Settings, appliance: bool = False, hq: bool = False,
+                  report: Callable[[Path, nginx.Outcome], None] | None = None) -> list[str]:
+    """The site's TLS material made or renewed and nginx's configuration rendered (`report`
+    hears of both), then tested by nginx itself: the argv that runs nginx in the foreground."""
+    try:
+        config_file, outcome = nginx.prepare(settings, appliance, hq)
+    except (TLSError, OSError, ValueError, LookupError) as exc:
+        raise StartError(f"cannot prepare the HTTPS origin: {exc}") from exc
+    if report:
+        report(config_file, outcome)
+    check_proxy_config(settings, config_file)
+    return nginx_argv(settings, config_file, "-g", "daemon off;")
+
+
 def start_proxy(settings: Settings, echo: TextIO | None = None, timeout: float = 30.0,
                 hq: bool = False) -> Child:
-    """The HTTPS origin (HQ's with `hq`): the TLS material made or renewed, nginx started in the
-    foreground, and waited for until HTTPS_PORT accepts connections."""
-    try:
-        config_file, outcome = nginx.prepare(settings, hq=hq)
-    except (OSError, ValueError) as exc:
-        raise StartError(f"cannot prepare the HTTPS origin: {exc}") from exc
-    if echo and outcome.ca_created:
-        echo.write(f"[proxy] created this site's certificate authority; fingerprint (SHA-256) "
-                   f"{outcome.ca_fingerprint}\n")
-    check_proxy_config(settings, config_file)
-    child = Child("proxy", nginx_argv(settings, config_file, "-g", "daemon off;"),
+    """The HTTPS origin (HQ's with `hq`) started in the foreground, and waited for until
+    HTTPS_PORT accepts connections."""
+    def report(_config: Path, outcome: nginx.Outcome) -> None:
+        if echo and outcome.ca_created:
+            echo.write(f"[proxy] created this site's certificate authority; fingerprint "
+                       f"(SHA-256) {outcome.ca_fingerprint}\n")
+
+    argv = prepare_proxy(settings, hq=hq, report=report)
+    child = Child("proxy", argv,
                   settings.log_dir / "proxy.log", echo=echo)
     try:
         child.start()

@@ -88,7 +88,7 @@ def test_cleanup_removes_only_studies_hq_holds_and_the_backup_holds_as_stored(
                         env_file=clinic.env_file)
     assert declared.returncode == 0, declared.stderr
     # The box's own state beyond the archive: accounts, the audit trail, the site CA.
-    users = Users(clinic.settings.state_path / "web" / "users.sqlite", 3600, 43200)
+    users = Users.from_settings(clinic.settings)
     users.bootstrap_admin("kept in the backup")
     users.close()
     AuditLog(clinic.settings.audit_file).record("login", "admin", "10.0.0.9")

@@ -76,8 +76,7 @@ def _clean(path: str) -> str | None:
 def create_app(settings: Settings, users: Users | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
-    store = users or Users(settings.state_path / "web" / "users.sqlite",
-                           settings.session_idle_timeout, settings.session_max_age)
+    store = users or Users.from_settings(settings)
     audit = AuditLog(settings.audit_file)
     if settings.enable_auth and store.bootstrap_admin(settings.admin_password):
         log.info("made the admin account from ADMIN_PASSWORD; it must be changed at first "

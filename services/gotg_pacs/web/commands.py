@@ -1,5 +1,6 @@
-"""`pacs web prepare` (nginx's unit runs it before every start) and `pacs tls ...`: what a
-tablet must trust, and HQ vouching for the site's certificate authority."""
+"""`pacs web serve|prepare` (nginx's unit: start and reload), `pacs web run` (the web service),
+`pacs user ...` and `pacs tls ...`: what a tablet must trust, and HQ vouching for the site's
+certificate authority."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import click
 
 from ..clikit import Context, emit, json_option, pass_context
 from . import nginx
+from .policy import ROLES
 from .tls import Outcome, TLSError, fingerprint, names_of
 
 
@@ -28,14 +30,6 @@ _appliance = click.option(
 _hq = click.option("--hq", is_flag=True,
                    help="HQ's origin: also carry the clinics' uploads to the HQ receiver under "
                         "/sync/.")
-
-
-def _prepare(ctx: Context, appliance: bool, hq: bool) -> tuple[Path, Outcome]:
-    try:
-        return nginx.prepare(ctx.settings, appliance, hq)
-    except (TLSError, OSError, ValueError, LookupError) as exc:
-        click.echo(f"cannot prepare the HTTPS origin: {exc}", err=True)
-        sys.exit(1)
 
 
 def _report(path: Path, outcome: Outcome) -> list[str]:
@@ -58,16 +52,19 @@ def _report(path: Path, outcome: Outcome) -> list[str]:
 @pass_context
 def web_prepare(ctx: Context, appliance: bool, hq: bool, reload_pid: int | None,
                 as_json: bool) -> None:
-    """Make or renew the site's TLS material and render nginx's configuration."""
-    path, outcome = _prepare(ctx, appliance, hq)
-    if reload_pid:
-        from ..process import StartError, check_proxy_config
+    """Make or renew the site's TLS material, render nginx's configuration and have nginx test
+    it (nginx's unit reloads with this every 10 minutes)."""
+    from ..process import StartError, prepare_proxy
 
-        try:  # a configuration nginx would refuse is never handed to the running one
-            check_proxy_config(ctx.settings, path)
-        except StartError as exc:
-            click.echo(str(exc), err=True)
-            sys.exit(1)
+    prepared = {}
+    try:  # a configuration nginx would refuse is never handed to the running one
+        prepare_proxy(ctx.settings, appliance, hq,
+                      report=lambda path, outcome: prepared.update(path=path, outcome=outcome))
+    except StartError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    path, outcome = prepared["path"], prepared["outcome"]
+    if reload_pid:
         os.kill(reload_pid, signal.SIGHUP)
     emit({"config": str(path), "ca_created": outcome.ca_created,
           "server_issued": outcome.server_issued, "names": outcome.names,
@@ -82,18 +79,18 @@ def web_prepare(ctx: Context, appliance: bool, hq: bool, reload_pid: int | None,
 def web_serve(ctx: Context, appliance: bool, hq: bool, as_json: bool) -> None:
     """Prepare, have nginx test its configuration, then become nginx in the foreground (the
     appliance's nginx unit runs this). What was prepared goes to stderr (the journal)."""
-    from ..process import StartError, check_proxy_config, nginx_argv
+    from ..process import StartError, prepare_proxy
 
-    path, outcome = _prepare(ctx, appliance, hq)
-    if as_json:
-        click.echo(json.dumps({"config": str(path), "ca_created": outcome.ca_created,
-                               "server_issued": outcome.server_issued}), err=True)
-    else:
-        for line in _report(path, outcome):
-            click.echo(line, err=True)
+    def report(path: Path, outcome: Outcome) -> None:
+        if as_json:
+            click.echo(json.dumps({"config": str(path), "ca_created": outcome.ca_created,
+                                   "server_issued": outcome.server_issued}), err=True)
+        else:
+            for line in _report(path, outcome):
+                click.echo(line, err=True)
+
     try:
-        check_proxy_config(ctx.settings, path)
-        argv = nginx_argv(ctx.settings, path, "-g", "daemon off;")
+        argv = prepare_proxy(ctx.settings, appliance, hq, report=report)
     except StartError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
@@ -132,15 +129,12 @@ def _users(ctx: Context):
     from .users import Users
 
     as_state_owner(ctx.settings)  # the service's database stays the service's
-    settings = ctx.settings
-    return Users(settings.state_path / "web" / "users.sqlite", settings.session_idle_timeout,
-                 settings.session_max_age)
+    return Users.from_settings(ctx.settings)
 
 
 @user.command("add")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["admin", "clinician", "radiographer",
-                                           "hq_operator"]), required=True)
+@click.option("--role", type=click.Choice(ROLES), required=True)
 @json_option
 @pass_context
 def user_add(ctx: Context, name: str, role: str, as_json: bool) -> None:

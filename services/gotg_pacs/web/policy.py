@@ -18,7 +18,8 @@ from dataclasses import dataclass
 READ = frozenset({"GET", "HEAD"})
 WRITE = frozenset({"POST", "PUT"})
 ANY = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-EVERYONE = frozenset({"admin", "clinician", "radiographer", "hq_operator"})
+ROLES = ("admin", "clinician", "radiographer", "hq_operator")
+EVERYONE = frozenset(ROLES)
 STAFF = frozenset({"admin", "clinician", "radiographer"})
 
 

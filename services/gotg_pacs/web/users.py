@@ -28,8 +28,8 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from ..sqlite_tx import immediate, open_store
+from .policy import ROLES
 
-ROLES = ("admin", "clinician", "radiographer", "hq_operator")
 ROLE_NAMES = {"admin": "administrator", "clinician": "clinician / radiologist",
               "radiographer": "radiographer", "hq_operator": "HQ operator"}
 NAME_PATTERN = r"[a-z][a-z0-9._-]{1,31}"
@@ -118,6 +118,10 @@ class Users:
         self._lock = threading.Lock()
         self.idle_timeout, self.max_age = idle_timeout, max_age
         self.clock = clock
+
+    @classmethod
+    def from_settings(cls, settings) -> Users:
+        return cls(settings.users_file, settings.session_idle_timeout, settings.session_max_age)
 
     def close(self) -> None:
         self.db.close()
