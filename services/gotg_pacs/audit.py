@@ -5,8 +5,13 @@ where.
 One JSON line per event in STATE_PATH/audit/audit.jsonl, opened only for appending and fsynced
 before the request it records is answered. Each line carries the SHA-256 of the line before it,
 so a line removed or edited afterwards breaks the chain (`verify`), and the sync service ships
-the lines to HQ in order (`since`), where the site cannot reach them. Viewing is recorded once
+the lines to HQ in order (`ship`), where the site cannot reach them. Viewing is recorded once
 per person and resource every VIEW_WINDOW, not per image tile.
+
+A log begins with a `trail-start` event naming a random trail. HQ keeps each trail apart, so a
+box rebuilt for the same site starts a trail of its own instead of colliding with the old box's
+at HQ; the old trail, restored from a backup, waits in `earlier/` and is shipped too, for what
+HQ never received of it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import hashlib
 import json
 import os
 import re
+import secrets
+import socket
 import threading
 import time
 from pathlib import Path
@@ -23,6 +30,8 @@ from . import durable
 
 VIEW_WINDOW = 600.0
 GENESIS = "0" * 64
+TRAIL_START = "trail-start"
+TRAIL_ID = re.compile(r"[0-9a-f]{32}")
 # What a request to a backend does to which resource (method, path pattern, action).
 RESOURCE = re.compile(r"/(?:orthanc/(patients|studies|series|instances)|dicom-web/(studies))"
                       r"/([^/]+)(/.*)?")
@@ -91,15 +100,22 @@ class AuditLog:
                                     if now - t < VIEW_WINDOW}
             if self._last_hash is None:
                 self._last_hash = self._tail_hash()
-            event = {"time": round(now, 3), "action": action, "user": user,
-                     "address": address, **details, "previous": self._last_hash}
-            body = json.dumps(event, sort_keys=True, ensure_ascii=True)
-            event["hash"] = hashlib.sha256(body.encode()).hexdigest()
-            line = json.dumps(event, sort_keys=True, ensure_ascii=True) + "\n"
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            durable.append(self.path, line.encode())
-            self._last_hash = event["hash"]
+            if self._last_hash == GENESIS:
+                self._append({"time": round(now, 3), "action": TRAIL_START, "user": "system",
+                              "address": "", "trail": secrets.token_hex(16),
+                              "host": socket.gethostname()})
+            self._append({"time": round(now, 3), "action": action, "user": user,
+                          "address": address, **details})
         return True
+
+    def _append(self, event: dict) -> None:
+        event["previous"] = self._last_hash
+        body = json.dumps(event, sort_keys=True, ensure_ascii=True)
+        event["hash"] = hashlib.sha256(body.encode()).hexdigest()
+        line = json.dumps(event, sort_keys=True, ensure_ascii=True) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        durable.append(self.path, line.encode())
+        self._last_hash = event["hash"]
 
 
 def read(path: Path, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
@@ -143,23 +159,75 @@ def verify(events: list[dict]) -> list[str]:
     return problems
 
 
+def trail_of(log: Path) -> str | None:
+    """The trail a log holds (its first event names it), None while it holds none."""
+    events, _ = read(log, 0, limit=1)
+    if not events:
+        return None
+    first = events[0]
+    trail = first.get("trail") if first.get("action") == TRAIL_START else None
+    if isinstance(trail, str) and TRAIL_ID.fullmatch(trail):
+        return trail
+    # A log begun before trails were named: its first event's hash names it, as well.
+    return str(first.get("hash", ""))[:32] or None
+
+
+def earlier_folder(log: Path) -> Path:
+    """Trails this box holds but no longer writes: the box's own before a restore."""
+    return log.parent / "earlier"
+
+
+def trails(log: Path) -> list[Path]:
+    """The log written now, then every earlier trail, oldest file name first."""
+    return [log, *sorted(earlier_folder(log).glob("*.jsonl"))]
+
+
+def keep_earlier(log: Path, copy: Path) -> str | None:
+    """Keep `copy` (another log, from a backup) as an earlier trail to ship; its trail, or None
+    when it holds nothing, or is this log itself (nothing to keep)."""
+    trail = trail_of(copy)
+    if trail is None or trail == trail_of(log):
+        return None
+    kept = earlier_folder(log) / f"{trail}.jsonl"
+    if not kept.exists() or kept.stat().st_size < copy.stat().st_size:
+        kept.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        durable.replace_bytes(kept, copy.read_bytes(), mode=0o600)
+    return trail
+
+
 def shipped_file(log: Path) -> Path:
-    return log.with_name("shipped-to-hq")
+    return log.with_name(log.name.removesuffix(".jsonl") + ".shipped")
 
 
 def ship(log: Path, client, batch: int = 500) -> int:
-    """Send HQ what it does not hold yet, in order; how many events went. `client` is the
-    site's HQClient (HQUnreachable and HQRefused pass through: the next round tries again)."""
+    """Send HQ what it does not hold yet of every trail here, each in order; how many events
+    went. `client` is the site's HQClient (HQUnreachable and HQRefused pass through: the next
+    round tries again)."""
+    return sum(_ship_trail(path, client, batch) for path in trails(log))
+
+
+def _ship_trail(log: Path, client, batch: int) -> int:
+    trail = trail_of(log)
+    if trail is None:
+        return 0
     marker = shipped_file(log)
     try:
-        start = int(marker.read_text())
-    except (FileNotFoundError, ValueError):
+        shipped = json.loads(marker.read_text())
+        start = int(shipped["offset"]) if shipped["trail"] == trail else 0
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
         start = 0
-    events, end = read(log, start, limit=batch)
-    if end == start:
+    for _ in range(2):  # a second time from where HQ says it is (a marker lost or restored)
+        events, end = read(log, start, limit=batch)
+        if end == start:
+            return 0
+        held, took = client.ship_audit(trail, start, end, events)
+        if took:
+            break
+        # HQ may hold more of an earlier trail than its copy here (a backup older than the
+        # box's last shipment): then this copy has nothing HQ lacks.
+        start = max(0, min(held, log.stat().st_size))
+        durable.replace_text(marker, json.dumps({"trail": trail, "offset": start}), mode=0o600)
+    else:
         return 0
-    held, took = client.ship_audit(start, end, events)
-    size = log.stat().st_size if log.exists() else 0
-    if 0 <= held <= size:
-        durable.replace_text(marker, str(held), mode=0o600)
-    return len(events) if took else 0
+    durable.replace_text(marker, json.dumps({"trail": trail, "offset": held}), mode=0o600)
+    return len(events)

@@ -348,7 +348,15 @@ def audit_command(ctx: Context, last: int, as_json: bool) -> None:
         f"{e.get('kind', '')} {e.get('resource', '') or e.get('path', '')} "
         f"from {e.get('address', '?')}" for e in shown) or "no events yet"
     text += "\n" + ("chain intact" if not problems else "CHAIN BROKEN: " + "; ".join(problems))
-    emit({"events": shown, "total": len(events), "chain_problems": problems}, as_json, text)
+    trail = audit.trail_of(ctx.settings.audit_file)
+    earlier = [path.stem for path in audit.trails(ctx.settings.audit_file)[1:]]
+    if trail:
+        text += f"; trail {trail}"
+    if earlier:
+        text += (f"; {len(earlier)} earlier trail(s) restored from a backup in "
+                 f"{audit.earlier_folder(ctx.settings.audit_file)}")
+    emit({"events": shown, "total": len(events), "chain_problems": problems, "trail": trail,
+          "earlier_trails": earlier}, as_json, text)
     sys.exit(1 if problems else 0)
 
 

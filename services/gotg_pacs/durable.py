@@ -48,11 +48,17 @@ def replace_text(path: Path, text: str, mode: int | None = None, like: Path | No
     file system gives, as on a FAT boot partition). The mode is set before the file gets its
     name, so a secret is never readable under it.
     """
+    replace_bytes(path, text.encode("utf-8"), mode, like)
+
+
+def replace_bytes(path: Path, data: bytes, mode: int | None = None,
+                  like: Path | None = None) -> None:
+    """`replace_text` for bytes."""
     stat = like.stat() if like is not None and like.exists() else None
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
             out.flush()
             os.fsync(out.fileno())
         if stat is not None:

@@ -118,7 +118,8 @@ def test_cleanup_removes_only_studies_hq_holds_and_the_backup_holds_as_stored(
     assert modalities["xray-tent"]["AET"] == "XRAY_TENT"
     assert (held / "tls" / "ca.key").read_bytes() == (clinic.settings.tls_dir
                                                       / "ca.key").read_bytes()
-    assert audit.read(held / "audit.jsonl")[0][0]["action"] == "login"
+    assert [e["action"] for e in audit.read(held / "audit.jsonl")[0]] == [audit.TRAIL_START,
+                                                                          "login"]
     kept = Users(held / "users.sqlite", 3600, 43200)
     assert kept.login("admin", "kept in the backup", "x")[1].must_change
     kept.close()

@@ -605,20 +605,29 @@ def test_the_audit_trail_reaches_hq_in_order_once_and_only_for_its_own_site(clin
     for number in range(3):
         trail.record("export", "amina", "10.0.0.5", kind="studies", resource=f"s{number}")
     client = HQClient.from_settings(clinic.settings)
-    assert audit.ship(clinic.settings.audit_file, client) == 3
+    assert audit.ship(clinic.settings.audit_file, client) == 4  # the trail's start, 3 exports
     assert audit.ship(clinic.settings.audit_file, client) == 0
     trail.record("delete", "admin", "10.0.0.1", kind="studies", resource="s0")
     assert audit.ship(clinic.settings.audit_file, client) == 1
-    kept = hq.settings.hq_dir / "audit" / "test-site.jsonl"
+    name = audit.trail_of(clinic.settings.audit_file)
+    kept = hq.settings.hq_dir / "audit" / "test-site" / f"{name}.jsonl"
     events, _ = audit.read(kept)
-    assert [e["resource"] for e in events] == ["s0", "s1", "s2", "s0"]
+    assert [e.get("resource") for e in events] == [None, "s0", "s1", "s2", "s0"]
     assert audit.verify(events) == []
     # A batch that does not start where HQ's copy ends is answered with HQ's offset.
-    held, took = client.ship_audit(0, 10, [{"action": "forged"}])
+    held, took = client.ship_audit(name, 0, 10, [{"action": "forged"}])
     assert not took and held == clinic.settings.audit_file.stat().st_size
     with pytest.raises(HQRefused) as malformed:
-        client.ship_audit(5, 1, [])
+        client.ship_audit(name, 5, 1, [])
     assert malformed.value.status == 400
+    with pytest.raises(HQRefused) as unnamed:
+        client.ship_audit("../../escrow", 0, 0, [])
+    assert unnamed.value.status == 400
     with pytest.raises(HQRefused):
-        HQClient(hq.url, "not-a-token").ship_audit(0, 0, [])
+        HQClient(hq.url, "not-a-token").ship_audit(name, 0, 0, [])
+    shown = run_pacs("hq", "site", "audit", "test-site", "--json", env_file=hq.env_file)
+    assert shown.returncode == 0, shown.stderr
+    [held_trail] = json.loads(shown.stdout)
+    assert (held_trail["trail"], held_trail["events"], held_trail["chain_problems"]) == \
+        (name, 5, [])
     assert audit.read(kept)[0] == events

@@ -38,7 +38,8 @@ def test_a_view_is_recorded_once_per_window_and_everything_else_every_time(tmp_p
     clock.now += audit.VIEW_WINDOW
     assert log.record("view", "amina", "10.0.0.5", kind="studies", resource="s1")
     events, end = audit.read(tmp_path / "audit.jsonl")
-    assert [e["action"] for e in events] == ["view", "view", "view", "export", "export", "view"]
+    assert [e["action"] for e in events] == [audit.TRAIL_START, "view", "view", "view", "export",
+                                             "export", "view"]
     assert end == (tmp_path / "audit.jsonl").stat().st_size
     assert audit.verify(events) == []
 
@@ -49,31 +50,35 @@ def test_an_edited_removed_or_cut_line_breaks_the_chain(tmp_path):
     for number in range(4):
         log.record("delete", "admin", "10.0.0.1", kind="studies", resource=f"s{number}")
     lines = path.read_text().splitlines(keepends=True)
-    edited = json.loads(lines[1])
+    edited = json.loads(lines[2])
     edited["user"] = "someone-else"
-    path.write_text(lines[0] + json.dumps(edited, sort_keys=True) + "\n" + "".join(lines[2:]))
-    assert audit.verify(audit.read(path)[0]) == ["event 2 was altered"]
-    path.write_text(lines[0] + "".join(lines[2:]))
-    assert audit.verify(audit.read(path)[0]) == ["events are missing before event 2"]
+    path.write_text("".join(lines[:2]) + json.dumps(edited, sort_keys=True) + "\n"
+                    + "".join(lines[3:]))
+    assert audit.verify(audit.read(path)[0]) == ["event 3 was altered"]
+    path.write_text("".join(lines[:2]) + "".join(lines[3:]))
+    assert audit.verify(audit.read(path)[0]) == ["events are missing before event 3"]
     # A power cut mid-line: the next event starts on a line of its own, the cut is reported.
     path.write_text("".join(lines) + lines[0][:40])
     AuditLog(path).record("login", "admin", "10.0.0.1")
     events = audit.read(path)[0]
     assert events[-1]["action"] == "login" and events[-2]["action"] == "unreadable-line"
-    assert audit.verify(events) == ["event 5 is unreadable (cut short by a power cut?)"]
+    assert audit.verify(events) == ["event 6 is unreadable (cut short by a power cut?)"]
 
 
 class FakeHQ:
-    """HQ's side of the exchange as hq/audit.py answers it: 409 with what it holds on a gap."""
+    """HQ's side of the exchange as hq/audit.py answers it: a copy per trail, 409 with what it
+    holds on a gap."""
 
     def __init__(self) -> None:
-        self.held, self.events = 0, []
+        self.held: dict[str, int] = {}
+        self.events: dict[str, list[dict]] = {}
 
-    def ship_audit(self, start: int, end: int, events: list[dict]) -> tuple[int, bool]:
-        if start != self.held:
-            return self.held, False
-        self.events += events
-        self.held = end
+    def ship_audit(self, trail: str, start: int, end: int,
+                   events: list[dict]) -> tuple[int, bool]:
+        if start != self.held.get(trail, 0):
+            return self.held.get(trail, 0), False
+        self.events.setdefault(trail, []).extend(events)
+        self.held[trail] = end
         return end, True
 
 
@@ -84,12 +89,52 @@ def test_shipping_sends_each_event_once_in_order_and_resumes_where_hq_is(tmp_pat
         log.record("export", "amina", "x", kind="studies", resource=f"s{number}")
     hq = FakeHQ()
     assert audit.ship(path, hq, batch=5) == 5
-    assert audit.ship(path, hq, batch=5) == 2
+    assert audit.ship(path, hq, batch=5) == 3
     assert audit.ship(path, hq, batch=5) == 0
-    assert [e["resource"] for e in hq.events] == [f"s{n}" for n in range(7)]
+    [trail] = hq.events
+    assert trail == audit.trail_of(path)
+    assert [e.get("resource") for e in hq.events[trail]] == [None] + [f"s{n}" for n in range(7)]
     # The site's marker lost (a restored box): HQ says where it is, nothing goes twice.
     audit.shipped_file(path).unlink()
     assert audit.ship(path, hq) == 0
     log.record("login", "amina", "x")
-    assert audit.ship(path, hq) == 1 and len(hq.events) == 8
-    assert audit.verify(hq.events) == []
+    assert audit.ship(path, hq) == 1 and len(hq.events[trail]) == 9
+    assert audit.verify(hq.events[trail]) == []
+
+
+def test_a_log_begun_again_is_a_new_trail_and_a_restored_one_is_shipped_beside_it(tmp_path):
+    """A box rebuilt for the same site must not write into the old box's trail at HQ (the
+    offsets would collide and events be skipped), and what the old box recorded but never
+    sent, restored from its backup, still reaches HQ."""
+    path = tmp_path / "audit.jsonl"
+    old = AuditLog(path)
+    for number in range(3):
+        old.record("view", "amina", "x", kind="studies", resource=f"s{number}")
+    hq = FakeHQ()
+    assert audit.ship(path, hq, batch=2) == 2
+    first = audit.trail_of(path)
+    backup = tmp_path / "from-backup.jsonl"
+    backup.write_bytes(path.read_bytes())
+
+    path.unlink()  # the box is lost; the new one begins its own log
+    audit.shipped_file(path).unlink()
+    new = AuditLog(path)
+    new.record("login", "admin", "y")
+    second = audit.trail_of(path)
+    assert second and second != first
+    assert audit.keep_earlier(path, backup) == first
+    assert audit.keep_earlier(path, path) is None, "the log written now is not an earlier one"
+    assert audit.ship(path, hq) == 2 + 2  # the old trail's last two, the new trail's two
+    assert [e.get("resource") for e in hq.events[first]] == [None, "s0", "s1", "s2"]
+    assert [e["action"] for e in hq.events[second]] == [audit.TRAIL_START, "login"]
+    assert audit.verify(hq.events[first]) == [] and audit.verify(hq.events[second]) == []
+    assert audit.ship(path, hq) == 0
+
+    # HQ holds more of the old trail than an older backup does: nothing of it is sent again.
+    older = tmp_path / "older.jsonl"
+    older.write_bytes(backup.read_bytes()[:backup.read_bytes().index(b"\n", 300) + 1])
+    (audit.earlier_folder(path) / f"{first}.jsonl").unlink()
+    audit.shipped_file(audit.earlier_folder(path) / f"{first}.jsonl").unlink()
+    assert audit.keep_earlier(path, older) == first
+    assert audit.ship(path, hq) == 0 and audit.ship(path, hq) == 0
+    assert len(hq.events[first]) == 4

@@ -104,6 +104,38 @@ def site_passphrase(ctx: Context, code: str, as_json: bool) -> None:
     emit(kept, as_json, "\n".join(entry["passphrase"] for entry in kept))
 
 
+@site.command("audit")
+@click.argument("code", callback=_code)
+@json_option
+@pass_context
+def site_audit(ctx: Context, code: str, as_json: bool) -> None:
+    """CODE's audit trails as HQ holds them (one per box the site ran on): how many events,
+    from when to when, and whether each chain is intact (exit 1 if one is not)."""
+    from .. import audit
+    from .audit import Trails
+
+    shown, broken = [], False
+    for path in Trails(ctx.settings.hq_dir / "audit").of(code):
+        events, _ = audit.read(path)
+        problems = audit.verify(events)
+        broken = broken or bool(problems)
+        shown.append({"trail": path.stem, "events": len(events),
+                      "host": events[0].get("host", "") if events else "",
+                      "first": events[0].get("time") if events else None,
+                      "last": events[-1].get("time") if events else None,
+                      "chain_problems": problems, "file": str(path)})
+    if not shown:
+        raise click.ClickException(f"HQ holds no audit trail of {code!r}")
+    emit(shown, as_json, "\n".join(
+        f"{t['trail']} {t['host'] or '?'}: {t['events']} events, "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(t['first'] or 0))} to "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(t['last'] or 0))}, "
+        + ("chain intact" if not t["chain_problems"]
+           else "CHAIN BROKEN: " + "; ".join(t["chain_problems"])) + f" ({t['file']})"
+        for t in shown))
+    sys.exit(1 if broken else 0)
+
+
 @hq.group("backups")
 def backups() -> None:
     """The sites' backup repositories kept at HQ (HQ_BACKUP_PATH)."""

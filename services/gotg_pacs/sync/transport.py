@@ -234,11 +234,13 @@ class HQClient:
 
     # --- the audit trail, kept at HQ (`hq.audit`) -------------------------------------------
 
-    def ship_audit(self, start: int, end: int, events: list[dict]) -> tuple[int, bool]:
-        """Hand HQ the events between byte offsets start and end of this site's log; how far
+    def ship_audit(self, trail: str, start: int, end: int,
+                   events: list[dict]) -> tuple[int, bool]:
+        """Hand HQ the events between byte offsets start and end of this site's trail; how far
         HQ now holds, and whether it took these (not when it held more or less than that)."""
         response = self._call("POST", f"{self.url}/api/v1/audit",
-                              json={"start": start, "end": end, "events": events})
+                              json={"trail": trail, "start": start, "end": end,
+                                    "events": events})
         if response.status_code not in (200, 409):
             raise HQRefused(response.status_code, response.text[:200])
         return int(response.json()["held"]), response.status_code == 200
