@@ -16,6 +16,7 @@ HQ never received of it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -58,28 +59,25 @@ def action_of(method: str, path: str) -> tuple[str, str, str] | None:
 
 
 class AuditLog:
+    """One writer per process (the web service's threads share one); processes that write the
+    same log (the web service, a restore run by hand) take turns under an exclusive lock, each
+    chaining to the event the file ends with."""
+
     def __init__(self, path: Path, clock=time.time) -> None:
         self.path = path
         self.clock = clock
         self._lock = threading.Lock()
-        self._last_hash: str | None = None
+        self._end: tuple[int, str] | None = None  # (file size, last hash) after our last write
         self._recent: dict[tuple[str, str, str], float] = {}
 
-    def _tail_hash(self) -> str:
+    @staticmethod
+    def _tail_hash(log: int, size: int) -> str:
         """The last complete event's hash; a line a power cut left unfinished is closed first,
         so the next event never joins it (verify then reports the cut line)."""
-        try:
-            with open(self.path, "rb") as log:
-                log.seek(0, os.SEEK_END)
-                size = log.tell()
-                log.seek(max(0, size - 65536))
-                tail = log.read()
-        except FileNotFoundError:
-            return GENESIS
+        tail = os.pread(log, 65536, max(0, size - 65536)) if size else b""
         if tail and not tail.endswith(b"\n"):
-            durable.append(self.path, b"\n")
-        lines = [line for line in tail.splitlines() if line.strip()]
-        for line in reversed(lines):
+            os.write(log, b"\n")
+        for line in reversed([line for line in tail.splitlines() if line.strip()]):
             try:
                 return json.loads(line)["hash"]
             except (ValueError, KeyError):
@@ -98,24 +96,34 @@ class AuditLog:
                 if len(self._recent) > 10000:
                     self._recent = {k: t for k, t in self._recent.items()
                                     if now - t < VIEW_WINDOW}
-            if self._last_hash is None:
-                self._last_hash = self._tail_hash()
-            if self._last_hash == GENESIS:
-                self._append({"time": round(now, 3), "action": TRAIL_START, "user": "system",
-                              "address": "", "trail": secrets.token_hex(16),
-                              "host": socket.gethostname()})
-            self._append({"time": round(now, 3), "action": action, "user": user,
-                          "address": address, **details})
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            log = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(log, fcntl.LOCK_EX)
+                size = os.fstat(log).st_size
+                last = self._end[1] if self._end and self._end[0] == size else \
+                    self._tail_hash(log, size)
+                events = []
+                if last == GENESIS:
+                    events.append({"time": round(now, 3), "action": TRAIL_START,
+                                   "user": "system", "address": "",
+                                   "trail": secrets.token_hex(16), "host": socket.gethostname()})
+                events.append({"time": round(now, 3), "action": action, "user": user,
+                               "address": address, **details})
+                lines = []
+                for event in events:
+                    event["previous"] = last
+                    body = json.dumps(event, sort_keys=True, ensure_ascii=True)
+                    last = event["hash"] = hashlib.sha256(body.encode()).hexdigest()
+                    lines.append(json.dumps(event, sort_keys=True, ensure_ascii=True) + "\n")
+                os.write(log, "".join(lines).encode())
+                os.fsync(log)
+                if size == 0:  # a new file: its name too must survive a power cut
+                    durable.fsync_dir(self.path.parent)
+                self._end = (os.fstat(log).st_size, last)
+            finally:
+                os.close(log)  # and with it the lock
         return True
-
-    def _append(self, event: dict) -> None:
-        event["previous"] = self._last_hash
-        body = json.dumps(event, sort_keys=True, ensure_ascii=True)
-        event["hash"] = hashlib.sha256(body.encode()).hexdigest()
-        line = json.dumps(event, sort_keys=True, ensure_ascii=True) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        durable.append(self.path, line.encode())
-        self._last_hash = event["hash"]
 
 
 def read(path: Path, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:

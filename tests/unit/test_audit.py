@@ -65,6 +65,20 @@ def test_an_edited_removed_or_cut_line_breaks_the_chain(tmp_path):
     assert audit.verify(events) == ["event 6 is unreadable (cut short by a power cut?)"]
 
 
+def test_two_processes_writing_one_log_keep_one_chain(tmp_path):
+    """The web service and a restore run by hand both record: each chains to the event the
+    file ends with, not to the last one it wrote itself."""
+    path = tmp_path / "audit.jsonl"
+    web, restore = AuditLog(path), AuditLog(path)
+    web.record("login", "amina", "10.0.0.5")
+    restore.record("restore", "root", "console", archive="field-7-2026")
+    web.record("view", "amina", "10.0.0.5", kind="studies", resource="s1")
+    events = audit.read(path)[0]
+    assert [e["action"] for e in events] == [audit.TRAIL_START, "login", "restore", "view"]
+    assert audit.verify(events) == []
+    assert audit.trail_of(path) == events[0]["trail"]
+
+
 class FakeHQ:
     """HQ's side of the exchange as hq/audit.py answers it: a copy per trail, 409 with what it
     holds on a gap."""
