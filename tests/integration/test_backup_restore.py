@@ -21,9 +21,12 @@ import psutil
 import pydicom
 import pytest
 
-from gotg_pacs import config
+from gotg_pacs import audit, config
+from gotg_pacs.audit import AuditLog
 from gotg_pacs.hq.escrow import Escrow
 from gotg_pacs.process import wait_until
+from gotg_pacs.web.tls import SiteTLS
+from gotg_pacs.web.users import ADMIN_CHANGED_MARKER, Users
 from tests.conftest import run_pacs, write_env
 from tests.support import corpus
 from tests.support.disk import tmpfs
@@ -86,6 +89,56 @@ def _restore(appliance, *args: str) -> dict:
     return json.loads(done.stdout)
 
 
+ADMIN_PASSWORD_OF_OLD = "chosen at the clinic, 2026"
+
+
+def _in_use(settings) -> None:
+    """A box people use: the admin chose a password, a clinician has an account, events in
+    the audit trail, the site CA the tablets trust."""
+    users = Users.from_settings(settings)
+    users.bootstrap_admin(settings.admin_password)
+    token, _ = users.login("admin", settings.admin_password, "10.0.0.9")
+    users.change_password("admin", settings.admin_password, ADMIN_PASSWORD_OF_OLD, token)
+    users.add("amina", "clinician")
+    users.close()
+    AuditLog(settings.audit_file).record("export", "amina", "10.0.0.5", kind="studies",
+                                         resource="s1")
+    SiteTLS(settings.tls_dir, settings.site_code).ensure(["localhost"])
+
+
+def _as_flashed(settings) -> None:
+    """A new box at its first start: its own CA, `admin` on the password it was given."""
+    users = Users.from_settings(settings)
+    users.bootstrap_admin(settings.admin_password)
+    users.close()
+    AuditLog(settings.audit_file).record("login-refused", "admin", "10.0.0.9")
+    SiteTLS(settings.tls_dir, settings.site_code).ensure(["localhost"])
+
+
+def _state_came_back(old, new, said: dict) -> None:
+    """The accounts (passwords as they were, no session), the site CA (the server certificate
+    issued again from it) and the old box's audit trail, kept beside the new box's."""
+    users = Users.from_settings(new)
+    assert {user["name"] for user in users.list()} == {"admin", "amina"}, said
+    _, session = users.login("admin", ADMIN_PASSWORD_OF_OLD, "10.0.0.9")
+    assert not session.must_change
+    users.close()
+    assert (new.state_path / ADMIN_CHANGED_MARKER).exists(), "the flashed password's copy goes"
+    assert said["accounts"].startswith("2 put back"), said
+    assert (new.tls_dir / "ca.key").read_bytes() == (old.tls_dir / "ca.key").read_bytes()
+    assert "put back" in said["site_ca"] and list(new.tls_dir.glob("replaced-*/ca.key"))
+    tls = SiteTLS(new.tls_dir, new.site_code)
+    assert tls.ensure(["localhost"]).server_issued == "none yet"
+    assert tls.server_cert().issuer == SiteTLS(old.tls_dir, old.site_code).ca_cert().subject
+    old_trail = audit.trail_of(old.audit_file)
+    assert old_trail in said["audit_trail"]
+    kept = audit.earlier_folder(new.audit_file) / f"{old_trail}.jsonl"
+    assert kept.read_bytes() == old.audit_file.read_bytes()
+    events = audit.read(new.audit_file)[0]
+    assert [e["action"] for e in events] == [audit.TRAIL_START, "login-refused", "restore"]
+    assert events[-1]["earlier_trail"] == old_trail and audit.verify(events) == []
+
+
 def test_a_backup_restores_into_an_empty_appliance_identical_and_again_changes_nothing(
         small_disk, appliance_factory, backup_disk, tmp_path):
     old = appliance_factory("old", BACKUP_PATH=str(backup_disk))
@@ -93,6 +146,7 @@ def test_a_backup_restores_into_an_empty_appliance_identical_and_again_changes_n
     declared = run_pacs("modality", "add", "xray-tent", "XRAY_TENT", "10.0.0.9", "104",
                         env_file=old.env_file)
     assert declared.returncode == 0, declared.stderr
+    _in_use(old.settings)
     # A modality goes on storing while the backup runs: Orthanc pauses only while its index
     # is copied, and nothing is refused.
     during = corpus.renumbered_copies([corpus.DATA_DIR / "MR2_UNCR.dcm"], 30, tmp_path)
@@ -119,6 +173,7 @@ def test_a_backup_restores_into_an_empty_appliance_identical_and_again_changes_n
 
     new = appliance_factory("new", BACKUP_PATH=str(backup_disk))
     assert _held(new) == {}
+    _as_flashed(new.settings)
     new.stop()  # a whole restore: Orthanc stopped, its index empty
     refused = run_pacs("restore", "--latest", env_file=new.env_file)
     assert refused.returncode == 1
@@ -156,12 +211,14 @@ def test_a_backup_restores_into_an_empty_appliance_identical_and_again_changes_n
     for instance in new.orthanc.get("/instances"):
         assert new.orthanc.verify_md5(instance)
     assert new.orthanc.modalities()["xray-tent"]["AET"] == "XRAY_TENT"
+    _state_came_back(old.settings, new.settings, report["state"])
     # Healthy: it stores what a modality sends next.
     assert new.modality.store([corpus.DATA_DIR / "OBXXXX1A.dcm"]).ok
     assert len(_held(new)) == len(held) + 1
 
     again = _restore(new, "--archive", archive)  # Orthanc runs with studies: merged
     assert (again["mode"], again["restored"], again["modalities"]) == ("merge", 0, [])
+    assert again["state"]["accounts"].startswith("this box's own kept"), again["state"]
     assert again["present"] == len(held)
     missing = run_pacs("restore", "--archive", "no-such-archive", env_file=new.env_file)
     assert missing.returncode == 1 and "no archive named" in missing.stderr

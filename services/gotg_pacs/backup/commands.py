@@ -262,6 +262,9 @@ def restore(ctx: Context, latest: bool, archive: str | None, remote: bool, site:
         lines = [f"restored from {done.archive}: {len(done.restored)} instances stored and "
                  f"verified, {len(done.present)} already here, in {done.seconds:.0f} s"]
     lines += [f"  declared modality {name} again" for name in done.modalities]
+    names = {"accounts": "web accounts", "site_ca": "site certificate authority",
+             "audit_trail": "audit trail"}
+    lines += [f"  {names[key]}: {said}" for key, said in done.state.items()]
     lines += [f"  MISSING instance {item['sop'] or item['instance']}: in the index, not in the "
               "archive (deleted while the backup ran, or an older archive holds it: "
               "`pacs integrity check --repair` once Orthanc runs)" for item in done.missing]

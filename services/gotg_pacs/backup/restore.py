@@ -42,6 +42,7 @@ from ..checksums import md5_of
 from ..config import Settings
 from ..orphans import is_fragment
 from ..orthanc import Orthanc, OrthancError, OrthancUnreachable
+from . import appliance_state
 from .borgmatic import INDEX_SNAPSHOT, BackupError, Backups, Contents
 from .index_copy import INDEX_FILE
 
@@ -118,6 +119,7 @@ class Restored:
     failed: list[dict] = field(default_factory=list)    # {"file", "reason"}
     skipped: list[str] = field(default_factory=list)    # partial attachments, not instances
     modalities: list[str] = field(default_factory=list)  # declared again
+    state: dict[str, str] = field(default_factory=dict)  # accounts, site CA, audit trail
     missing: list[dict] = field(default_factory=list)   # in the index, file not in the archive
     waiting: int = 0  # files the index did not know, stored again when Orthanc starts
     stopped: list[str] = field(default_factory=list)    # systemd units stopped and started
@@ -128,7 +130,7 @@ class Restored:
         return {"archive": self.archive, "mode": self.mode, "restored": len(self.restored),
                 "present": len(self.present), "differs": self.differs,
                 "failed": self.failed, "skipped": len(self.skipped),
-                "modalities": self.modalities, "missing": self.missing,
+                "modalities": self.modalities, "state": self.state, "missing": self.missing,
                 "waiting": self.waiting, "stopped": self.stopped, "phases": self.phases,
                 "seconds": round(self.seconds, 1)}
 
@@ -156,6 +158,7 @@ class Restore:
             name = self.backups.resolve(archive)
             contents = self.backups.contents(name)
             report = self._dispatch(name, contents)
+            report.state = self._appliance_state(name, contents)
             report.seconds = time.monotonic() - started
         log.info("%s restore from %s: %d restored, %d present, %d differ, %d failed, "
                  "%d missing", report.mode, name, len(report.restored), len(report.present),
@@ -190,6 +193,21 @@ class Restore:
             return self._whole(name, contents)
         finally:
             os.close(lock)
+
+    def _appliance_state(self, name: str, contents: Contents) -> dict[str, str]:
+        """Accounts, site CA and audit trail from the archive's snapshot (appliance_state)."""
+        found = appliance_state.snapshot_paths(contents)
+        if not found:
+            return {}
+        staging = self.settings.state_path / "restore-state"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self.backups.extract(name, list(found.values()), staging)
+            name_in_snapshot, path = next(iter(found.items()))
+            snapshot = (staging / str(path).lstrip("/")).parents[name_in_snapshot.count("/")]
+            return appliance_state.put_back(self.settings, snapshot, name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _room(self, total: int, extra: int) -> None:
         need = total + extra + ROOM_MARGIN

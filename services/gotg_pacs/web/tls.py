@@ -245,6 +245,35 @@ class SiteTLS:
         outcome.ca_fingerprint = fingerprint(self.ca_cert())
         return outcome
 
+    def take_ca_from(self, folder: Path) -> str | None:
+        """Put back the CA kept in `folder` (a backup's copy of this folder), so the tablets
+        that trusted the box it came from trust this one. This box's own CA and certificate
+        move to `replaced-TIME/` (kept, never deleted); the server certificate is issued again
+        by the next `ensure`. Returns the fingerprint put back, None when it is this CA."""
+        kept = SiteTLS(folder, self.site_code)
+        try:
+            ca, key = kept.ca_cert(), kept._ca_key()
+        except (OSError, ValueError) as exc:
+            raise TLSError(f"the backup's site CA cannot be read: {exc}") from None
+        if ca.public_key() != key.public_key():
+            raise TLSError("the backup's site CA certificate is not for its key")
+        if self.ca_cert_file.exists() and self.ca_key_file.exists() \
+                and self._ca_key().public_key() == key.public_key():
+            return None
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        aside = self.folder / f"replaced-{_now():%Y%m%dT%H%M%S}"
+        aside.mkdir(mode=0o700, exist_ok=True)
+        for path in (self.ca_key_file, self.ca_cert_file, self.ca_chain_file,
+                     self.server_key_file, self.server_cert_file):
+            if path.exists():
+                path.replace(aside / path.name)
+        # The key first, as when a CA is made.
+        durable.replace_bytes(self.ca_key_file, kept.ca_key_file.read_bytes(), mode=0o600)
+        durable.replace_bytes(self.ca_cert_file, kept.ca_cert_file.read_bytes(), mode=0o644)
+        chain = kept.ca_chain_file if kept.ca_chain_file.exists() else kept.ca_cert_file
+        durable.replace_bytes(self.ca_chain_file, chain.read_bytes(), mode=0o644)
+        return fingerprint(ca)
+
     # --- HQ vouching for the site ------------------------------------------------------------
 
     def csr(self) -> str:

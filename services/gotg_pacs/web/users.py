@@ -21,6 +21,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +139,32 @@ class Users:
                        "VALUES ('admin', 'admin', ?, 1, ?)", (HASHER.hash(password),
                                                               self.clock()))
         return True
+
+    @_serialized
+    def as_made(self) -> bool:
+        """Whether nobody has made these accounts their own yet: none but `admin`, still on the
+        password the box was given. Only then may a restore put a site's accounts back."""
+        rows = self.db.execute("SELECT name, must_change FROM users").fetchall()
+        return all(name == "admin" and must_change for name, must_change in rows)
+
+    @_serialized
+    def take_from(self, copy: Path) -> list[str]:
+        """Every account replaced by those in `copy` (a backup's users.sqlite), passwords,
+        roles and disabled state as they were; no session comes along, so everyone signs in
+        again. Returns the names taken."""
+        with closing(sqlite3.connect(f"file:{copy}?mode=ro", uri=True)) as source:
+            rows = source.execute("SELECT name, role, hash, must_change, disabled, created "
+                                  "FROM users").fetchall()
+        for name, role, *_ in rows:
+            if role not in ROLES or not re.fullmatch(NAME_PATTERN, str(name)):
+                raise UserError(f"the copy holds an account {name!r} with role {role!r} that "
+                                "this version does not know")
+        with immediate(self.db) as db:
+            db.execute("DELETE FROM sessions")
+            db.execute("DELETE FROM users")
+            db.executemany("INSERT INTO users (name, role, hash, must_change, disabled, created) "
+                           "VALUES (?, ?, ?, ?, ?, ?)", rows)
+        return [row[0] for row in rows]
 
     @_serialized
     def add(self, name: str, role: str) -> str:
