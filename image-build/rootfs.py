@@ -41,6 +41,11 @@ TARGETS = {
     "pi4": {"arch": "arm64", "packages": ["linux-image-arm64", "raspi-firmware", *BOOTABLE],
             "playbook": "image.yml", "boot": "/boot/firmware"},
 }
+# The CPU qemu-user emulates for a tree of another architecture. Its default ("max") emulates
+# pointer authentication in software, and Debian's arm64 programs sign every return address:
+# the Pi 4's own Cortex-A72 has no such instructions (they run as no-ops), and builds and runs
+# an arm64 tree's programs about 15 times faster.
+EMULATED_CPU = {"arm64": "cortex-a72"}
 ROOT_LABEL = "gotg-root"
 BOOT_LABEL = "GOTG-BOOT"
 HOSTNAME = "gotg-pacs"
@@ -106,21 +111,32 @@ def pin_pi_boot_settings(tree: Path) -> None:
     defaults.write_text(text)
 
 
+def _architecture(*root: str) -> str:
+    return subprocess.run([*root, "dpkg", "--print-architecture"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
 def foreign(tree: Path) -> bool:
     """Whether the tree is for another CPU than this one (its programs run under qemu-user)."""
-    def arch(*root: str) -> str:
-        return subprocess.run([*root, "dpkg", "--print-architecture"], check=True,
-                              capture_output=True, text=True).stdout.strip()
-    return arch("chroot", str(tree)) != arch()
+    return _architecture("chroot", str(tree)) != _architecture()
+
+
+def emulation_env(env: dict[str, str], arch: str) -> dict[str, str]:
+    """`env` for programs of `arch` run through qemu-user on this machine (EMULATED_CPU)."""
+    if arch != _architecture() and arch in EMULATED_CPU:
+        return {**env, "QEMU_CPU": EMULATED_CPU[arch]}
+    return env
 
 
 def apply(root_dir: Path, vars_file: Path | None, check: bool = False,
           playbook: str = "clinic.yml") -> None:
     command = playbook_command(str(root_dir), vars_file, playbook) + (["--check"] if check
                                                                      else [])
+    env = {**ansible_env(), "ANSIBLE_PIPELINING": "1"}
     if foreign(root_dir):  # qemu-user has no netfilter netlink for `nft -c`
         command += ["-e", json.dumps({"base_firewall_validate": False})]
-    subprocess.run(command, check=True, env={**ansible_env(), "ANSIBLE_PIPELINING": "1"})
+        env = emulation_env(env, _architecture("chroot", str(root_dir)))
+    subprocess.run(command, check=True, env=env)
 
 
 def ansible_env() -> dict[str, str]:
@@ -173,7 +189,7 @@ def build(target: str, out: Path, vars_file: Path | None, log=sys.stderr,
                *hooks,
                "--customize-hook=rm -f \"$1\"/etc/machine-id && touch \"$1\"/etc/machine-id",
                SUITE, str(out), sources()]
-    env = ansible_env()
+    env = emulation_env(ansible_env(), spec["arch"])
     if os.environ.get("SOURCE_DATE_EPOCH"):
         env["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
     try:
