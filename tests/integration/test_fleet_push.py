@@ -1,10 +1,10 @@
 """HQ pushing an update to several clinics: a canary first, offline sites left for later.
 
 Why it matters: HQ updates every site over whatever link exists. A bad change must stop at the
-first site instead of breaking the fleet, a site that is offline for weeks must not fail the
-rollout, and pushing the same state again must change nothing. The sites are booted appliance
-trees (systemd-nspawn, each its own network) reached by Ansible through `nsenter`, the way a
-push reaches a running box; the playbook is the real ansible/clinic.yml.
+first site instead of breaking the fleet, and a site that is offline for weeks must not fail
+the rollout. The sites are booted appliance trees (systemd-nspawn, each its own network) reached
+by Ansible through `nsenter`, the way a push reaches a running box; the playbook is the real
+ansible/clinic.yml.
 """
 
 from __future__ import annotations
@@ -81,13 +81,9 @@ def test_a_push_goes_canary_first_leaves_offline_sites_and_settles(clinic_tree, 
         batches = [line for line in pushed.stdout.splitlines()
                    if line.startswith("PLAY [Update the clinics")]
         assert len(batches) == 2, "a canary batch, then the rest"
-
-        # The same release again: nothing changes anywhere.
-        again = push(inventory, "clinic.yml")
-        hosts = recaps(again.stdout)
-        assert hosts["site-a"]["changed"] == 0 and hosts["site-b"]["changed"] == 0, \
-            again.stdout[-3000:]
-        assert hosts["site-a"]["failed"] == 0 and hosts["site-b"]["failed"] == 0
+        # The same release pushed again changes nothing: clinic.yml's roles are proven so on
+        # booted boxes by the role scenarios' idempotence step (molecule base and clinic), and
+        # the whole playbook on the built tree by test_appliance_container.
     finally:
         for box in boxes.values():
             box.stop()
