@@ -196,15 +196,21 @@ def orthanc_stopped(ctx: Context, as_json: bool) -> None:
               help="The site file [default: gotg-site.txt on the boot partition, if present].")
 @click.option("--network-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("/etc/systemd/network"), show_default=True)
+@click.option("--firewall-ports", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="The firewall's ports file, rewritten when the site file moves "
+                                 "a port [default: the appliance's, if there is one].")
 @click.option("--forget-password", is_flag=True,
               help="Only erase the boot partition's copy of the made admin password (run once "
                    "the admin chose their own).")
 @json_option
 @pass_context
 def firstboot_command(ctx: Context, site_file: Path | None, network_dir: Path,
-                      forget_password: bool, as_json: bool) -> None:
+                      firewall_ports: Path | None, forget_password: bool, as_json: bool) -> None:
     """First boot: merge the site file into the configuration, make a new ADMIN_PASSWORD."""
-    from .firstboot import SiteFileError, apply, find_site_file
+    import subprocess
+
+    from . import units
+    from .firstboot import FIREWALL_PORTS_FILE, SiteFileError, apply, find_site_file
 
     if forget_password:
         from .firstboot import forget_password as forget
@@ -218,10 +224,15 @@ def firstboot_command(ctx: Context, site_file: Path | None, network_dir: Path,
 
     site_file = site_file or find_site_file()
     try:
-        report = apply(ctx.env_file, site_file, network_dir)
+        report = apply(ctx.env_file, site_file, network_dir,
+                       firewall_ports=firewall_ports or FIREWALL_PORTS_FILE)
     except SiteFileError as exc:
         click.echo(f"pacs: site file not applied, nothing changed: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
+    # At first boot the firewall is not loaded yet (the unit runs before it); run again later
+    # by hand, the loaded one is replaced now.
+    if report.open_ports and units.active("nftables.service"):
+        subprocess.run(["systemctl", "reload", "nftables.service"], check=False)
     password = (f"  Administrator password for this box: {report.admin_password}\n"
                 f"  (also in {report.password_file or 'no file: no boot partition'} until the "
                 "admin chooses their own)" if report.admin_password else
@@ -230,7 +241,8 @@ def firstboot_command(ctx: Context, site_file: Path | None, network_dir: Path,
     emit({"site_file": str(site_file) if site_file else None, "applied": report.applied,
           "network": report.network, "scrubbed": report.scrubbed,
           "admin_password": report.admin_password,
-          "password_file": report.password_file}, as_json, text)
+          "password_file": report.password_file, "open_ports": report.open_ports}, as_json,
+         text)
 
 
 # --- modalities -----------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ NETWORK_KEYS = ("NETWORK_ADDRESS", "NETWORK_GATEWAY", "NETWORK_DNS")
 # Where the image put the data is not the site file's to change.
 FIXED_KEYS = ("STORAGE_PATH", "STATE_PATH")
 NETWORK_FILE = "20-wired.network"
+# The ports the firewall opens to the clinic's network, as the base role writes them: the site
+# file may move DICOM_PORT (to 104, say) or the HTTPS origin's, and the firewall must follow.
+FIREWALL_PORTS_FILE = Path("/etc/nftables.d/gotg-open-ports.nft")
 
 
 class SiteFileError(Exception):
@@ -44,10 +47,13 @@ class FirstBoot:
     scrubbed: list[str] = field(default_factory=list)       # secrets removed from the FAT file
     box: str = ""                                            # what the box now is, in one line
     password_file: str = ""           # where the made password was written for the person
+    open_ports: list[int] = field(default_factory=list)     # the firewall's, when rewritten
 
     def summary(self) -> str:
         keys = ", ".join(self.applied) or "none"
-        return (f"{self.box}\nsite settings applied: {keys}; network: {self.network}; "
+        ports = (f"; firewall opens {', '.join(map(str, self.open_ports))}"
+                 if self.open_ports else "")
+        return (f"{self.box}\nsite settings applied: {keys}; network: {self.network}{ports}; "
                 f"secrets removed from the site file: {', '.join(self.scrubbed) or 'none'}")
 
 
@@ -100,9 +106,19 @@ def render_env(values: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def open_ports_text(ports: list[int]) -> str:
+    """The firewall's ports file, exactly as the base role's template writes it."""
+    return ("# Open to the clinic's network: DICOM, then the HTTPS origin's redirect and itself.\n"
+            "# Written by the base role and again by `pacs firstboot` when the site file moves a "
+            "port.\n"
+            f"define gotg_open_tcp = {{ {', '.join(str(port) for port in ports)} }}\n")
+
+
 def apply(env_file: Path, site_file: Path | None, network_dir: Path,
-          boot_dirs: tuple[Path, ...] = BOOT_DIRS) -> FirstBoot:
-    """Merge the site file into env_file with a new ADMIN_PASSWORD; raise SiteFileError."""
+          boot_dirs: tuple[Path, ...] = BOOT_DIRS,
+          firewall_ports: Path | None = None) -> FirstBoot:
+    """Merge the site file into env_file with a new ADMIN_PASSWORD; raise SiteFileError.
+    `firewall_ports`: the firewall's ports file, rewritten for the settings if it exists."""
     report = FirstBoot()
     current, _ = read_env_file(env_file)
     site: dict[str, str] = {}
@@ -134,6 +150,12 @@ def apply(env_file: Path, site_file: Path | None, network_dir: Path,
         network_dir.mkdir(parents=True, exist_ok=True)
         durable.replace_text(network_dir / NETWORK_FILE, network, mode=0o644)
         report.network = network_values["NETWORK_ADDRESS"]
+    if firewall_ports is not None and firewall_ports.exists():
+        ports = list(dict.fromkeys([settings.dicom_port, settings.http_redirect_port,
+                                    settings.https_port]))
+        if firewall_ports.read_text() != open_ports_text(ports):
+            durable.replace_text(firewall_ports, open_ports_text(ports), mode=0o644)
+            report.open_ports = ports
     if site_file is not None:
         report.scrubbed = _scrub(site_file, site)
     boot = site_file.parent if site_file is not None else find_boot_dir(boot_dirs)

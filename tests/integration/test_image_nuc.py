@@ -167,17 +167,19 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
     with disk.open("r+b") as handle:  # the clinic's disk is larger than the image
         handle.truncate(disk.stat().st_size + 2 * 1024**3)
     # What a clinician writes on the boot partition with a laptop before plugging the box in:
-    # the site's AE title and HQ credential, and a static address (qemu's LAN has no need of
-    # one, but it proves the file's network reaches the box).
+    # the site's AE title and HQ credential, the port its modalities send to (104, the usual
+    # one: Orthanc must bind it and the firewall open it), and a static address (qemu's LAN has
+    # no need of one, but it proves the file's network reaches the box).
     esp = f"{disk}@@{_partitions(nuc_image)[0]['start'] * 512}"
     site_file = tmp_path / "gotg-site.txt"
     site_file.write_text(f"PACS_NAME=Field NUC\nPACS_AET={SITE_AET}\nSITE_CODE=field-nuc\n"
+                         "DICOM_PORT=104\n"
                          "HQ_URL=https://hq.invalid/sync\nHQ_TOKEN=secret-on-the-card\n"
                          "NETWORK_ADDRESS=10.0.2.15/24\nNETWORK_GATEWAY=10.0.2.2\n")
     subprocess.run(["mcopy", "-i", esp, str(site_file), "::/gotg-site.txt"], check=True,
                    env=MTOOLS)
     dicom, http, https = free_port(), free_port(), free_port()
-    vm = VM(disk, tmp_path, {4242: dicom, 8042: http, 443: https, 22: free_port()})
+    vm = VM(disk, tmp_path, {104: dicom, 8042: http, 443: https, 22: free_port()})
     modality = Modality(SITE_AET, dicom, timeout=60)
     try:
         vm.start()
@@ -185,15 +187,16 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
         console = vm.console_text()
         assert "gotg-firstboot: root partition grown" in console, console[-3000:]
         assert "gotg-firstboot: SSH host keys made" in console
-        assert "site settings applied: HQ_TOKEN, HQ_URL, PACS_AET" in console, console[-3000:]
-        assert "network: 10.0.2.15/24" in console
+        assert "site settings applied: DICOM_PORT, HQ_TOKEN, HQ_URL, PACS_AET" in console, \
+            console[-3000:]
+        assert "network: 10.0.2.15/24; firewall opens 104, 80, 443" in console
         assert "Administrator password for this box: " in console
         made = console.split("Administrator password for this box: ", 1)[1].split()[0]
         waiting = subprocess.run(["mtype", "-i", esp, "::/gotg-admin-password.txt"],
                                  env=MTOOLS, capture_output=True, text=True).stdout
         assert made in waiting, "the made password waits on the boot partition"
         assert (f"this box: 'Field NUC' (site field-nuc), DICOM AE title {SITE_AET} on port "
-                "4242, HQ https://hq.invalid/sync") in console
+                "104, HQ https://hq.invalid/sync") in console
 
         files = corpus.representative()[:3]
         assert modality.store(files).ok

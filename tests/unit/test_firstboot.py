@@ -7,10 +7,12 @@ its settings, its network and a password of its own, and leave no secret on the 
 
 from __future__ import annotations
 
+import jinja2
 import pytest
 
 from gotg_pacs.config import load
 from gotg_pacs.firstboot import NETWORK_FILE, PASSWORD_FILE, SiteFileError, apply, forget_password
+from tests.conftest import REPO
 
 IMAGE_ENV = ('PACS_NAME="GOTG PACS"\nPACS_AET="GOTG_PACS"\nADMIN_PASSWORD="image-placeholder"\n'
              'STORAGE_PATH="/var/lib/gotg-pacs/orthanc"\n')
@@ -101,3 +103,30 @@ def test_a_password_the_site_chose_is_not_copied_anywhere(env_file, tmp_path):
     assert report.admin_password == "" and report.password_file == ""
     assert not (tmp_path / PASSWORD_FILE).exists()
     assert "chosen-by-the-site" not in site.read_text()
+
+
+def test_the_firewall_follows_a_port_the_site_file_moves(env_file, tmp_path):
+    """Many modalities are set to send to port 104: a site file saying DICOM_PORT=104 must open
+    104 in the firewall the image was built with (4242), or every image is refused at the door."""
+    ports = tmp_path / "gotg-open-ports.nft"
+    ports.write_text(_base_role_ports(4242, [80, 443]))
+    site = tmp_path / "gotg-site.txt"
+    site.write_text("DICOM_PORT=104\nHTTPS_PORT=8443\n")
+    report = apply(env_file, site, tmp_path / "network", boot_dirs=(), firewall_ports=ports)
+    assert report.open_ports == [104, 80, 8443]
+    assert ports.read_text() == _base_role_ports(104, [80, 8443]), "as the role writes it"
+    assert "firewall opens 104, 80, 8443" in report.summary()
+    # The same ports again (a first boot repeated after a power cut): nothing rewritten.
+    again = apply(env_file, None, tmp_path / "network", boot_dirs=(), firewall_ports=ports)
+    assert again.open_ports == []
+    # No such file (not the appliance): none is made.
+    apply(env_file, site, tmp_path / "network", boot_dirs=(),
+          firewall_ports=tmp_path / "absent.nft")
+    assert not (tmp_path / "absent.nft").exists()
+
+
+def _base_role_ports(dicom: int, others: list[int]) -> str:
+    """The base role's template rendered as Ansible renders it (its filters are Jinja's own)."""
+    template = (REPO / "roles/base/templates/etc/nftables.d/gotg-open-ports.nft.j2").read_text()
+    return jinja2.Template(template, keep_trailing_newline=True).render(
+        base_dicom_port=str(dicom), base_open_tcp_ports=[str(port) for port in others])
