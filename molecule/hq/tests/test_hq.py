@@ -67,6 +67,37 @@ def test_the_receiver_runs_sandboxed_and_answers_only_sites_with_a_credential(ho
     assert _ask(host, token)["holdings"] == 401, "a revoked site is refused at once"
 
 
+# The receiver as a clinic reaches it: through HQ's HTTPS origin under /sync/, HQ's own CA
+# trusted, with the given bearer token (none: no Authorization header).
+THROUGH_HTTPS = """
+import json, ssl, sys, urllib.error, urllib.request
+
+context = ssl.create_default_context(cafile="/var/lib/gotg-pacs/state/tls/ca.crt")
+token = sys.argv[1] if len(sys.argv) > 1 else ""
+request = urllib.request.Request(
+    "https://localhost/sync/api/v1/holdings", data=json.dumps({"instances": []}).encode(),
+    headers={"Content-Type": "application/json",
+             **({"Authorization": "Bearer " + token} if token else {})})
+try:
+    with urllib.request.urlopen(request, timeout=10, context=context) as answer:
+        print(answer.status, answer.headers.get("Strict-Transport-Security"))
+except urllib.error.HTTPError as refused:
+    print(refused.code, refused.headers.get("Strict-Transport-Security"))
+"""
+
+
+def test_clinics_reach_the_receiver_only_through_https_under_sync(host):
+    assert host.service("nginx").is_enabled and host.service("nginx").is_running
+    added = host.run("pacs hq site add molecule-https --json")
+    assert added.rc == 0, added.stderr
+    token = json.loads(added.stdout)["hq_token"]
+    ask = f"{VENV}/bin/python -c {shlex.quote(THROUGH_HTTPS)}"
+    assert host.check_output(f"{ask} {token}") == "200 max-age=31536000"
+    assert host.check_output(ask) == "401 max-age=31536000"
+    listening = host.check_output("ss -Htln 'sport = :7000'")
+    assert "127.0.0.1:7000" in listening and "0.0.0.0:7000" not in listening, listening
+
+
 def test_the_sites_backups_are_kept_append_only_and_pruned_by_hq_as_their_owner(host):
     account = host.user("gotg-backup")
     assert account.shell == "/bin/sh" and account.home == "/var/lib/gotg-backup"
