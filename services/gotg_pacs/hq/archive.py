@@ -57,7 +57,15 @@ class Archive:
     def held(self, sop_uid: str, original_md5: str, site: str, sent_to=None) -> str | None:
         """HQ's instance (or kept revision) holding exactly this site's original, or exactly
         what HQ itself sent this site (`sent_to(site, instance, md5)`: a report, a prior)."""
-        for holder in self._holders(sop_uid):
+        try:
+            holders = self._holders(sop_uid)
+        except OrthancUnreachable:
+            raise
+        except OrthancError as exc:
+            if exc.status != 400:
+                raise
+            return None  # Orthanc looks up no UID with a wildcard in it (* or ?): none is held
+        for holder in holders:
             if sent_to is not None and sent_to(site, holder["hq_id"], original_md5):
                 return holder["hq_id"]
             if holder["site"] == site and holder["md5"] == original_md5:

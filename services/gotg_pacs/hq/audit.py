@@ -53,6 +53,11 @@ class Trails:
         return end
 
 
+def _offset(value: object) -> bool:
+    """A byte offset: a JSON integer (true and false are ints to Python, not offsets)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def register(app: Flask, trails: Trails) -> None:
     @app.post("/api/v1/audit")
     def receive() -> Response:
@@ -63,7 +68,7 @@ def register(app: Flask, trails: Trails) -> None:
                                      body.get("events"))
         if not (isinstance(trail, str) and TRAIL_ID.fullmatch(trail)):
             abort(400, "trail: the 32 hexadecimal digits naming the log")
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end
+        if not (_offset(start) and _offset(end) and 0 <= start <= end
                 and isinstance(events, list) and len(events) <= MAX_EVENTS
                 and all(isinstance(event, dict) for event in events)):
             abort(400, f"start <= end (byte offsets) and at most {MAX_EVENTS} events")

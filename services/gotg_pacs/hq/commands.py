@@ -104,6 +104,21 @@ def site_passphrase(ctx: Context, code: str, as_json: bool) -> None:
     emit(kept, as_json, "\n".join(entry["passphrase"] for entry in kept))
 
 
+@site.command("keys")
+@click.argument("code", callback=_code)
+@json_option
+@pass_context
+def site_keys(ctx: Context, code: str, as_json: bool) -> None:
+    """The repository keys of CODE's backup disks as HQ keeps them (newest last), sealed by its
+    passphrase: what reads a disk whose own copy of its key is damaged."""
+    from .escrow import Escrow
+
+    kept = Escrow(ctx.settings.hq_dir / "escrow").keys(code)
+    if not kept:
+        raise click.ClickException(f"HQ holds no repository key for {code!r}")
+    emit(kept, as_json, "\n".join(entry["key"].rstrip("\n") for entry in kept))
+
+
 @site.command("audit")
 @click.argument("code", callback=_code)
 @json_option

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = 64 * 1024
 MAX_LIST = 500
+MAX_SEQ = 2**63 - 1  # SQLite's largest INTEGER: a queue number beyond it names nothing
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -275,13 +276,15 @@ def register(app: Flask, orthanc: Orthanc, path: Path) -> Outbound:
     def waiting() -> Response:
         after = request.args.get("after", "0")
         limit = request.args.get("limit", "100")
-        if not (after.isdigit() and limit.isdigit()):
+        # isdigit() alone also takes digits int() cannot read ("²").
+        if not (after.isascii() and after.isdigit() and limit.isascii() and limit.isdigit()):
             abort(400, "after and limit are whole numbers")
-        items = outbound.waiting(g.site, int(after), min(int(limit) or 1, MAX_LIST) + 1)
+        items = outbound.waiting(g.site, min(int(after), MAX_SEQ),
+                                 min(int(limit) or 1, MAX_LIST) + 1)
         more = len(items) > min(int(limit) or 1, MAX_LIST)
         return jsonify({"items": items[:-1] if more else items, "more": more})
 
-    @routes.get("/<int:seq>/file")
+    @routes.get(f"/<int(max={MAX_SEQ}):seq>/file")
     def download(seq: int) -> Response:
         item = mine(seq)
         size = item["size"]
@@ -312,13 +315,19 @@ def register(app: Flask, orthanc: Orthanc, path: Path) -> Outbound:
             response.headers["Content-Range"] = f"bytes {first}-{last}/{size}"
         return response
 
-    @routes.post("/<int:seq>/ack")
+    @routes.post(f"/<int(max={MAX_SEQ}):seq>/ack")
     def acknowledge(seq: int) -> Response:
         item = mine(seq)
-        said = request.get_json(silent=True) or {}
+        said = request.get_json(silent=True)
+        said = said if isinstance(said, dict) else {}  # then no MD5: not what HQ sent
         if said.get("md5") != item["md5"]:
             abort(409, "the site holds other content than HQ sent")
-        delivered_at = outbound.delivered(g.site, seq, str(said.get("clinic_id", "")))
+        clinic_id = str(said.get("clinic_id", ""))
+        try:
+            clinic_id.encode()
+        except UnicodeEncodeError:  # JSON can carry a lone surrogate; no Orthanc ID holds one
+            abort(400, "clinic_id: the site's Orthanc instance ID")
+        delivered_at = outbound.delivered(g.site, seq, clinic_id)
         staged_path(item).unlink(missing_ok=True)
         if item["delivered_at"] is None:
             log.info("site %s: %s delivered (%d bytes, %d served in %d requests)", g.site,

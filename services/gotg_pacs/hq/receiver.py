@@ -70,6 +70,7 @@ UPLOAD_EXPIRY = 7 * 86400  # an upload idle this long is forgotten (the clinic s
 SWEEP_EVERY = 3600.0
 OPERATOR_ROUTES = ("/api/v1/reconciliation", "/api/v1/revisions")
 REVISION_ID = re.compile(r"rev-[0-9a-f]{32}")
+MAX_ROWID = 2**63 - 1  # SQLite's largest INTEGER: an entry number beyond it names nothing
 REQUIRED_METADATA = ("sop_uid", "codec", "payload_md5", "original_md5")
 BATCH_METADATA = ("codec", "payload_md5")
 
@@ -344,7 +345,10 @@ def create_app(settings: Settings) -> Flask:
             if meta is None:
                 abort(404)
             current = handle.seek(0, os.SEEK_END)
-            stale = int(request.headers.get("Upload-Offset", -1)) != current
+            try:
+                stale = int(request.headers.get("Upload-Offset", -1)) != current
+            except ValueError:  # not a number: like a missing one, the answer says where to go on
+                stale = True
             written = 0
             try:
                 with readers.reading(upload_id, request.environ.get("werkzeug.socket")):
@@ -396,13 +400,23 @@ def create_app(settings: Settings) -> Flask:
     def holdings() -> Response:
         # One answer per question, in order: the same SOP Instance UID can be asked twice with
         # different content (a corrected version), and only the exact pair may be confirmed.
-        asked = (request.get_json(silent=True) or {}).get("instances", [])
+        body = request.get_json(silent=True)
+        if body is None:  # not JSON at all: nothing asked
+            body = {}
+        asked = body.get("instances", []) if isinstance(body, dict) else None
+        if not isinstance(asked, list) or not all(isinstance(item, dict) for item in asked):
+            abort(400, "a JSON object: instances, a list of {sop_uid, original_md5}")
         if len(asked) > 1000:
             abort(413, "at most 1000 instances per question")
-        return jsonify({"held": [archive.held(str(item.get("sop_uid", "")),
-                                              str(item.get("original_md5", "")), g.site,
-                                              outgoing.sent_to)
-                                 for item in asked]})
+        return jsonify({"held": [held(str(item.get("sop_uid", "")),
+                                      str(item.get("original_md5", ""))) for item in asked]})
+
+    def held(sop_uid: str, original_md5: str) -> str | None:
+        try:
+            (sop_uid + original_md5).encode()
+        except UnicodeEncodeError:  # JSON can carry a lone surrogate; no UID or MD5 holds one
+            return None
+        return archive.held(sop_uid, original_md5, g.site, outgoing.sent_to)
 
     @app.get("/files/<upload_id>/outcome")
     def upload_outcome(upload_id: str) -> Response:
@@ -419,16 +433,17 @@ def create_app(settings: Settings) -> Flask:
             abort(400, "state is open, resolved or all")
         return jsonify({"entries": ledger.entries(None if state == "all" else state)})
 
-    @app.get("/api/v1/reconciliation/<int:entry_id>")
+    @app.get(f"/api/v1/reconciliation/<int(max={MAX_ROWID}):entry_id>")
     def reconciliation_entry(entry_id: int) -> Response:
         entry = ledger.entry(entry_id)
         if entry is None:
             abort(404)
         return jsonify(entry)
 
-    @app.post("/api/v1/reconciliation/<int:entry_id>/resolve")
+    @app.post(f"/api/v1/reconciliation/<int(max={MAX_ROWID}):entry_id>/resolve")
     def reconciliation_resolve(entry_id: int) -> Response:
-        asked = request.get_json(silent=True) or {}
+        asked = request.get_json(silent=True)
+        asked = asked if isinstance(asked, dict) else {}
         decision, note = asked.get("decision"), asked.get("note", "")
         if decision not in DECISIONS or not isinstance(note, str) or len(note) > 2000:
             abort(400, f"decision is one of {', '.join(DECISIONS)}; note is text")
