@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -468,12 +469,20 @@ def test_the_passphrase_is_kept_at_hq_and_a_new_box_for_the_site_takes_it_back(
     first = run_pacs("backup", "now", env_file=old.env_file, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "passphrase handed to HQ" in first.stdout, first.stdout
+    assert "repository key handed to HQ" in first.stdout, first.stdout
     second = run_pacs("backup", "now", env_file=old.env_file, timeout=300)
     assert second.returncode == 0 and "passphrase" not in second.stdout, "handed over once"
+    assert "repository key" not in second.stdout
     secret = (old.settings.state_path / "backup" / "passphrase").read_text().strip()
     kept = run_pacs("hq", "site", "passphrase", "test-site", "--json", env_file=hq.env_file)
     assert kept.returncode == 0, kept.stderr
     assert [entry["passphrase"] for entry in json.loads(kept.stdout)] == [secret]
+    repository = backup_disk / "gotg-pacs.borg"
+    keys = run_pacs("hq", "site", "keys", "test-site", "--json", env_file=hq.env_file)
+    assert keys.returncode == 0, keys.stderr
+    [key] = json.loads(keys.stdout)
+    assert key["repository"] in (repository / "config").read_text()
+    assert key["key"].startswith(f"BORG_KEY {key['repository']}")
     # Another site's credential reads nothing of this one's.
     other = json.loads(run_pacs("hq", "site", "add", "other-site", "--json",
                                 env_file=hq.env_file).stdout)["hq_token"]
@@ -489,6 +498,16 @@ def test_the_passphrase_is_kept_at_hq_and_a_new_box_for_the_site_takes_it_back(
     assert not (new.settings.state_path / "backup" / "passphrase").exists()
     taken = run_pacs("backup", "passphrase", "--from-hq", env_file=new.env_file)
     assert taken.returncode == 0, taken.stderr
+    # The backup disk's copy of its key is damaged (its config rewritten without it): nothing
+    # reads the repository until the key HQ keeps is put back.
+    config = (repository / "config").read_text()
+    (repository / "config").write_text(re.sub(r"\nkey = .*?(?=\n\S|\Z)", "\n", config,
+                                              flags=re.S))
+    unreadable = run_pacs("restore", "--latest", env_file=new.env_file, timeout=600)
+    assert unreadable.returncode == 1, unreadable.stdout
+    put_back = run_pacs("backup", "repository-key", "--from-hq", env_file=new.env_file)
+    assert put_back.returncode == 0, put_back.stderr
+    assert key["repository"] in put_back.stdout
     restored = run_pacs("restore", "--latest", "--json", env_file=new.env_file, timeout=600)
     assert restored.returncode == 0, restored.stderr
     assert json.loads(restored.stdout)["restored"] == 1

@@ -23,6 +23,7 @@ box at first use and kept 0600 in STATE_PATH/backup.
 
 from __future__ import annotations
 
+import configparser
 import fcntl
 import hashlib
 import json
@@ -35,6 +36,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -310,6 +312,77 @@ class Backups:
             return False
         self._update_status(lambda status: status.update(escrowed=digest))
         return True
+
+    # --- the backup disk's repository key, kept at HQ too ------------------------------------
+
+    def _local_repository(self) -> Repository:
+        local = [repo for repo in self.repositories() if repo.label == LOCAL]
+        if not local or not (Path(local[0].path) / "config").exists():
+            raise BackupError("no repository on the backup disk yet: it is made by the first "
+                              "backup")
+        return local[0]
+
+    def repository_id(self) -> str:
+        """The backup disk's repository ID, as its own config file holds it."""
+        config = configparser.ConfigParser()
+        config.read(Path(self._local_repository().path) / "config")
+        try:
+            return config["repository"]["id"].strip()
+        except KeyError:
+            raise BackupError("the backup disk's repository config holds no ID: it is damaged "
+                              "beyond its key") from None
+
+    def export_key(self) -> str:
+        """The backup disk's repository key as `borg key export` writes it (still sealed by the
+        passphrase): with it, a repository whose config lost its key opens again."""
+        repo = self._local_repository()
+        self._prepare()
+        return self._run("key", "export", "--repository", repo.label).stdout
+
+    def hand_over_key(self, hq) -> bool:
+        """Give HQ the backup disk's repository key (`hq`: a sync HQClient), once per key: True
+        when handed over now. A failure is logged and tried again after the next backup."""
+        try:
+            key = self.export_key()
+            repository = self.repository_id()
+        except BackupError as exc:
+            log.warning("repository key not handed to HQ: %s", exc)
+            return False
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        if (self.last() or {}).get("key_escrowed") == digest:
+            return False
+        try:
+            hq.hand_over_key(repository, key)
+        except Exception as exc:  # noqa: BLE001 - HQ's answer or silence: try next time
+            log.warning("repository key not handed to HQ yet: %s", exc)
+            return False
+        self._update_status(lambda status: status.update(key_escrowed=digest))
+        return True
+
+    def put_back_key(self, keys: list[dict]) -> str:
+        """Import into the backup disk's repository the key HQ keeps for it (its ID matching);
+        returns that ID. borg checks the key belongs to the repository."""
+        repository = self.repository_id()
+        matching = [entry["key"] for entry in keys if entry.get("repository") == repository]
+        if not matching:
+            raise BackupError(f"HQ keeps no key for the repository on the backup disk "
+                              f"({repository}); it keeps {len(keys)} for other repositories")
+        repo = self._local_repository()
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.NamedTemporaryFile("w", dir=self.folder, prefix=".key-",
+                                         suffix=".txt") as handle:
+            handle.write(matching[-1])
+            handle.flush()
+            # borg itself: borgmatic 1.9 has no key import, and its passthrough would put the
+            # repository in the wrong place of a two-word command.
+            done = subprocess.run([shutil.which("borg") or "borg", "key", "import", repo.path,
+                                   handle.name], capture_output=True, text=True,
+                                  env={**os.environ,
+                                       "BORG_BASE_DIR": str(self.folder / "borg")})
+        if done.returncode != 0:
+            raise BackupError("borg did not take the key back: "
+                              + " ".join(done.stderr.split())[-300:])
+        return repository
 
     @contextmanager
     def locked(self) -> Iterator[None]:

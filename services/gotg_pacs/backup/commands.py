@@ -41,6 +41,9 @@ def backup_now(ctx: Context, as_json: bool) -> None:
         hq = HQClient.from_settings(ctx.settings, timeout=60)
         if _backups(ctx).hand_over_passphrase(hq):
             lines.append("backup passphrase handed to HQ (kept there for a new box)")
+        if ctx.settings.backup_path is not None and _backups(ctx).hand_over_key(hq):
+            lines.append("the backup disk's repository key handed to HQ (kept there in case "
+                         "the disk's copy is damaged)")
     for problem in made.get("state_errors", []):
         lines.append(f"NOT in this backup (its previous copy is): {problem}")
     if made["remote_error"]:
@@ -174,6 +177,37 @@ def backup_passphrase(ctx: Context, put_back: bool, from_hq: bool, as_json: bool
     except PermissionError:
         raise click.ClickException("only root may read the backup's passphrase") from None
     emit({"passphrase": secret, "file": str(backups.passphrase_file)}, as_json, secret)
+
+
+@backup.command("repository-key")
+@click.option("--from-hq", "from_hq", is_flag=True,
+              help="Put back into the backup disk's repository the key HQ keeps for it.")
+@json_option
+@pass_context
+def backup_repository_key(ctx: Context, from_hq: bool, as_json: bool) -> None:
+    """The backup disk's repository key, sealed by the passphrase (every backup also hands it
+    to HQ): a repository whose copy of the key is damaged cannot be read without it."""
+    backups = _backups(ctx)
+    try:
+        if from_hq:
+            from ..sync.transport import HQClient, HQRefused, HQUnreachable
+
+            if not ctx.settings.hq_url:
+                raise BackupError("HQ_URL is not set")
+            try:
+                kept = HQClient.from_settings(ctx.settings, timeout=60).kept_keys()
+            except (HQRefused, HQUnreachable) as exc:
+                raise BackupError(f"HQ did not give the key back: {exc}") from None
+            with backups.locked():
+                repository = backups.put_back_key(kept)
+            emit({"repository": repository, "put_back": True}, as_json,
+                 f"the key HQ keeps is back in the repository {repository}")
+            return
+        with backups.locked():
+            key, repository = backups.export_key(), backups.repository_id()
+    except BackupError as exc:
+        raise click.ClickException(str(exc)) from None
+    emit({"repository": repository, "key": key}, as_json, key.rstrip("\n"))
 
 
 def _cleanup(settings: Settings, backups: Backups, days: float, dry_run: bool):

@@ -252,6 +252,26 @@ class HQClient:
         if response.status_code != 200:
             raise HQRefused(response.status_code, response.text[:200])
 
+    def hand_over_key(self, repository: str, key: str) -> None:
+        """The backup disk's repository key (`borg key export`, sealed by the passphrase)."""
+        response = self._call("PUT", f"{self.url}/api/v1/escrow/key",
+                              json={"repository": repository, "key": key})
+        if response.status_code != 200:
+            raise HQRefused(response.status_code, response.text[:200])
+
+    def kept_keys(self) -> list[dict]:
+        """Every repository key HQ keeps for this site ({"repository", "key", "since"})."""
+        response = self._call("GET", f"{self.url}/api/v1/escrow/keys")
+        if response.status_code == 404:
+            return []
+        if response.status_code != 200:
+            raise HQRefused(response.status_code, response.text[:200])
+        try:
+            return [{"repository": str(entry["repository"]), "key": str(entry["key"])}
+                    for entry in response.json()["keys"]]
+        except (ValueError, KeyError, TypeError):
+            raise HQUnreachable(f"HQ at {self.url} answered something that is not HQ") from None
+
     def kept_passphrases(self) -> list[str]:
         """Every backup passphrase HQ keeps for this site, oldest first."""
         response = self._call("GET", f"{self.url}/api/v1/escrow")
