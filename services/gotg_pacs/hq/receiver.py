@@ -187,7 +187,7 @@ def sweep(uploads: Path, now: float, expiry: float = UPLOAD_EXPIRY) -> int:
 
 
 def create_app(settings: Settings) -> Flask:
-    app = Flask("gotg_pacs.hq")
+    app = Flask("gotg_pacs.hq", static_folder=None)  # no static files: no route for them
     app.config["MAX_CONTENT_LENGTH"] = MAX_CHUNK  # one request never fills HQ's memory
     uploads = settings.hq_dir / "uploads"
     uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
