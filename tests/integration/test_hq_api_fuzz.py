@@ -349,6 +349,19 @@ def test_requests_that_were_server_errors(hq):
     # The right MD5 with a clinic instance ID SQLite cannot store as text.
     assert ask("POST", f"/api/v1/outbound/{seq}/ack", site,
                json={"md5": hq.seeded["md5"], "clinic_id": "\ud800"}).status_code == 400
+    # An instance whose own SOP Instance UID holds a wildcard (a modality's bug): Orthanc cannot
+    # look it up, and every retry of its upload answered 500; now it is refused (422), and the
+    # clinic keeps it and says so.
+    wild = pydicom.dcmread(corpus.representative()[0])
+    wild.SOPInstanceUID = wild.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.*"
+    buffer = io.BytesIO()
+    wild.save_as(buffer)
+    data = buffer.getvalue()
+    client = HQClient(hq.url, hq.tokens["site"], timeout=60)
+    url = client.create(len(data), _identity(data, "1.2.826.0.1.3680043.*"))
+    answer = requests.patch(url, data=data, timeout=60,
+                            headers={**site, "Upload-Offset": "0", "Content-Type": TUS})
+    assert answer.status_code == 422 and "cannot be looked up" in answer.text, answer.text
     # Not a server error, but answered {"held": true}: true and false are no byte offsets.
     answer = ask("POST", "/api/v1/audit", site,
                  json={"trail": "f" * 32, "start": False, "end": True, "events": []})

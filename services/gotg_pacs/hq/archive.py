@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 BATCH_CODEC = codecs.BATCH
 MAX_BATCH_MEMBERS = 1000
+LOOKUP_WILDCARDS = ("*", "?")  # Orthanc's /tools/lookup refuses a UID holding one
 
 
 class Refused(Exception):
@@ -104,6 +105,10 @@ class Archive:
                 raise Refused(422, f"refused: not a readable DICOM file ({exc})") from None
             if str(header.get("SOPInstanceUID", "")) != announced["sop_uid"]:
                 raise Refused(422, "refused: SOP Instance UID differs from the announced one")
+            if any(wildcard in announced["sop_uid"] for wildcard in LOOKUP_WILDCARDS):
+                # HQ could never tell whether it holds it (a modality's bug, not a UID)
+                raise Refused(422, "refused: a SOP Instance UID with * or ? cannot be looked "
+                                   "up at HQ")
             return self._place(scratch, qualified, header, announced, site)
         except (codecs.CodecError, pydicom.errors.InvalidDicomError) as exc:
             raise Refused(422, f"refused: {exc}") from None
