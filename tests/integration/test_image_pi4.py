@@ -9,8 +9,8 @@ image's own kernel, initramfs and root file system are booted on the generic arm
 The image here is the Pi image without the appliance layer (`image.py --bare`): the same
 mmdebstrap tree through qemu-user, raspi-firmware settings, initramfs and disk layout. The
 appliance layer is the clinic playbook the NUC image test boots; applying it under qemu-user
-costs about half an hour of emulated Python (`make image TARGET=pi4`), more than the whole
-suite may take.
+costs about twelve more minutes of emulated Python (`make image TARGET=pi4`), more than the
+suite can spare.
 """
 
 from __future__ import annotations
