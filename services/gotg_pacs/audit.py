@@ -104,7 +104,7 @@ class AuditLog:
                 last = self._end[1] if self._end and self._end[0] == size else \
                     self._tail_hash(log, size)
                 events = []
-                if last == GENESIS:
+                if size == 0:  # a new log begins a trail of its own
                     events.append({"time": round(now, 3), "action": TRAIL_START,
                                    "user": "system", "address": "",
                                    "trail": secrets.token_hex(16), "host": socket.gethostname()})
@@ -116,37 +116,43 @@ class AuditLog:
                     body = json.dumps(event, sort_keys=True, ensure_ascii=True)
                     last = event["hash"] = hashlib.sha256(body.encode()).hexdigest()
                     lines.append(json.dumps(event, sort_keys=True, ensure_ascii=True) + "\n")
-                os.write(log, "".join(lines).encode())
+                data = "".join(lines).encode()
+                while data:  # a short write (a full disk) raises rather than half an event
+                    data = data[os.write(log, data):]
                 os.fsync(log)
                 if size == 0:  # a new file: its name too must survive a power cut
                     durable.fsync_dir(self.path.parent)
                 self._end = (os.fstat(log).st_size, last)
+            except BaseException:
+                self._end = None  # what the file ends with is read again next time
+                raise
             finally:
                 os.close(log)  # and with it the lock
         return True
 
 
 def read(path: Path, offset: int = 0, limit: int | None = None) -> tuple[list[dict], int]:
-    """Complete events from byte `offset` on (at most `limit`), and the offset after the last
-    one returned."""
+    """Complete events from byte `offset` on (at most `limit` lines), and the offset after the
+    last one returned. Reads only as far as it returns: the sync service asks every second."""
+    events, end = [], offset
     try:
         with open(path, "rb") as log:
-            if offset >= os.fstat(log.fileno()).st_size:  # nothing there (nor seekable so far)
-                return [], offset
             log.seek(offset)
-            data = log.read()
+            for line in log:
+                if limit is not None and len(events) >= limit:
+                    break
+                if not line.endswith(b"\n"):
+                    break  # being written, or cut by a power cut: not complete yet
+                end += len(line)
+                if not line.strip():
+                    continue
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    events.append({"action": "unreadable-line"})
     except FileNotFoundError:
-        return [], offset
-    lines = data[:data.rfind(b"\n") + 1].splitlines(keepends=True)[:limit]
-    events = []
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            events.append({"action": "unreadable-line"})
-    return events, offset + sum(len(line) for line in lines)
+        pass
+    return events, end
 
 
 def verify(events: list[dict]) -> list[str]:
@@ -168,16 +174,27 @@ def verify(events: list[dict]) -> list[str]:
 
 
 def trail_of(log: Path) -> str | None:
-    """The trail a log holds (its first event names it), None while it holds none."""
-    events, _ = read(log, 0, limit=1)
-    if not events:
+    """The trail a log holds, from its first line alone; None while it holds none. The first
+    event names it; a log begun before trails were named is named by its first event's hash,
+    and one whose first line a power cut spoilt by that line's bytes, so it ships all the same."""
+    try:
+        with open(log, "rb") as handle:
+            first = handle.readline()
+    except FileNotFoundError:
         return None
-    first = events[0]
-    trail = first.get("trail") if first.get("action") == TRAIL_START else None
-    if isinstance(trail, str) and TRAIL_ID.fullmatch(trail):
-        return trail
-    # A log begun before trails were named: its first event's hash names it, as well.
-    return str(first.get("hash", ""))[:32] or None
+    if not first.endswith(b"\n"):
+        return None  # not one complete line yet
+    try:
+        event = json.loads(first)
+    except ValueError:
+        event = None
+    if isinstance(event, dict):
+        trail = event.get("trail") if event.get("action") == TRAIL_START else None
+        if isinstance(trail, str) and TRAIL_ID.fullmatch(trail):
+            return trail
+        if isinstance(event.get("hash"), str) and len(event["hash"]) >= 32:
+            return event["hash"][:32]
+    return hashlib.sha256(first.rstrip(b"\n")).hexdigest()[:32]
 
 
 def earlier_folder(log: Path) -> Path:

@@ -4,6 +4,7 @@ line edited, removed or cut."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 
 from gotg_pacs import audit
 from gotg_pacs.audit import AuditLog, action_of
@@ -77,6 +78,34 @@ def test_two_processes_writing_one_log_keep_one_chain(tmp_path):
     assert [e["action"] for e in events] == [audit.TRAIL_START, "login", "restore", "view"]
     assert audit.verify(events) == []
     assert audit.trail_of(path) == events[0]["trail"]
+    # At the same time, from separate processes: they take turns.
+    writers = [multiprocessing.get_context("fork").Process(target=_record_many,
+                                                           args=(path, name))
+               for name in ("web", "restore", "third")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+        assert writer.exitcode == 0
+    events = audit.read(path)[0]
+    assert len(events) == 4 + 3 * 200 and audit.verify(events) == []
+
+
+def _record_many(path, name: str) -> None:
+    log = AuditLog(path)
+    for number in range(200):
+        log.record("export", name, "x", kind="studies", resource=str(number))
+
+
+def test_a_log_whose_first_line_a_power_cut_spoilt_still_names_a_trail_and_ships(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(b'{"action": "trail-st\n')
+    AuditLog(path).record("login", "amina", "x")
+    trail = audit.trail_of(path)
+    assert trail and audit.TRAIL_ID.fullmatch(trail)
+    hq = FakeHQ()
+    assert audit.ship(path, hq) == 2  # the unreadable line, then the login
+    assert [e["action"] for e in hq.events[trail]] == ["unreadable-line", "login"]
 
 
 class FakeHQ:

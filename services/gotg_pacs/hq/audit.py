@@ -32,8 +32,11 @@ class Trails:
         return self.folder / site / f"{trail}.jsonl"
 
     def of(self, site: str) -> list[Path]:
-        """Every trail HQ holds of `site`."""
-        return sorted((self.folder / site).glob("*.jsonl"))
+        """Every trail HQ holds of `site` (with the one file HQ kept per site before trails
+        were named, if there is one)."""
+        before = self.folder / f"{site}.jsonl"
+        return [*([before] if before.exists() else []),
+                *sorted((self.folder / site).glob("*.jsonl"))]
 
     def held(self, site: str, trail: str) -> int:
         try:
