@@ -137,7 +137,7 @@ def _state_came_back(old, new, said: dict) -> None:
     assert kept.read_bytes() == old.audit_file.read_bytes()
     events = audit.read(new.audit_file)[0]
     assert [e["action"] for e in events] == [audit.TRAIL_START, "login-refused", "restore"]
-    assert events[-1]["earlier_trail"] == old_trail and audit.verify(events) == []
+    assert events[-1]["earlier_trails"] == old_trail and audit.verify(events) == []
 
 
 def test_a_backup_restores_into_an_empty_appliance_identical_and_again_changes_nothing(

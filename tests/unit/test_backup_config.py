@@ -80,3 +80,14 @@ def test_a_state_file_that_cannot_be_copied_keeps_its_last_copy_and_not_the_back
     assert kept.read_bytes() == before, "the last good copy stays"
     assert b"logout" in (backups.snapshot_dir / "audit.jsonl").read_bytes()
     assert stat.S_IMODE((backups.snapshot_dir / "audit.jsonl").stat().st_mode) == 0o600
+
+
+def test_the_trails_a_restore_kept_are_in_the_next_backup(settings):
+    """Until HQ holds them, an old box's trails kept by a restore exist only on this box."""
+    earlier = settings.audit_file.parent / "earlier" / ("a" * 32 + ".jsonl")
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text('{"action": "login"}\n')
+    backups = Backups(settings)
+    assert "state_errors" not in backups.snapshot()
+    copied = backups.snapshot_dir / "audit-earlier" / earlier.name
+    assert copied.read_bytes() == earlier.read_bytes()

@@ -1,14 +1,16 @@
 """What a restore puts back besides the studies: the web accounts, the audit trail and the site's
 certificate authority, as the archive's snapshot holds them (borgmatic.Backups.snapshot).
 
-- **Accounts** go back only into a box whose accounts are as it was made (nobody but `admin`,
-  still on the password the box was given): a box in use keeps its people. No session comes
-  along; everyone signs in again, with the password they had.
+- **Accounts** go back only in a whole restore (a new box) of this site's own archive, into a box
+  whose accounts are as it was made (nobody but `admin`, still on the password it was given): a
+  box in use keeps its people. No session comes along; everyone signs in again, with the
+  password they had.
 - **The site CA** goes back with them, so every tablet that trusted the lost box trusts this one;
   the box's own CA is kept aside, and nginx issues its certificate again from the old CA.
-- **The audit trail** of the old box is kept as an earlier trail (`audit.keep_earlier`) and shipped
-  to HQ for what HQ never received of it; this box goes on with its own, which records the
-  restore.
+- **The audit trails** of the old box (its own and those it had restored in turn) are kept as
+  earlier trails (`audit.keep_earlier`) and shipped to HQ for what HQ never received of them;
+  this box goes on with its own, which records the restore. Another site's trails stay in its
+  archive (HQ files trails by the site that sends them).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .. import audit, durable, units
 from ..config import Settings
 from ..web.tls import SiteTLS, TLSError
 from ..web.users import ADMIN_CHANGED_MARKER, UserError, Users
+from .borgmatic import EARLIER_TRAILS
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,8 @@ NGINX = "nginx.service"
 
 
 def snapshot_paths(contents: dict[Path, int]) -> dict[str, Path]:
-    """The archive's copies of STATE_FILES, by their name in the snapshot."""
+    """The archive's copies of STATE_FILES and of earlier trails, by their name in the
+    snapshot."""
     found = {}
     for path in contents:
         if ".." in path.parts:
@@ -43,50 +47,66 @@ def snapshot_paths(contents: dict[Path, int]) -> dict[str, Path]:
             parts = ("backup", "snapshot", *name.split("/"))
             if path.parts[-len(parts):] == parts:
                 found[name] = path
+        if path.parts[-4:-1] == ("backup", "snapshot", EARLIER_TRAILS) \
+                and path.name.endswith(".jsonl"):
+            found[f"{EARLIER_TRAILS}/{path.name}"] = path
     return found
 
 
-def put_back(settings: Settings, snapshot: Path, archive: str) -> dict:
-    """From `snapshot` (the archive's snapshot folder, extracted): what was put back, kept or
-    could not be, each in words for the person restoring."""
+def put_back(settings: Settings, snapshot: Path, archive: str, whole: bool,
+             site: str) -> dict:
+    """From `snapshot` (the archive's snapshot folder, extracted) of `site`'s archive: what was
+    put back, kept or could not be, each in words for the person restoring. `whole`: the
+    studies went back into an empty box."""
     report: dict[str, str] = {}
     users = snapshot / "users.sqlite"
-    fresh = True
-    if users.exists():
-        report["accounts"], fresh = _accounts(settings, users)
-    else:
-        report["accounts"] = "not in this archive"
     ca = snapshot / "tls"
-    if not (ca / "ca.key").exists():
-        report["site_ca"] = "not in this archive"
-    elif not fresh:
-        report["site_ca"] = ("this box's own kept: its accounts are in use, so are its tablets' "
-                             "trust")
+    if site != settings.site_code:
+        kept = f"this box's own kept: the archive is site {site}'s"
+        report["accounts"] = report["site_ca"] = kept
+    elif not whole:
+        kept = "this box's own kept: the studies were merged into a box in use"
+        report["accounts"] = report["site_ca"] = kept
+    elif not _as_made(settings):
+        kept = "this box's own kept: people already use its accounts"
+        report["accounts"] = report["site_ca"] = kept
     else:
-        report["site_ca"] = _site_ca(settings, ca)
-    report["audit_trail"] = _audit_trail(settings, snapshot / "audit.jsonl", archive, report)
+        report["accounts"] = (_accounts(settings, users) if users.exists()
+                              else "not in this archive")
+        report["site_ca"] = (_site_ca(settings, ca) if (ca / "ca.key").exists()
+                             else "not in this archive")
+    report["audit_trail"] = _audit_trails(settings, snapshot, archive, site, report)
     return report
 
 
-def _accounts(settings: Settings, copy: Path) -> tuple[str, bool]:
-    made = not settings.users_file.exists()
+def _as_made(settings: Settings) -> bool:
+    if not settings.users_file.exists():
+        return True
     store = Users.from_settings(settings)
     try:
-        if not store.as_made():
-            return "this box's own kept: people already use them", False
+        return store.as_made()
+    finally:
+        store.close()
+
+
+def _accounts(settings: Settings, copy: Path) -> str:
+    made = not settings.users_file.exists()
+    try:
+        store = Users.from_settings(settings)
         try:
             names = store.take_from(copy)
         except (sqlite3.Error, UserError) as exc:
-            return f"NOT put back: the archive's copy cannot be read ({exc})", True
-    finally:
-        store.close()
-    _own_like_state(settings, settings.users_file, made)
+            return f"NOT put back: the archive's copy cannot be read ({exc})"
+        finally:
+            store.close()
+    finally:  # made here by root, or not: the web service's own either way
+        _own_like_state(settings, settings.users_file, made)
     if "admin" in names:  # the password the box was given no longer signs in: erase its copy
         marker = settings.state_path / ADMIN_CHANGED_MARKER
         durable.write_bytes(marker, b"")
         _own_like_state(settings, marker)
     return (f"{len(names)} put back ({', '.join(names)}): sign in with the password you had; "
-            "`pacs user reset NAME` gives a new one-time password"), True
+            "`pacs user reset NAME` gives a new one-time password")
 
 
 def _site_ca(settings: Settings, copy: Path) -> str:
@@ -108,27 +128,38 @@ def _site_ca(settings: Settings, copy: Path) -> str:
             f"one{reloaded}; this box's own CA is kept in {tls.folder}/replaced-*")
 
 
-def _audit_trail(settings: Settings, copy: Path, archive: str, report: dict[str, str]) -> str:
+def _audit_trails(settings: Settings, snapshot: Path, archive: str, site: str,
+                  report: dict[str, str]) -> str:
     log_file = settings.audit_file
+    copies = [snapshot / "audit.jsonl", *sorted((snapshot / EARLIER_TRAILS).glob("*.jsonl"))]
+    copies = [copy for copy in copies if copy.exists()]
     made = not log_file.exists()
-    earlier = None
-    if copy.exists():
-        folder_made = not audit.earlier_folder(log_file).exists()
-        earlier = audit.keep_earlier(log_file, copy)
-        if earlier:
-            _own_like_state(settings, audit.earlier_folder(log_file), folder_made)
-            _own_like_state(settings, audit.earlier_folder(log_file) / f"{earlier}.jsonl")
-    audit.AuditLog(log_file).record("restore", _who(), "console", archive=archive,
-                                    earlier_trail=earlier or "",
-                                    accounts=report["accounts"][:120],
-                                    site_ca=report["site_ca"][:120])
-    _own_like_state(settings, log_file, made)
-    if not copy.exists():
+    folder = audit.earlier_folder(log_file)
+    folder_made = not folder.exists()
+    kept: list[str] = []
+    try:
+        if site == settings.site_code:
+            for copy in copies:
+                if trail := audit.keep_earlier(log_file, copy):
+                    kept.append(trail)
+        audit.AuditLog(log_file).record("restore", _who(), "console", archive=archive,
+                                        earlier_trails=",".join(kept),
+                                        accounts=report["accounts"][:120],
+                                        site_ca=report["site_ca"][:120])
+    finally:  # whatever a root restore made here stays the services' to write
+        _own_like_state(settings, log_file, made)
+        _own_like_state(settings, folder, folder_made)
+        for trail in kept:
+            _own_like_state(settings, folder / f"{trail}.jsonl")
+    if not copies:
         return "not in this archive; the restore is recorded in this box's trail"
-    if earlier is None:
+    if site != settings.site_code:
+        return (f"site {site}'s trails left in its archive (HQ holds what that site sent); the "
+                "restore is recorded in this box's trail")
+    if not kept:
         return "this box's own (the archive holds the trail written here)"
-    return (f"the old box's trail {earlier} kept beside this box's and sent to HQ for what HQ "
-            "lacks of it")
+    return (f"the old box's trail(s) {', '.join(kept)} kept beside this box's and sent to HQ "
+            "for what HQ lacks of them")
 
 
 def _who() -> str:

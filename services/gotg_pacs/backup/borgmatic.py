@@ -43,7 +43,7 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import durable
+from .. import audit, durable
 from ..config import Settings
 from ..orthanc import Orthanc, OrthancError
 from .index_copy import IndexCopyError, copy_index
@@ -56,6 +56,7 @@ REMOTE = "hq"
 KEEP = {"keep_daily": 7, "keep_weekly": 4, "keep_monthly": 12}
 KEPT = "kept."  # prefix of archives kept out of pruning (they hold studies cleaned up here)
 INDEX_SNAPSHOT = "orthanc-index.sqlite"  # in the snapshot folder
+EARLIER_TRAILS = "audit-earlier"  # in the snapshot: the trails a restore kept (audit/earlier)
 PATHS_PER_CALL = 400  # paths per `list` call: well inside the kernel's argument limit
 _LISTED = re.compile(r"^([0-9a-f]{32}) (\d+) (.+)$")
 # borg's exit status 1 as an error: borg 1.2 reports damaged chunks found by a check that way,
@@ -468,6 +469,7 @@ class Backups:
                                                           self.snapshot_dir / "users.sqlite")),
                 ("the audit trail", lambda: self._copy_private(self.settings.audit_file,
                                                                "audit.jsonl")),
+                ("the earlier audit trails", self._copy_earlier_trails),
                 ("the site's certificate authority", self._copy_site_ca),
                 ("the settings", lambda: self._copy_private(self.env_file, "pacs.env"))):
             try:
@@ -493,6 +495,14 @@ class Backups:
             shutil.copyfile(source, partial)
             os.chmod(partial, 0o600)
             os.replace(partial, self.snapshot_dir / name)
+
+    def _copy_earlier_trails(self) -> None:
+        """Trails a restore kept (audit/earlier): until HQ holds them, only this box does."""
+        earlier = sorted(audit.earlier_folder(self.settings.audit_file).glob("*.jsonl"))
+        if earlier:
+            (self.snapshot_dir / EARLIER_TRAILS).mkdir(exist_ok=True, mode=0o700)
+        for path in earlier:
+            self._copy_private(path, f"{EARLIER_TRAILS}/{path.name}")
 
     def _copy_site_ca(self) -> None:
         """The CA's key is root's: a backup run by another user says so instead of failing."""

@@ -158,7 +158,7 @@ class Restore:
             name = self.backups.resolve(archive)
             contents = self.backups.contents(name)
             report = self._dispatch(name, contents)
-            report.state = self._appliance_state(name, contents)
+            report.state = self._appliance_state(name, contents, report.mode == "whole")
             report.seconds = time.monotonic() - started
         log.info("%s restore from %s: %d restored, %d present, %d differ, %d failed, "
                  "%d missing", report.mode, name, len(report.restored), len(report.present),
@@ -194,8 +194,8 @@ class Restore:
         finally:
             os.close(lock)
 
-    def _appliance_state(self, name: str, contents: Contents) -> dict[str, str]:
-        """Accounts, site CA and audit trail from the archive's snapshot (appliance_state)."""
+    def _appliance_state(self, name: str, contents: Contents, whole: bool) -> dict[str, str]:
+        """Accounts, site CA and audit trails from the archive's snapshot (appliance_state)."""
         found = appliance_state.snapshot_paths(contents)
         if not found:
             return {}
@@ -205,7 +205,8 @@ class Restore:
             self.backups.extract(name, list(found.values()), staging)
             name_in_snapshot, path = next(iter(found.items()))
             snapshot = (staging / str(path).lstrip("/")).parents[name_in_snapshot.count("/")]
-            return appliance_state.put_back(self.settings, snapshot, name)
+            return appliance_state.put_back(self.settings, snapshot, name, whole,
+                                            self.backups.site)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

@@ -239,6 +239,9 @@ class SiteTLS:
                                "a new CA (every tablet must then trust the new one)")
             self._create_ca()
             outcome.ca_created = True
+        if self.ca_cert().public_key() != self._ca_key().public_key():
+            raise TLSError(f"{self.ca_key_file} is not the key of {self.ca_cert_file} (a restore "
+                           "cut short?): run the restore again, or put both back from a backup")
         outcome.server_issued = self._reissue_reason(names)
         if outcome.server_issued:
             self._issue_server(names)
@@ -257,21 +260,25 @@ class SiteTLS:
             raise TLSError(f"the backup's site CA cannot be read: {exc}") from None
         if ca.public_key() != key.public_key():
             raise TLSError("the backup's site CA certificate is not for its key")
-        if self.ca_cert_file.exists() and self.ca_key_file.exists() \
-                and self._ca_key().public_key() == key.public_key():
-            return None
+        chain = kept.ca_chain_file if kept.ca_chain_file.exists() else kept.ca_cert_file
+        wanted = {self.ca_key_file: (kept.ca_key_file.read_bytes(), 0o600),
+                  self.ca_cert_file: (kept.ca_cert_file.read_bytes(), 0o644),
+                  self.ca_chain_file: (chain.read_bytes(), 0o644)}
+        if all(path.exists() and path.read_bytes() == data
+               for path, (data, _) in wanted.items()):
+            return None  # this CA already (a restore run again)
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         aside = self.folder / f"replaced-{_now():%Y%m%dT%H%M%S}"
         aside.mkdir(mode=0o700, exist_ok=True)
-        for path in (self.ca_key_file, self.ca_cert_file, self.ca_chain_file,
-                     self.server_key_file, self.server_cert_file):
-            if path.exists():
-                path.replace(aside / path.name)
-        # The key first, as when a CA is made.
-        durable.replace_bytes(self.ca_key_file, kept.ca_key_file.read_bytes(), mode=0o600)
-        durable.replace_bytes(self.ca_cert_file, kept.ca_cert_file.read_bytes(), mode=0o644)
-        chain = kept.ca_chain_file if kept.ca_chain_file.exists() else kept.ca_cert_file
-        durable.replace_bytes(self.ca_chain_file, chain.read_bytes(), mode=0o644)
+        for path in (*wanted, self.server_key_file, self.server_cert_file):
+            if path.exists():  # copied, not moved: a cut restore leaves a CA in place
+                durable.replace_bytes(aside / path.name, path.read_bytes(), mode=0o600)
+        # Each file replaced whole; one cut between them is found by `ensure` (the key not
+        # the certificate's), and running the restore again finishes it.
+        for path, (data, mode) in wanted.items():
+            durable.replace_bytes(path, data, mode=mode)
+        self.server_cert_file.unlink(missing_ok=True)  # issued again from this CA
+        self.server_key_file.unlink(missing_ok=True)
         return fingerprint(ca)
 
     # --- HQ vouching for the site ------------------------------------------------------------
