@@ -137,6 +137,8 @@ def read(path: Path, offset: int = 0, limit: int | None = None) -> tuple[list[di
     events, end = [], offset
     try:
         with open(path, "rb") as log:
+            if offset >= os.fstat(log.fileno()).st_size:  # nothing there (nor seekable so far)
+                return [], offset
             log.seek(offset)
             for line in log:
                 if limit is not None and len(events) >= limit:

@@ -97,6 +97,15 @@ def _record_many(path, name: str) -> None:
         log.record("export", name, "x", kind="studies", resource=str(number))
 
 
+def test_an_offset_past_the_end_reads_nothing(tmp_path):
+    """An admin's `GET /api/audit?since=` past the end (2**62: beyond what a file may seek to)
+    answered 500 once."""
+    path = tmp_path / "audit.jsonl"
+    AuditLog(path).record("login", "amina", "x")
+    for offset in (path.stat().st_size, 2**62, 2**63 - 1):
+        assert audit.read(path, offset) == ([], offset)
+
+
 def test_a_log_whose_first_line_a_power_cut_spoilt_still_names_a_trail_and_ships(tmp_path):
     path = tmp_path / "audit.jsonl"
     path.write_bytes(b'{"action": "trail-st\n')
