@@ -25,9 +25,20 @@ from gotg_pacs.sync.outbox import Outbox
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` different free ports: each held until all are found, so the kernel cannot hand
+    the same one out twice (an env file with two settings on one port is refused)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def write_env(path: Path, **overrides: str) -> Path:
@@ -36,11 +47,8 @@ def write_env(path: Path, **overrides: str) -> Path:
         "PACS_NAME": "Test clinic",
         "SITE_CODE": "test-site",
         "PACS_AET": "GOTG_PACS",
-        "DICOM_PORT": str(free_port()),
-        "HTTP_PORT": str(free_port()),
-        "HTTPS_PORT": str(free_port()),
-        "HTTP_REDIRECT_PORT": str(free_port()),
-        "WEB_API_PORT": str(free_port()),
+        **dict(zip(("DICOM_PORT", "HTTP_PORT", "HTTPS_PORT", "HTTP_REDIRECT_PORT",
+                    "WEB_API_PORT"), map(str, free_ports(5)), strict=True)),
         "DICOM_ACCESS": "open",
         "STORAGE_PATH": "orthanc",
         "STATE_PATH": "state",
