@@ -90,10 +90,13 @@ def test_the_booted_clinic_takes_images_through_its_firewall(clinic_tree, tmp_pa
         assert stats["CountInstances"] == len(files)
         # The LAN reaches DICOM and the HTTPS origin, whose CA the box made at its first start;
         # Orthanc's REST API and everything else are closed to it.
-        assert wait_until(lambda: box.active("nginx"), 60), box.run(
+        # nginx's unit is active from the moment `pacs web serve` runs, before it has made the
+        # CA and become nginx: the origin is ready when it listens.
+        assert wait_until(lambda: _reachable(box.address, 443), 60), box.run(
             "journalctl", "--no-pager", "-u", "nginx").stdout[-2000:]
-        ca = box.run("cat", "/var/lib/gotg-pacs/state/tls/ca-chain.crt").stdout
-        context = ssl.create_default_context(cadata=ca)
+        ca = box.run("cat", "/var/lib/gotg-pacs/state/tls/ca-chain.crt")
+        assert "BEGIN CERTIFICATE" in ca.stdout, ca.stderr  # empty would trust the system's CAs
+        context = ssl.create_default_context(cadata=ca.stdout)
         context.check_hostname = False  # the chain only: the address may postdate the start
         with socket.create_connection((box.address, 443), timeout=10) as raw, \
                 context.wrap_socket(raw) as tls:
