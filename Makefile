@@ -11,11 +11,12 @@ ENV_FILE ?= pacs.dev.env
 # mkfs/mtools/sfdisk/zstd lay out the disk images, qemu with OVMF boots them; the Pi 4's arm64
 # tree is built through qemu-user (binfmt_misc) and booted by qemu-system-aarch64. nginx is the
 # appliance's one HTTPS origin (started by `pacs run` and the tests with their own configuration);
-# chromium is the real browser the page tests drive with Playwright.
+# chromium is the real browser the page tests drive with Playwright; cryptsetup formats the data
+# disk's LUKS2 header in the tests (opening it needs device-mapper: only the NUC image does).
 DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgresql dcmtk nginx \
 	python3-venv python3-dev gcc iproute2 mmdebstrap systemd-container curl \
 	e2fsprogs dosfstools mtools fdisk zstd qemu-system-x86 ovmf openssh-client openssh-server \
-	qemu-user-static binfmt-support arch-test qemu-system-arm borgbackup chromium
+	qemu-user-static binfmt-support arch-test qemu-system-arm borgbackup chromium cryptsetup-bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test deps system-deps bench-ingest bench-sync bench-backup bench-image bench-report reference constraints clean \

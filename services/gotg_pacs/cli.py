@@ -18,6 +18,7 @@ from . import __version__, durable, orthanc_conf, reference
 from .backup import commands as backup_commands
 from .clikit import Context, emit, json_option, matching, pass_context
 from .config import AETitle, ConfigError, default_env_file, read_env_file, schema
+from .data_disk import commands as data_disk_commands
 from .hq import commands as hq_commands
 from .orthanc import Orthanc, OrthancError
 from .process import StartError
@@ -444,6 +445,7 @@ cli.add_command(backup_commands.backup)
 cli.add_command(backup_commands.cleanup)
 cli.add_command(backup_commands.restore)
 cli.add_command(backup_commands.integrity)
+cli.add_command(data_disk_commands.data_disk)
 cli.add_command(web_commands.web)
 cli.add_command(web_commands.tls)
 cli.add_command(web_commands.user)
