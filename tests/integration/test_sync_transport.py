@@ -24,6 +24,7 @@ from pydicom.data import get_testdata_file
 
 from gotg_pacs import audit, config
 from gotg_pacs.audit import AuditLog
+from gotg_pacs.data_disk import luks
 from gotg_pacs.hq.receiver import sweep
 from gotg_pacs.process import wait_until
 from gotg_pacs.sync.outbox import Outbox
@@ -631,3 +632,27 @@ def test_the_audit_trail_reaches_hq_in_order_once_and_only_for_its_own_site(clin
     assert (held_trail["trail"], held_trail["events"], held_trail["chain_problems"]) == \
         (name, 5, [])
     assert audit.read(kept)[0] == events
+
+
+def test_a_data_disks_recovery_passphrase_goes_to_hq_and_never_back_to_a_site(clinic, hq):
+    """HQ IT must be able to open a clinic's data disk whose key stick is lost; a thief holding
+    the box (and so its token) must not be able to ask HQ for that passphrase."""
+    client = HQClient.from_settings(clinic.settings)
+    uuid, passphrase = "9ffd33eb-18e6-4ea2-b362-376e0090e0ba", luks.new_recovery_passphrase()
+    client.hand_over_disk_passphrase(uuid, passphrase)
+    client.hand_over_disk_passphrase(uuid, passphrase)  # again: kept once
+    for bad_uuid, bad_passphrase in ((uuid, passphrase.lower()), ("../../escrow", passphrase),
+                                     (uuid, "short")):
+        with pytest.raises(HQRefused) as refused:
+            client.hand_over_disk_passphrase(bad_uuid, bad_passphrase)
+        assert refused.value.status == 400
+    with pytest.raises(HQRefused):
+        HQClient(hq.url, "not-a-token").hand_over_disk_passphrase(uuid, passphrase)
+    asked = client.session.get(f"{hq.url}/api/v1/escrow/disk", verify=client.session.verify,
+                               timeout=30)  # the site's own token, asking
+    assert asked.status_code in (404, 405) and passphrase not in asked.text
+    shown = run_pacs("hq", "site", "disk-passphrase", "test-site", "--json",
+                     env_file=hq.env_file)
+    assert shown.returncode == 0, shown.stderr
+    assert [(e["luks_uuid"], e["passphrase"]) for e in json.loads(shown.stdout)] == \
+        [(uuid, passphrase)]

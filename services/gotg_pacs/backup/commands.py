@@ -44,6 +44,10 @@ def backup_now(ctx: Context, as_json: bool) -> None:
         if ctx.settings.backup_path is not None and _backups(ctx).hand_over_key(hq):
             lines.append("the backup disk's repository key handed to HQ (kept there in case "
                          "the disk's copy is damaged)")
+        from ..data_disk.move import hand_over_recovery
+
+        if hand_over_recovery(hq):
+            lines.append("the data disk's recovery passphrase handed to HQ")
     for problem in made.get("state_errors", []):
         lines.append(f"NOT in this backup (its previous copy is): {problem}")
     if made["remote_error"]:

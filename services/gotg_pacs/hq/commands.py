@@ -119,6 +119,22 @@ def site_keys(ctx: Context, code: str, as_json: bool) -> None:
     emit(kept, as_json, "\n".join(entry["key"].rstrip("\n") for entry in kept))
 
 
+@site.command("disk-passphrase")
+@click.argument("code", callback=_code)
+@json_option
+@pass_context
+def site_disk_passphrase(ctx: Context, code: str, as_json: bool) -> None:
+    """The recovery passphrases of CODE's encrypted data disks (newest last): what opens one
+    whose key stick is lost (`pacs data-disk unlock --passphrase` on the box)."""
+    from .escrow import Escrow
+
+    kept = Escrow(ctx.settings.hq_dir / "escrow").disks(code)
+    if not kept:
+        raise click.ClickException(f"HQ holds no data disk passphrase for {code!r}")
+    emit(kept, as_json, "\n".join(f"{entry['luks_uuid']}  {entry['passphrase']}"
+                                  for entry in kept))
+
+
 @site.command("audit")
 @click.argument("code", callback=_code)
 @json_option

@@ -22,7 +22,9 @@ Routes for sites (`Authorization: Bearer <site token>`):
   GET   /files/<id>/outcome how a finished upload ended, per instance for a batch
   POST  /api/v1/holdings    which of these (SOP Instance UID, original MD5) HQ already holds
   ...   /api/v1/outbound    what HQ sends back to the site (`outbound`)
-  PUT/GET /api/v1/escrow    the site's backup passphrase, kept at HQ (`escrow`)
+  PUT/GET /api/v1/escrow    the site's backup passphrase, kept at HQ (`escrow`); /key(s)
+                            its backup disks' keys; PUT /disk its data disk's recovery
+                            passphrase (never read back by a site)
   POST /api/v1/audit        the site's audit trail, in order (`audit`)
 
 Routes for HQ operators (`Authorization: Bearer <operator token>`, `pacs hq operator add`; a

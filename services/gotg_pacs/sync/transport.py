@@ -259,6 +259,13 @@ class HQClient:
         if response.status_code != 200:
             raise HQRefused(response.status_code, response.text[:200])
 
+    def hand_over_disk_passphrase(self, luks_uuid: str, passphrase: str) -> None:
+        """The encrypted data disk's recovery passphrase (HQ never gives it back to a site)."""
+        response = self._call("PUT", f"{self.url}/api/v1/escrow/disk",
+                              json={"luks_uuid": luks_uuid, "passphrase": passphrase})
+        if response.status_code != 200:
+            raise HQRefused(response.status_code, response.text[:200])
+
     def kept_keys(self) -> list[dict]:
         """Every repository key HQ keeps for this site ({"repository", "key", "since"})."""
         response = self._call("GET", f"{self.url}/api/v1/escrow/keys")
