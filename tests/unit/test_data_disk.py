@@ -142,6 +142,7 @@ def test_boot_lines_replace_only_their_own(tmp_path):
     assert lines[:3] == theirs and lines.count(move.MARK) == 1
     disk, bind = lines[4].split(), lines[5].split()
     assert disk[:3] == ["LABEL=GOTG-DATA", "/srv/gotg-data", "ext4"] and "nofail" in disk[3]
+    assert "x-systemd.device-timeout=0" in disk[3], "waits for a passphrase typed late"
     assert bind[:3] == ["/srv/gotg-data/orthanc", str(storage), "none"]
     assert "bind" in bind[3] and "x-systemd.requires-mounts-for=/srv/gotg-data" in bind[3]
     move.set_lines(fstab, [], storage)
@@ -149,7 +150,7 @@ def test_boot_lines_replace_only_their_own(tmp_path):
 
     stick = move.crypttab_lines("1234-abcd", "usb-key")[1].split()
     assert stick[:3] == ["gotg-data", "UUID=1234-abcd", "/gotg-pacs-data.key:LABEL=GOTG-KEY"]
-    assert "keyfile-timeout=30s" in stick[3] and "nofail" in stick[3]
+    assert "keyfile-timeout=90s" in stick[3] and "nofail" in stick[3]
     console = move.crypttab_lines("1234-abcd", "console")[1].split()
     assert console[2] == "none" and "keyfile-timeout" not in console[3]
     crypttab = tmp_path / "crypttab"

@@ -39,7 +39,13 @@ MOUNT = Path("/srv/gotg-data")           # the data disk's file system
 DATA_LABEL = "GOTG-DATA"
 UNLOCKS = ("usb-key", "console")
 MARK = "# GOTG PACS data disk (pacs data-disk prepare)"
-DEVICE_TIMEOUT = "90s"                   # longer than the key stick's 30 s, then a prompt
+# The disk's mount waits however long the unlock takes (a passphrase typed in the morning):
+# then the disk mounts and Orthanc, whose start waits for it, comes up by itself. `nofail`
+# keeps the rest of the boot from waiting.
+DEVICE_TIMEOUT = "0"
+# How long boot looks for the key stick before asking for the passphrase instead. Coldplug is
+# slow on a Pi (and under emulation udev alone took 20 s): 30 s missed a stick plugged in.
+KEY_STICK_TIMEOUT = "90s"
 BACKUP_JOB = "pacs-backup-job.service"
 LINUX_PARTITION = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 HEADROOM = 512 * 1024**2
@@ -81,8 +87,9 @@ def fstab_lines(storage_path: Path) -> list[str]:
 
 def crypttab_lines(luks_uuid: str, unlock: str) -> list[str]:
     if unlock == "usb-key":
-        # The key file on the stick; without the stick after 30 s, the passphrase is asked.
-        key, options = f"/{luks.KEY_FILE}:LABEL={luks.KEY_LABEL}", "keyfile-timeout=30s,"
+        # The key file on the stick; without the stick, the passphrase is asked.
+        key = f"/{luks.KEY_FILE}:LABEL={luks.KEY_LABEL}"
+        options = f"keyfile-timeout={KEY_STICK_TIMEOUT},"
     else:
         key, options = "none", ""
     return [MARK, f"{luks.MAPPING} UUID={luks_uuid} {key} luks,{options}nofail"]
