@@ -31,7 +31,9 @@ SUITE = "trixie"
 # What every appliance needs before Ansible runs (Ansible itself needs python3 and python3-apt).
 COMMON = ["systemd-sysv", "udev", "dbus", "systemd-resolved", "iproute2", "python3", "python3-apt",
           "ca-certificates", "locales", "netbase", "less", "nano"]
-BOOTABLE = ["initramfs-tools", "e2fsprogs", "dosfstools", "cloud-guest-utils", "kmod"]
+# cryptsetup and systemd's crypttab generator: `pacs data-disk prepare --encrypt` (LUKS2).
+BOOTABLE = ["initramfs-tools", "e2fsprogs", "dosfstools", "cloud-guest-utils", "kmod", "fdisk",
+            "cryptsetup-bin", "systemd-cryptsetup"]
 TARGETS = {
     "container": {"arch": "amd64", "packages": [], "playbook": "clinic.yml"},
     "hq": {"arch": "amd64", "packages": [], "playbook": "hq.yml"},

@@ -2,7 +2,8 @@
 
 Why it matters: the image is what a clinic receives. It must boot by itself (UEFI, systemd-boot),
 grow to the disk it was written to, make its own SSH keys, answer DICOM from the LAN and nothing
-else, and keep every image it acknowledged when the power goes mid-transfer.
+else, move its archive onto an encrypted disk of its own that a key stick opens at boot, and keep
+every image it acknowledged when the power goes mid-transfer.
 """
 
 from __future__ import annotations
@@ -160,6 +161,12 @@ def _journal(vm: VM, key: Path, unit: str = "orthanc") -> str:
     return shown.stdout + shown.stderr
 
 
+def _storage_source(vm: VM, key: Path) -> str:
+    """What the archive's folder is mounted from (the data disk's mapping, once moved)."""
+    shown = vm.ssh(key, ADMIN, "findmnt", "-n", "-o", "SOURCE", "/var/lib/gotg-pacs/orthanc")
+    return shown.stdout.strip() or shown.stderr
+
+
 def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_image, admin_key,
                                                                            tmp_path):
     disk = tmp_path / "disk.img"
@@ -179,7 +186,13 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
     subprocess.run(["mcopy", "-i", esp, str(site_file), "::/gotg-site.txt"], check=True,
                    env=MTOOLS)
     dicom, http, https = free_port(), free_port(), free_port()
-    vm = VM(disk, tmp_path, {104: dicom, 8042: http, 443: https, 22: free_port()})
+    # A second disk for the archive and a USB stick for its key, as site IT plugs them in.
+    data_disk, key_stick = tmp_path / "data-disk.img", tmp_path / "key-stick.img"
+    for path, size in ((data_disk, 2 * 1024**3), (key_stick, 64 * 1024**2)):
+        with path.open("wb") as handle:
+            handle.truncate(size)
+    vm = VM(disk, tmp_path, {104: dicom, 8042: http, 443: https, 22: free_port()},
+            disks=(data_disk,), usb_sticks=(key_stick,))
     modality = Modality(SITE_AET, dicom, timeout=60)
     try:
         vm.start()
@@ -222,6 +235,37 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
             "-o", "PreferredAuthentications=password,keyboard-interactive"))
         assert guessed.returncode == 255 and "Permission denied (publickey)" in guessed.stderr
 
+        # The archive moves to a disk of its own, LUKS2-encrypted, opened at boot by the key
+        # stick; the stored images stay held, and nothing of them is left on the system disk.
+        prepared = vm.ssh(admin_key, ADMIN, "sudo", "pacs", "data-disk", "prepare", "/dev/vdb",
+                          "--encrypt", "--key-stick", "/dev/sda", "--yes", "--json",
+                          timeout=900)
+        assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+        moved = json.loads(prepared.stdout)
+        assert moved["encrypted"] and moved["unlock"] == "usb-key" and moved["problem"] == ""
+        assert moved["instances"] == len(files) and not moved["old_copy_kept"]
+        # HQ (hq.invalid) is out of reach: the passphrase waits on the encrypted disk itself.
+        assert not moved["escrowed"]
+        assert vm.ssh(admin_key, ADMIN, "sudo", "test", "-s",
+                      "/srv/gotg-data/.gotg-recovery-for-hq.json").returncode == 0
+        assert _storage_source(vm, admin_key).startswith("/dev/mapper/gotg-data"), \
+            _storage_source(vm, admin_key)
+        for path in files:
+            assert _held(modality, _uid(path), tmp_path / "moved")
+        # The recovery passphrase opens it too, as after a boot without the stick.
+        closed = vm.ssh(admin_key, ADMIN, "sudo", "sh", "-ec",
+                        "systemctl stop pacs-sync orthanc; umount /var/lib/gotg-pacs/orthanc; "
+                        "umount /srv/gotg-data; cryptsetup close gotg-data")
+        assert closed.returncode == 0, closed.stderr
+        typed = tmp_path / "typed"
+        typed.write_text(moved["recovery_passphrase"].lower() + "\n")  # as typed, any case
+        unlocked = vm.ssh(admin_key, ADMIN, "sudo", "pacs", "data-disk", "unlock",
+                          "--passphrase", "--json", send=typed, timeout=600)
+        assert unlocked.returncode == 0, unlocked.stdout + unlocked.stderr
+        assert json.loads(unlocked.stdout)["opened_by"] == "recovery passphrase"
+        assert wait_until(lambda: _back(modality, _uid(files[0]), tmp_path / "unlocked"), 600,
+                          interval=5), _journal(vm, admin_key)
+
         # An image file on disk that Orthanc's index does not know, as a power cut leaves one,
         # then Orthanc killed: its unit's next start takes the file back into the archive.
         hidden = corpus.renumbered_copies(corpus.representative()[2:3], 1, tmp_path / "hidden")[0]
@@ -246,6 +290,8 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
         vm.start()
         assert wait_until(lambda: _echo(modality), 900, interval=5), vm.console_text()[-3000:]
         assert "gotg-firstboot" not in vm.console_text(), "the first boot happens once"
+        assert _storage_source(vm, admin_key).startswith("/dev/mapper/gotg-data"), \
+            "the key stick opened the data disk at boot"
         left = subprocess.run(["mtype", "-i", esp, "::/gotg-site.txt"], env=MTOOLS,
                               capture_output=True, text=True).stdout
         assert f"PACS_AET={SITE_AET}" in left and "secret-on-the-card" not in left

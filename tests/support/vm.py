@@ -25,10 +25,13 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 class VM:
     def __init__(self, disk: Path, workdir: Path, forwards: dict[int, int],
-                 memory_mb: int = 1024) -> None:
-        """forwards: guest port -> host port on 127.0.0.1."""
+                 memory_mb: int = 1024, disks: tuple[Path, ...] = (),
+                 usb_sticks: tuple[Path, ...] = ()) -> None:
+        """forwards: guest port -> host port on 127.0.0.1. `disks`: more internal disks (the
+        guest's vdb, vdc, ...); `usb_sticks`: USB mass storage (sda, ...), removable."""
         self.disk, self.workdir, self.forwards = disk, workdir, forwards
         self.memory_mb = memory_mb
+        self.disks, self.usb_sticks = disks, usb_sticks
         self.boots = 0
         self.process: subprocess.Popen | None = None
 
@@ -44,10 +47,22 @@ class VM:
             [*self.machine(), "-accel", "tcg", "-m", str(self.memory_mb), "-smp", "2",
              "-nographic", "-no-reboot",
              "-drive", f"file={self.disk},format=raw,if=virtio",
+             *[arg for extra in self.disks
+               for arg in ("-drive", f"file={extra},format=raw,if=virtio")],
+             *self._usb(),
              "-netdev", f"user,id=lan,{hostfwd}", "-device", "virtio-net-pci,netdev=lan",
              "-serial", f"file:{self.console}",
              "-monitor", f"unix:{self.monitor},server,nowait"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def _usb(self) -> list[str]:
+        if not self.usb_sticks:
+            return []
+        argv = ["-device", "qemu-xhci,id=xhci"]
+        for number, stick in enumerate(self.usb_sticks):
+            argv += ["-drive", f"if=none,id=stick{number},format=raw,file={stick}",
+                     "-device", f"usb-storage,bus=xhci.0,drive=stick{number},removable=on"]
+        return argv
 
     def machine(self) -> list[str]:
         """A NUC: UEFI firmware with its variables kept beside the disk across boots."""
