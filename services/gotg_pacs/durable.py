@@ -20,6 +20,18 @@ def fsync_dir(path: Path) -> None:
         os.close(descriptor)
 
 
+def own_like(path: Path | int, like: Path) -> None:
+    """Give `path` (or an open descriptor) the owner and group of `like` when root made it: what
+    a root command (a restore, a disk move) makes for a service stays the service's."""
+    if os.geteuid() != 0:
+        return
+    reference = like.stat()
+    if isinstance(path, int):
+        os.fchown(path, reference.st_uid, reference.st_gid)
+    else:
+        os.chown(path, reference.st_uid, reference.st_gid)
+
+
 def write_bytes(path: Path, data: bytes, exclusive: bool = False) -> None:
     """Write `data` to `path` and wait until it is on disk (the name is the caller's business).
     `exclusive`: refuse (FileExistsError) rather than overwrite a file already there."""

@@ -103,13 +103,11 @@ def lock_storage(settings: Settings) -> int:
     """
     if not settings.orthanc_storage_dir.exists():
         settings.orthanc_storage_dir.mkdir(parents=True, mode=0o700)
-        if os.geteuid() == 0:  # made by root (a restore on a new disk): Orthanc's, like its parent
-            like = settings.storage_path.stat()
-            os.chown(settings.orthanc_storage_dir, like.st_uid, like.st_gid)
+        # Made by root (a restore on a new disk): Orthanc's, like its parent.
+        durable.own_like(settings.orthanc_storage_dir, settings.storage_path)
     descriptor = os.open(settings.orthanc_storage_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    if os.geteuid() == 0:  # taken by root (a restore): the file stays Orthanc's to lock later
-        like = settings.orthanc_storage_dir.stat()
-        os.fchown(descriptor, like.st_uid, like.st_gid)
+    # Taken by root (a restore, a disk move): the file stays Orthanc's to lock later.
+    durable.own_like(descriptor, settings.orthanc_storage_dir)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import durable
 from .config import Settings
 
 
@@ -29,6 +30,5 @@ def make_folders(settings: Settings, folder: Path) -> None:
         folder = folder.parent
     for made in reversed(missing):
         made.mkdir()
-        if os.geteuid() == 0:
-            os.chown(made, like.st_uid, like.st_gid)
+        durable.own_like(made, root)
         os.chmod(made, like.st_mode & 0o7777)

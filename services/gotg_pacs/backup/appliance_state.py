@@ -18,7 +18,6 @@ from __future__ import annotations
 import getpass
 import logging
 import os
-import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -168,8 +167,7 @@ def _who() -> str:
 
 def _own_like_state(settings: Settings, path: Path, also_parent: bool = False) -> None:
     """Files a root restore makes in STATE_PATH belong to the services' user, as the rest."""
-    if os.geteuid() != 0 or not path.exists():
+    if not path.exists():
         return
-    owner = settings.state_path.stat()
     for each in ([path.parent] if also_parent else []) + [path]:
-        shutil.chown(each, owner.st_uid, owner.st_gid)
+        durable.own_like(each, settings.state_path)

@@ -355,9 +355,7 @@ class Restore:
         self._like_storage_path(folder)
         for stale in ("-wal", "-shm"):  # the empty index's log must not be replayed onto it
             (folder / (INDEX_FILE + stale)).unlink(missing_ok=True)
-        like = folder.stat()
-        if os.geteuid() == 0:
-            os.chown(staged_index, like.st_uid, like.st_gid)
+        durable.own_like(staged_index, folder)
         os.chmod(staged_index, 0o600)
         os.replace(staged_index, folder / INDEX_FILE)
         os.sync()
@@ -368,9 +366,7 @@ class Restore:
         if folder.exists():
             return
         folder.mkdir(parents=True, mode=0o700)
-        like = self.settings.storage_path.stat()
-        if os.geteuid() == 0:
-            os.chown(folder, like.st_uid, like.st_gid)
+        durable.own_like(folder, self.settings.storage_path)
 
     # --- merge: through the running Orthanc ---------------------------------------------------
 

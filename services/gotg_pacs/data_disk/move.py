@@ -306,7 +306,7 @@ def _move(settings: Settings, filesystem: Path, say: Callable[[str], None], etc:
             os.rename(storage, old)
             moved = True
             storage.mkdir(mode=like.st_mode & 0o777)
-            os.chown(storage, like.st_uid, like.st_gid)
+            durable.own_like(storage, old)
             if crypttab:
                 set_lines(etc / "crypttab", crypttab, storage)
             set_lines(etc / "fstab", fstab_lines(storage), storage)
