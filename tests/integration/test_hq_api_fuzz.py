@@ -36,7 +36,7 @@ from tests.support import corpus
 from tests.support.site import free_port, hq_answers, write_env
 
 SPEC = Path(receiver.__file__).with_name("openapi.yaml")
-OPERATIONS = 18  # every route `create_app` registers, each method once
+OPERATIONS = 19  # every route `create_app` registers, each method once
 EXAMPLES = 25  # generated requests per operation, half of them aimed at what HQ holds
 NEGATIVE_EXAMPLES = 10  # schema-violating ones per operation
 TUS = "application/offset+octet-stream"

@@ -83,11 +83,17 @@ RECOVERY = re.compile(r"[A-Z2-9]{5}(-[A-Z2-9]{5}){5}")
 MAX_KEY = 16 * 1024  # `borg key export` writes about 1 KB
 
 
+def _fields(*names: str) -> list[object]:
+    """These fields of the request's JSON object (None for each when it is not one)."""
+    asked = request.get_json(silent=True)
+    asked = asked if isinstance(asked, dict) else {}
+    return [asked.get(name) for name in names]
+
+
 def register(app: Flask, escrow: Escrow) -> None:
     @app.put("/api/v1/escrow")
     def hand_over() -> Response:
-        asked = request.get_json(silent=True)
-        passphrase = asked.get("passphrase") if isinstance(asked, dict) else None
+        [passphrase] = _fields("passphrase")
         if not isinstance(passphrase, str) or not 16 <= len(passphrase) <= 256 \
                 or any(char.isspace() for char in passphrase):
             abort(400, "passphrase: 16 to 256 characters, no spaces")
@@ -102,9 +108,7 @@ def register(app: Flask, escrow: Escrow) -> None:
 
     @app.put("/api/v1/escrow/key")
     def hand_over_key() -> Response:
-        asked = request.get_json(silent=True)
-        asked = asked if isinstance(asked, dict) else {}
-        repository, key = asked.get("repository"), asked.get("key")
+        repository, key = _fields("repository", "key")
         if not (isinstance(repository, str) and REPOSITORY_ID.fullmatch(repository)
                 and isinstance(key, str) and len(key) <= MAX_KEY
                 and key.startswith(f"BORG_KEY {repository}\n")):
@@ -115,9 +119,7 @@ def register(app: Flask, escrow: Escrow) -> None:
     # fetch what opens its own data disk. HQ IT reads it (`pacs hq site disk-passphrase`).
     @app.put("/api/v1/escrow/disk")
     def hand_over_disk() -> Response:
-        asked = request.get_json(silent=True)
-        asked = asked if isinstance(asked, dict) else {}
-        uuid, passphrase = asked.get("luks_uuid"), asked.get("passphrase")
+        uuid, passphrase = _fields("luks_uuid", "passphrase")
         if not (isinstance(uuid, str) and LUKS_UUID.fullmatch(uuid)
                 and isinstance(passphrase, str) and RECOVERY.fullmatch(passphrase)):
             abort(400, "luks_uuid: the data disk's LUKS UUID; passphrase: its recovery "
