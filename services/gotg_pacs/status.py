@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from .clikit import size_text
 from .config import Settings
+from .data_disk.move import status as data_disk_status
 from .orthanc import Orthanc, OrthancError
 
 
@@ -128,6 +129,7 @@ def collect(settings: Settings) -> dict[str, Any]:
             **_disk(settings.storage_path),
             "archive_bytes": orthanc.get("stored_bytes"),
             "max_storage_gb": settings.max_storage_gb,
+            "data_disk": data_disk_status(settings),
         },
         "counts": orthanc.get("counts"),
         "backup": _backup(settings),
@@ -154,6 +156,11 @@ def render_text(report: dict[str, Any]) -> str:
     lines.append(f"  storage    {size_text(storage['archive_bytes'])} archived, "
                  f"{size_text(storage['free_bytes'])} free of {size_text(storage['total_bytes'])} "
                  f"on {storage['path']}")
+    disk = storage["data_disk"]
+    if disk["data_disk"]:
+        lines.append("  data disk  " + ("encrypted, " if disk["encrypted"] else "")
+                     + ("open, " if disk["unlocked"] else "LOCKED (pacs data-disk unlock), ")
+                     + ("mounted" if disk["mounted"] else "NOT MOUNTED"))
     counts = report["counts"]
     if counts:
         lines.append(f"  archive    {counts['patients']} patients, {counts['studies']} studies, "

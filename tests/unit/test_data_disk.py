@@ -70,7 +70,7 @@ def test_the_key_stick_holds_only_the_key_readable_by_root(tmp_path):
         out.truncate(8 * 1024**2)
     key = luks.new_key()
     luks.write_key_stick(stick, key)
-    label = subprocess.run(["blkid", "-o", "value", "-s", "LABEL", str(stick)],
+    label = subprocess.run(["blkid", "-p", "-o", "value", "-s", "LABEL", str(stick)],
                            capture_output=True, text=True).stdout.strip()
     assert label == luks.KEY_LABEL
     read = subprocess.run(["debugfs", "-R", f"cat /{luks.KEY_FILE}", str(stick)],

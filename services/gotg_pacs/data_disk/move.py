@@ -377,12 +377,19 @@ def hand_over_recovery(hq) -> bool:
 
 # --- after a boot that did not unlock ------------------------------------------------------------
 
+def _key_stick() -> Path | None:
+    """The plugged-in key stick, as udev sees it now (blkid's cache may remember one pulled
+    out)."""
+    link = Path("/dev/disk/by-label") / luks.KEY_LABEL
+    return link.resolve() if link.exists() else None
+
+
 def _key_from_stick() -> bytes | None:
     """The key read off a plugged-in key stick, without mounting it (debugfs, read-only)."""
-    stick = subprocess.run(["blkid", "-L", luks.KEY_LABEL], capture_output=True, text=True)
-    if stick.returncode != 0:
+    stick = _key_stick()
+    if stick is None:
         return None
-    done = subprocess.run(["debugfs", "-R", f"cat /{luks.KEY_FILE}", stick.stdout.strip()],
+    done = subprocess.run(["debugfs", "-R", f"cat /{luks.KEY_FILE}", str(stick)],
                           capture_output=True)
     return done.stdout if done.returncode == 0 and len(done.stdout) == luks.KEY_BYTES else None
 
@@ -434,6 +441,5 @@ def status(settings: Settings, etc: Path = Path("/etc")) -> dict:
             "encrypted": partition is not None,
             "unlocked": partition is None or (Path("/dev/mapper") / luks.MAPPING).exists(),
             "mounted": mounted_at(settings.storage_path),
-            "key_stick_present": subprocess.run(["blkid", "-L", luks.KEY_LABEL],
-                                                capture_output=True).returncode == 0,
+            "key_stick_present": _key_stick() is not None,
             "storage_path": str(settings.storage_path)}
