@@ -6,8 +6,9 @@ one playbook. Nothing is started inside: the roles only enable services in a chr
 
     python image-build/rootfs.py --target nuc|pi4|container --out DIR [--vars FILE.json]
 
-`container` is the NUC's tree without kernel and boot loader, booted by systemd-nspawn in tests;
-`hq` is HQ's archive server the same way (hq.yml).
+`container` is the NUC's tree without kernel and boot loader, booted by systemd-nspawn in tests.
+(HQ's server is not imaged: HQ IT pushes ansible/hq.yml to a running Debian, as its role
+scenario does.)
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ BOOTABLE = ["initramfs-tools", "e2fsprogs", "dosfstools", "cloud-guest-utils", "
             "cryptsetup-bin", "systemd-cryptsetup"]
 TARGETS = {
     "container": {"arch": "amd64", "packages": [], "playbook": "clinic.yml"},
-    "hq": {"arch": "amd64", "packages": [], "playbook": "hq.yml"},
     "nuc": {"arch": "amd64", "packages": ["linux-image-amd64", "systemd-boot", "systemd-boot-efi",
                                           *BOOTABLE],
             "playbook": "image.yml", "boot": "/boot/efi"},
@@ -69,8 +69,7 @@ def sources() -> str:
 def playbook_command(root_dir: str, vars_file: Path | None,
                      playbook: str = "clinic.yml") -> list[str]:
     """ansible-playbook applying `playbook` to the tree at root_dir through a chroot."""
-    group = "hq" if playbook == "hq.yml" else "clinics"
-    inventory = (f"{group}:\n  hosts:\n    '{root_dir}':\n"
+    inventory = (f"clinics:\n  hosts:\n    '{root_dir}':\n"
                  "      ansible_connection: community.general.chroot\n")
     inventory_file = Path(tempfile.mkdtemp(prefix="gotg-inventory-")) / "hosts.yml"
     inventory_file.write_text(inventory)
