@@ -20,6 +20,12 @@ log = logging.getLogger(__name__)
 
 ORTHANC = "orthanc.service"
 SYNC = "pacs-sync.service"
+# The backup role's scheduled jobs (roles/backup/vars: backup_jobs), which read or repair
+# the storage: their timers are held while the storage moves, their services must be idle.
+BACKUP_JOBS = ("pacs-backup", "pacs-backup-check", "pacs-backup-verify", "pacs-backup-drill",
+               "pacs-integrity")
+BACKUP_TIMERS = tuple(f"{job}.timer" for job in BACKUP_JOBS)
+BACKUP_SERVICES = tuple(f"{job}.service" for job in BACKUP_JOBS)
 
 
 def active(unit: str) -> bool:
@@ -42,6 +48,7 @@ def _systemctl(verb: str, units: list[str]) -> None:
 class Stopped:
     units: list[str] = field(default_factory=list)  # stopped for the work, started after
     start_error: str | None = None  # why they did not all start again
+    keep_stopped: bool = False  # set by the work when starting them would do harm
 
 
 @contextmanager
@@ -56,7 +63,9 @@ def stopped(units: list[str]) -> Iterator[Stopped]:
             _systemctl("stop", done.units)
         yield done
     finally:
-        if done.units:
+        if done.keep_stopped:
+            log.error("leaving %s stopped", " ".join(done.units))
+        elif done.units:
             log.info("starting %s", " ".join(reversed(done.units)))
             try:
                 _systemctl("start", list(reversed(done.units)))

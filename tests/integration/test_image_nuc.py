@@ -247,7 +247,7 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
         # HQ (hq.invalid) is out of reach: the passphrase waits on the encrypted disk itself.
         assert not moved["escrowed"]
         assert vm.ssh(admin_key, ADMIN, "sudo", "test", "-s",
-                      "/srv/gotg-data/.gotg-recovery-for-hq.json").returncode == 0
+                      "/srv/gotg-data/.gotg-recovery.json").returncode == 0
         assert _storage_source(vm, admin_key).startswith("/dev/mapper/gotg-data"), \
             _storage_source(vm, admin_key)
         for path in files:

@@ -134,27 +134,33 @@ def test_boot_lines_replace_only_their_own(tmp_path):
     fstab = tmp_path / "fstab"
     theirs = ["# /etc/fstab: static file system information.",
               "LABEL=gotg-root / ext4 noatime,errors=remount-ro 0 1",
+              "LABEL=GOTG-DATA /srv/gotg-data ext4 noatime,nofail 0 2",  # the base role's
               "tmpfs /tmp tmpfs mode=1777,nosuid,nodev,size=256M 0 0"]
     fstab.write_text("\n".join(theirs) + "\n")
-    move.set_lines(fstab, move.fstab_lines(storage), storage)
-    move.set_lines(fstab, move.fstab_lines(storage), storage)  # again: still once
+    ours = move.fstab_lines(storage, "/dev/mapper/gotg-data")
+    move.set_lines(fstab, ours)
+    written = fstab.stat().st_mtime_ns
+    move.set_lines(fstab, ours)  # again: still once, the file not even rewritten
+    assert fstab.stat().st_mtime_ns == written
     lines = fstab.read_text().splitlines()
-    assert lines[:3] == theirs and lines.count(move.MARK) == 1
-    disk, bind = lines[4].split(), lines[5].split()
-    assert disk[:3] == ["LABEL=GOTG-DATA", "/srv/gotg-data", "ext4"] and "nofail" in disk[3]
-    assert "x-systemd.device-timeout=0" in disk[3], "waits for a passphrase typed late"
+    assert lines[:4] == theirs and lines.count(move.MARK) == 1
+    disk, bind = lines[5].split(), lines[6].split()
+    assert disk[:3] == ["/dev/mapper/gotg-data", "/srv/gotg-data", "ext4"]
+    assert "nofail" in disk[3] and "x-systemd.device-timeout=0" in disk[3], \
+        "waits for a passphrase typed late"
     assert bind[:3] == ["/srv/gotg-data/orthanc", str(storage), "none"]
     assert "bind" in bind[3] and "x-systemd.requires-mounts-for=/srv/gotg-data" in bind[3]
-    move.set_lines(fstab, [], storage)
-    assert fstab.read_text().splitlines() == theirs
+    move.set_lines(fstab, [])
+    assert fstab.read_text().splitlines() == theirs, "someone else's line for the place stays"
 
     stick = move.crypttab_lines("1234-abcd", "usb-key")[1].split()
     assert stick[:3] == ["gotg-data", "UUID=1234-abcd", "/gotg-pacs-data.key:LABEL=GOTG-KEY"]
-    assert "keyfile-timeout=90s" in stick[3] and "nofail" in stick[3]
+    assert {"keyfile-timeout=90s", "nofail", "x-systemd.device-timeout=0"} <= \
+        set(stick[3].split(","))
     console = move.crypttab_lines("1234-abcd", "console")[1].split()
     assert console[2] == "none" and "keyfile-timeout" not in console[3]
     crypttab = tmp_path / "crypttab"
-    move.set_lines(crypttab, move.crypttab_lines("1234-abcd", "console"), storage)
+    move.set_lines(crypttab, move.crypttab_lines("1234-abcd", "console"))
     assert move.encrypted_partition(tmp_path) == Path("/dev/disk/by-uuid/1234-abcd")
     assert move.prepared_here(tmp_path)
 
@@ -207,8 +213,11 @@ def test_prepare_refuses_before_erasing_anything(tmp_path):
         move.prepare(settings, blank, True, "tang", None, etc=etc)
     with pytest.raises(DataDiskError, match="not a disk"):
         move.prepare(settings, blank, True, "console", None, etc=etc)
-    move.set_lines(etc / "fstab", move.fstab_lines(settings.storage_path),
-                   settings.storage_path)
+    with pytest.raises(DataDiskError, match="--key-stick is only for"):
+        move.prepare(settings, blank, True, "console", blank, etc=etc)
+    with pytest.raises(DataDiskError, match="is in use"):  # STORAGE_PATH already on a disk
+        move.prepare(settings, blank, True, "console", None, etc=etc, mount=tmp_path)
+    move.set_lines(etc / "fstab", move.fstab_lines(settings.storage_path, "UUID=x"))
     with pytest.raises(DataDiskError, match="already on a disk of its own"):
         move.prepare(settings, blank, True, "console", None, etc=etc)
     assert blank.read_bytes() == bytes(1024)

@@ -38,7 +38,12 @@ def prepare(ctx: Context, device: Path, encrypt: bool | None, unlock: str | None
     the copy is compared byte for byte before the system disk's is removed)."""
     settings = ctx.settings
     encrypt = settings.encryption if encrypt is None else encrypt
-    unlock = unlock or ("usb-key" if key_stick else "console")
+    unlock = unlock or ("usb-key" if key_stick else "")
+    if encrypt and not unlock:
+        # A passphrase at every boot keeps the archive closed after each night's power cut
+        # until someone types it: never chosen for a box by default.
+        raise click.ClickException("say how the box opens it at boot: --key-stick STICK, or "
+                                   "--unlock console (a passphrase typed at every boot)")
     erased = " and ".join(str(d) for d in (device, key_stick) if d)
     if not yes and not (sys.stdin.isatty() and click.confirm(
             f"Everything on {erased} will be erased. Go on?")):
@@ -56,7 +61,6 @@ def prepare(ctx: Context, device: Path, encrypt: bool | None, unlock: str | None
                   "Write it down now and keep it away from the box: it opens the data disk "
                   "without the key stick (`pacs data-disk unlock --passphrase`). It is not "
                   "shown again.", ""]
-        done.escrowed = False
         if settings.hq_url:
             from ..sync.transport import HQClient
 

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .. import durable
 from .devices import DataDiskError
 
 MAPPING = "gotg-data"                 # /dev/mapper/gotg-data
@@ -149,12 +148,10 @@ def close_mapping() -> None:
 def write_key_stick(stick: Path, key: bytes) -> None:
     """A new ext4 file system labelled GOTG-KEY on `stick` holding only the key (root, 0400),
     written at mkfs time: nothing is mounted."""
-    with tempfile.TemporaryDirectory(prefix="gotg-key-stick-") as folder:
-        content = Path(folder) / "content"
-        content.mkdir(mode=0o700)
-        durable.write_bytes(content / KEY_FILE, key, exclusive=True)
-        os.chmod(content / KEY_FILE, 0o400)
+    with secret_files(**{KEY_FILE: key}) as files:
+        os.chmod(files[KEY_FILE], 0o400)
         done = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", KEY_LABEL, "-m", "0", "-d",
-                               str(content), str(stick)], capture_output=True, text=True)
+                               str(files[KEY_FILE].parent), str(stick)], capture_output=True,
+                              text=True)
         if done.returncode != 0:
             raise DataDiskError(f"cannot make the key stick on {stick}: {done.stderr.strip()}")

@@ -1,18 +1,21 @@
 """Putting the archive on the data disk, and getting it back after a boot that could not unlock
 it.
 
-Order, so that nothing is ever lost: the new disk is made and tested first; Orthanc stops; its
-folder is copied and the copy is compared byte for byte after a remount (so from the disk, not
-from the page cache); only then is the data disk mounted in its place (a bind mount of
-/srv/gotg-data/orthanc over STORAGE_PATH, so no setting and no unit changes); Orthanc starts
-and must count what it counted before. The copy left on the system disk is removed only then:
-until that moment any failure puts everything back as it was.
+Order, so that nothing is ever lost: every refusal comes before anything is erased; the new
+disk is made and tested, and the recovery passphrase shown, before the archive is touched;
+Orthanc and the backup jobs stop; the folder is copied and the copy compared byte for byte
+after a remount (so from the disk, not from the page cache); /etc/crypttab and /etc/fstab get
+their lines before the folder moves aside, so a power cut at any step boots either the old
+folder or the checked copy, never an empty one; then the disk's copy is bind-mounted over
+STORAGE_PATH (no setting and no unit changes). Any failure until then puts everything back, and
+if that fails Orthanc stays stopped rather than start on an empty folder. Orthanc then starts and
+must count at least what it counted before; only then is the system disk's copy removed.
 
 Boot: /etc/crypttab unlocks with the key stick (or asks at the console), /etc/fstab mounts the
 disk and the bind mount with `nofail`, and Orthanc requires STORAGE_PATH's mount
-(RequiresMountsFor): without its disk the box boots, answers SSH and the web pages, and Orthanc
-stays down instead of starting on an empty folder of the SD card. `pacs data-disk unlock` brings
-it up later (the stick plugged in, or the recovery passphrase typed).
+(RequiresMountsFor): without its disk the box boots, answers SSH and the web pages, and Orthanc's
+start waits instead of starting on an empty folder of the SD card (multi-user.target is reached
+only once the disk is open). `pacs data-disk unlock` opens it from a shell.
 """
 
 from __future__ import annotations
@@ -36,22 +39,25 @@ from .devices import DataDiskError
 log = logging.getLogger(__name__)
 
 MOUNT = Path("/srv/gotg-data")           # the data disk's file system
-DATA_LABEL = "GOTG-DATA"
+# Not the base role's GOTG-DATA (a disk made by hand, mounted by label): this one is mounted by
+# its mapping or UUID, so a second disk with a label alike can never take its place.
+FS_LABEL = "GOTG-ARCHIVE"
 UNLOCKS = ("usb-key", "console")
 MARK = "# GOTG PACS data disk (pacs data-disk prepare)"
-# The disk's mount waits however long the unlock takes (a passphrase typed in the morning):
-# then the disk mounts and Orthanc, whose start waits for it, comes up by itself. `nofail`
-# keeps the rest of the boot from waiting.
-DEVICE_TIMEOUT = "0"
+# The disk and its mount wait however long the unlock takes (a passphrase typed in the
+# morning): then the disk mounts and Orthanc, whose start waits for it, comes up by itself.
+# `nofail` keeps the rest of the boot from waiting.
+WAIT_FOREVER = "x-systemd.device-timeout=0"
 # How long boot looks for the key stick before asking for the passphrase instead. Coldplug is
 # slow on a Pi (and under emulation udev alone took 20 s): 30 s missed a stick plugged in.
 KEY_STICK_TIMEOUT = "90s"
-BACKUP_JOB = "pacs-backup-job.service"
 LINUX_PARTITION = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
 HEADROOM = 512 * 1024**2
-# The recovery passphrase waiting to go to HQ: on the encrypted disk itself (readable only while
-# it is open), removed once HQ has it.
-FOR_HQ = MOUNT / ".gotg-recovery-for-hq.json"
+TOOLS = ("sfdisk", "mkfs.ext4", "blkid", "findmnt", "mount", "umount", "cp")
+SBIN = "/usr/sbin:/sbin:/usr/bin:/bin"
+# The recovery passphrase kept on the disk it opens (readable only while it is open), handed to
+# HQ after every backup (HQ keeps it once).
+RECOVERY_COPY = ".gotg-recovery.json"
 
 
 @dataclass
@@ -66,7 +72,7 @@ class Prepared:
     files: int
     bytes: int
     instances: int
-    old_copy: str               # the system disk's copy, removed once Orthanc counted the same
+    old_copy: str               # the system disk's copy, removed once Orthanc counted as much
     old_copy_kept: bool
     problem: str                # what went wrong after the move (the archive is on the disk)
     escrowed: bool = False      # the recovery passphrase reached HQ
@@ -77,40 +83,53 @@ class Prepared:
 
 # --- /etc/fstab and /etc/crypttab ----------------------------------------------------------------
 
-def fstab_lines(storage_path: Path) -> list[str]:
-    data = MOUNT / storage_path.name
+def fstab_lines(storage_path: Path, source: str, mount: Path = MOUNT) -> list[str]:
+    """`source`: /dev/mapper/gotg-data, or UUID=... of a disk that is not encrypted."""
     return [MARK,
-            f"LABEL={DATA_LABEL} {MOUNT} ext4 noatime,nofail,"
-            f"x-systemd.device-timeout={DEVICE_TIMEOUT} 0 2",
-            f"{data} {storage_path} none bind,nofail,x-systemd.requires-mounts-for={MOUNT} 0 0"]
+            f"{source} {mount} ext4 noatime,nofail,{WAIT_FOREVER} 0 2",
+            f"{mount / storage_path.name} {storage_path} none "
+            f"bind,nofail,x-systemd.requires-mounts-for={mount} 0 0"]
 
 
 def crypttab_lines(luks_uuid: str, unlock: str) -> list[str]:
     if unlock == "usb-key":
         # The key file on the stick; without the stick, the passphrase is asked.
         key = f"/{luks.KEY_FILE}:LABEL={luks.KEY_LABEL}"
-        options = f"keyfile-timeout={KEY_STICK_TIMEOUT},"
+        options = f",keyfile-timeout={KEY_STICK_TIMEOUT}"
     else:
         key, options = "none", ""
-    return [MARK, f"{luks.MAPPING} UUID={luks_uuid} {key} luks,{options}nofail"]
+    return [MARK, f"{luks.MAPPING} UUID={luks_uuid} {key} luks,nofail,{WAIT_FOREVER}{options}"]
 
 
-def _ours(line: str, storage_path: Path) -> bool:
-    fields = line.split()
-    return line.strip() == MARK or (len(fields) >= 2 and (
-        fields[0] == luks.MAPPING or fields[1] in (str(MOUNT), str(storage_path))))
+def _without_ours(lines: list[str]) -> list[str]:
+    """`lines` less our block: the mark and the entries right after it (nothing else, not even
+    an entry for the same place written by someone else)."""
+    kept, in_block = [], False
+    for line in lines:
+        if line.strip() == MARK:
+            in_block = True
+            continue
+        if in_block and line.strip() and not line.lstrip().startswith("#"):
+            fields = line.split()
+            if fields[0] == luks.MAPPING or (len(fields) > 2 and fields[2] in ("ext4", "none")):
+                continue
+        in_block = False
+        kept.append(line)
+    return kept
 
 
-def set_lines(path: Path, lines: list[str], storage_path: Path) -> None:
-    """Our lines in `path` replaced by `lines` (none: removed); every other line kept as is."""
-    kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
-            if not _ours(line, storage_path)]
-    durable.replace_text(path, "\n".join([*kept, *lines]) + "\n", mode=0o644, like=path)
+def set_lines(path: Path, lines: list[str]) -> None:
+    """Our block in `path` replaced by `lines` (none: removed); every other line kept as is;
+    the file left alone when that changes nothing."""
+    before = path.read_text().splitlines() if path.exists() else []
+    after = [*_without_ours(before), *lines]
+    if after != before:
+        durable.replace_text(path, "\n".join(after) + "\n", mode=0o644, like=path)
 
 
 def prepared_here(etc: Path) -> bool:
     crypttab, fstab = etc / "crypttab", etc / "fstab"
-    return any(MARK in p.read_text() for p in (crypttab, fstab) if p.exists())
+    return any(MARK in p.read_text().splitlines() for p in (crypttab, fstab) if p.exists())
 
 
 # --- commands the move runs ----------------------------------------------------------------------
@@ -205,12 +224,19 @@ def _counts(client: Orthanc) -> dict[str, int] | None:
                                              "CountInstances")}
 
 
+def _missing_tools(encrypt: bool) -> list[str]:
+    wanted = [*TOOLS, *(["cryptsetup"] if encrypt else [])]
+    return [tool for tool in wanted if shutil.which(tool, path=SBIN) is None]
+
+
 # --- prepare -------------------------------------------------------------------------------------
 
 def prepare(settings: Settings, device: Path, encrypt: bool, unlock: str,
             key_stick: Path | None, say: Callable[[str], None] = log.info,
-            etc: Path = Path("/etc"), recovery_iter_ms: int = 2000) -> Prepared:
-    """Erase `device`, make it the data disk (LUKS2 when `encrypt`) and move the archive there."""
+            etc: Path = Path("/etc"), recovery_iter_ms: int = 2000,
+            mount: Path = MOUNT) -> Prepared:
+    """Erase `device`, make it the data disk (LUKS2 when `encrypt`) and move the archive there.
+    Everything that can refuse does so before anything is erased."""
     storage = settings.storage_path
     if os.geteuid() != 0:
         raise DataDiskError("only root can prepare a data disk (sudo pacs data-disk prepare)")
@@ -218,19 +244,33 @@ def prepare(settings: Settings, device: Path, encrypt: bool, unlock: str,
         raise DataDiskError(f"--unlock: one of {', '.join(UNLOCKS)}")
     if encrypt and unlock == "usb-key" and key_stick is None:
         raise DataDiskError("--unlock usb-key needs --key-stick DEVICE (a USB stick, erased)")
+    if key_stick is not None and not (encrypt and unlock == "usb-key"):
+        raise DataDiskError("--key-stick is only for an encrypted disk opened by it "
+                            "(--encrypt --unlock usb-key)")
     if prepared_here(etc) or mounted_at(storage):
         raise DataDiskError(f"{storage} is already on a disk of its own (see /etc/fstab): "
                             "`pacs data-disk status`")
+    if mounted_at(mount) or mount in storage.parents:
+        raise DataDiskError(f"{mount} is in use (a data disk mounted there by hand or by the "
+                            f"base role, STORAGE_PATH {storage}): nothing to prepare")
+    if (Path("/dev/disk/by-label") / FS_LABEL).exists():
+        raise DataDiskError(f"a disk labelled {FS_LABEL} (prepared for another box?) is "
+                            "plugged in: unplug it first")
     if not (storage / "index").exists() and not (storage / "storage").exists():
         raise DataDiskError(f"{storage} holds no archive to move (STORAGE_PATH)")
-    if units.active(BACKUP_JOB):
-        raise DataDiskError("a backup is running: prepare the disk once it is done")
+    missing = _missing_tools(encrypt)
+    if missing:
+        raise DataDiskError(f"missing here: {', '.join(missing)} (apt-get install fdisk "
+                            "e2fsprogs cryptsetup-bin systemd-cryptsetup)")
+    busy = [unit for unit in units.BACKUP_SERVICES if units.active(unit)]
+    if busy:
+        raise DataDiskError(f"{', '.join(busy)} is running: prepare the disk once it is done")
     files, size = tree_size(storage)
     system = devices.system_disks()
     data = devices.describe(device)
     devices.usable(data, "data disk", size + size // 10 + HEADROOM, system)
     stick = None
-    if encrypt and unlock == "usb-key":
+    if key_stick is not None:
         stick = devices.describe(key_stick)
         if stick.path == data.path:
             raise DataDiskError("the key stick must be another device than the data disk")
@@ -247,20 +287,23 @@ def prepare(settings: Settings, device: Path, encrypt: bool, unlock: str,
         if not (luks.opens(partition, key=key) and luks.opens(partition, passphrase=recovery)):
             raise DataDiskError("the new encryption does not open with its own keys: nothing "
                                 "was moved")
+        # Shown before the archive is touched: whatever happens next, it is not lost.
+        say(f"RECOVERY PASSPHRASE {recovery} (write it down now, keep it away from the box)")
         if stick is not None:
             say(f"writing the key to the key stick {stick.describe()}")
             luks.write_key_stick(Path(stick.path), key)
         filesystem = luks.open_mapping(partition, key=key)
     try:
-        _sh("mkfs.ext4", "-q", "-F", "-L", DATA_LABEL, "-m", "1", str(filesystem))
+        _sh("mkfs.ext4", "-q", "-F", "-L", FS_LABEL, "-m", "1", str(filesystem))
+        source = (str(filesystem) if encrypt else "UUID=" + _sh(
+            "blkid", "-p", "-o", "value", "-s", "UUID", str(filesystem)).strip())
     except DataDiskError:
         luks.close_mapping()
         raise
-    counted, problem = _move(settings, filesystem, say, etc,
-                             crypttab_lines(uuid, unlock) if encrypt else [])
-    if encrypt:
-        durable.replace_text(FOR_HQ, json.dumps({"luks_uuid": uuid, "passphrase": recovery}),
-                             mode=0o600)
+    kept = {"luks_uuid": uuid, "passphrase": recovery} if encrypt else None
+    counted, problem = _move(settings, filesystem, say, etc, mount,
+                             crypttab_lines(uuid, unlock) if encrypt else [],
+                             fstab_lines(storage, source, mount), kept)
     old = _old_copy(storage)
     return Prepared(device=data.path, partition=str(partition), encrypted=encrypt,
                     unlock=unlock if encrypt else "", key_stick=stick.path if stick else "",
@@ -274,7 +317,8 @@ def _old_copy(storage: Path) -> Path:
 
 
 def _move(settings: Settings, filesystem: Path, say: Callable[[str], None], etc: Path,
-          crypttab: list[str]) -> tuple[int, str]:
+          mount: Path, crypttab: list[str], fstab: list[str],
+          recovery: dict | None) -> tuple[int, str]:
     """Orthanc's folder onto `filesystem`, checked, then mounted in its place: the instances
     Orthanc counts afterwards, and what went wrong once the move was made ("": nothing). A
     failure before that point puts everything back and raises."""
@@ -282,7 +326,8 @@ def _move(settings: Settings, filesystem: Path, say: Callable[[str], None], etc:
     old = _old_copy(storage)
     client = Orthanc.from_settings(settings, timeout=30)
     before = _counts(client)
-    with units.stopped([units.SYNC, units.ORTHANC]) as stopped:
+    held = [*units.BACKUP_TIMERS, units.SYNC, units.ORTHANC]
+    with units.stopped(held) as stopped:
         try:
             lock = orphans.lock_storage(settings)
         except orphans.IndexBusy:
@@ -290,36 +335,56 @@ def _move(settings: Settings, filesystem: Path, say: Callable[[str], None], etc:
                                 "run`?): stop it first") from None
         moved = False
         try:
-            MOUNT.mkdir(parents=True, exist_ok=True)
-            _sh("mount", "-o", "noatime", str(filesystem), str(MOUNT))
-            copy = MOUNT / storage.name
+            mount.mkdir(parents=True, exist_ok=True)
+            _sh("mount", "-o", "noatime", str(filesystem), str(mount))
+            if recovery:
+                durable.replace_text(mount / RECOVERY_COPY, json.dumps(recovery), mode=0o600)
+            copy = mount / storage.name
             say(f"copying {storage} to the data disk")
             _sh("cp", "-a", "--sparse=always", str(storage), str(copy))
-            _sh("umount", str(MOUNT))  # read back from the disk, not from memory
-            _sh("mount", "-o", "noatime", str(filesystem), str(MOUNT))
+            _sh("umount", str(mount))  # read back from the disk, not from memory
+            _sh("mount", "-o", "noatime", str(filesystem), str(mount))
             differ = same_tree(storage, copy)
             if differ:
                 raise DataDiskError(f"the copy on the data disk differs from {storage} "
                                     f"({len(differ)} path(s), first {differ[0]}): nothing moved")
             say("the copy is identical; putting the data disk in its place")
+            # Boot's lines first: from here a power cut boots the checked copy.
+            if crypttab:
+                set_lines(etc / "crypttab", crypttab)
+            set_lines(etc / "fstab", fstab)
+            _daemon_reload()
             like = storage.stat()
             os.rename(storage, old)
             moved = True
             storage.mkdir(mode=like.st_mode & 0o777)
             durable.own_like(storage, old)
-            if crypttab:
-                set_lines(etc / "crypttab", crypttab, storage)
-            set_lines(etc / "fstab", fstab_lines(storage), storage)
-            _daemon_reload()
             _sh("mount", "--bind", str(copy), str(storage))
         except BaseException:
             os.close(lock)
             lock = -1
-            _undo(settings, etc, moved)
+            try:
+                _undo(settings, etc, mount, moved)
+            except Exception as undo_failed:  # noqa: BLE001 - said, and Orthanc kept down
+                stopped.keep_stopped = True
+                raise DataDiskError(
+                    f"the move failed and could not be undone ({undo_failed}): Orthanc is left "
+                    f"stopped; the archive is in {old if old.exists() else storage}") from None
             raise
         finally:
             if lock >= 0:
                 os.close(lock)
+    # The archive is on the data disk from here: nothing raises any more, problems are said.
+    try:
+        return _settle(client, before, stopped, old, say)
+    except Exception as exc:  # noqa: BLE001 - the move is done; the old copy stays
+        return 0, f"after the move: {exc}; the previous copy stays in {old}"
+
+
+def _settle(client: Orthanc, before: dict[str, int] | None, stopped: units.Stopped, old: Path,
+            say: Callable[[str], None]) -> tuple[int, str]:
+    """Orthanc back on the data disk counts at least what it counted before (images may have
+    arrived since): then the system disk's copy goes."""
     if stopped.start_error:
         return 0, f"{stopped.start_error}; the previous copy stays in {old}"
     if before is None:  # Orthanc was not running: nothing to compare with, nothing deleted
@@ -330,49 +395,48 @@ def _move(settings: Settings, filesystem: Path, say: Callable[[str], None], etc:
         after[0] = _counts(client)
         return after[0] is not None
     wait_until(counted, 300, interval=2)
-    if after[0] != before:
+    if after[0] is None or any(after[0][key] < value for key, value in before.items()):
         return 0, (f"Orthanc counts {after[0]} on the data disk, {before} before: the "
                    f"previous copy stays in {old}")
-    say(f"Orthanc counts the same {before['CountInstances']} instances; removing the copy on "
-        "the system disk")
+    say(f"Orthanc counts its {after[0]['CountInstances']} instances from the data disk; "
+        "removing the copy on the system disk")
     shutil.rmtree(old)
     subprocess.run(["fstrim", "/"], capture_output=True)  # flash forgets the freed blocks
-    return before["CountInstances"], ""
+    return after[0]["CountInstances"], ""
 
 
-def _undo(settings: Settings, etc: Path, moved: bool) -> None:
-    """Everything back as before the move (Orthanc's folder on the system disk)."""
+def _undo(settings: Settings, etc: Path, mount: Path, moved: bool) -> None:
+    """Everything back as before the move: the folder first, then boot's lines, then the disk.
+    Raises when the folder could not be put back (Orthanc must then stay stopped)."""
     storage = settings.storage_path
     old = _old_copy(storage)
     if mounted_at(storage):
-        subprocess.run(["umount", str(storage)], capture_output=True)
-    for name in ("fstab", "crypttab"):
-        if (etc / name).exists() and prepared_here(etc):
-            set_lines(etc / name, [], storage)
+        _sh("umount", str(storage))
     if moved and old.exists():
         if storage.exists():
-            storage.rmdir()
+            storage.rmdir()  # the empty mount point made for the bind mount
         os.rename(old, storage)
+    for name in ("fstab", "crypttab"):  # stale lines would hide the folder at the next boot
+        set_lines(etc / name, [])
     _daemon_reload()
-    if mounted_at(MOUNT):
-        subprocess.run(["umount", str(MOUNT)], capture_output=True)
+    if mounted_at(mount):
+        subprocess.run(["umount", str(mount)], capture_output=True)
     luks.close_mapping()
 
 
-def hand_over_recovery(hq) -> bool:
-    """Give HQ (`hq`: a sync HQClient) the recovery passphrase waiting on the data disk: True
-    when handed over now. Out of reach, it waits for the next try (each backup)."""
+def hand_over_recovery(hq, mount: Path = MOUNT) -> bool:
+    """Give HQ (`hq`: a sync HQClient) the data disk's recovery passphrase, kept on the disk
+    itself: True when HQ did not have it yet. Each backup hands it again (HQ keeps it once);
+    out of reach, or no data disk, nothing happens."""
     try:
-        waiting = json.loads(FOR_HQ.read_text())
+        kept = json.loads((mount / RECOVERY_COPY).read_text())
     except (OSError, ValueError):
         return False
     try:
-        hq.hand_over_disk_passphrase(waiting["luks_uuid"], waiting["passphrase"])
+        return hq.hand_over_disk_passphrase(kept["luks_uuid"], kept["passphrase"])
     except Exception as exc:  # noqa: BLE001 - HQ's answer or silence: try next time
         log.warning("the data disk's recovery passphrase is not at HQ yet: %s", exc)
         return False
-    FOR_HQ.unlink()
-    return True
 
 
 # --- after a boot that did not unlock ------------------------------------------------------------
@@ -427,11 +491,19 @@ def unlock(settings: Settings, passphrase: str | None = None,
                                 "the key stick plugged in is not this data disk's")
         luks.open_mapping(partition, key=key, passphrase=passphrase)
         how = "key stick" if key is not None else "recovery passphrase"
-    for target in (MOUNT, settings.storage_path):
-        if not mounted_at(target):
-            _sh("mount", str(target))  # from /etc/fstab
-    if _systemd():
-        subprocess.run(["systemctl", "start", units.ORTHANC, units.SYNC], capture_output=True)
+    if not _systemd():
+        for target in (MOUNT, settings.storage_path):
+            if not mounted_at(target):
+                _sh("mount", str(target))  # from /etc/fstab
+        return how
+    # Boot queued the disk's check and mounts: systemd runs them (fsck first), and starting
+    # Orthanc pulls them in; a mount of our own would race its fsck.
+    subprocess.run(["udevadm", "settle", "--timeout=60"], capture_output=True)
+    started = subprocess.run(["systemctl", "start", str(MOUNT), str(settings.storage_path),
+                              units.ORTHANC, units.SYNC], capture_output=True, text=True)
+    if started.returncode != 0:
+        raise DataDiskError(f"the data disk is open ({how}) but did not come up: "
+                            f"{started.stderr.strip()} (journalctl -b -u orthanc)")
     return how
 
 

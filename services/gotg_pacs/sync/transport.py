@@ -259,12 +259,17 @@ class HQClient:
         if response.status_code != 200:
             raise HQRefused(response.status_code, response.text[:200])
 
-    def hand_over_disk_passphrase(self, luks_uuid: str, passphrase: str) -> None:
-        """The encrypted data disk's recovery passphrase (HQ never gives it back to a site)."""
+    def hand_over_disk_passphrase(self, luks_uuid: str, passphrase: str) -> bool:
+        """The encrypted data disk's recovery passphrase (HQ never gives it back to a site):
+        True when HQ did not hold it yet."""
         response = self._call("PUT", f"{self.url}/api/v1/escrow/disk",
                               json={"luks_uuid": luks_uuid, "passphrase": passphrase})
         if response.status_code != 200:
             raise HQRefused(response.status_code, response.text[:200])
+        try:
+            return bool(response.json()["new"])
+        except (ValueError, KeyError, TypeError):
+            raise HQUnreachable(f"HQ at {self.url} answered something that is not HQ") from None
 
     def kept_keys(self) -> list[dict]:
         """Every repository key HQ keeps for this site ({"repository", "key", "since"})."""
