@@ -113,7 +113,7 @@ def test_only_a_whole_unused_big_enough_disk_that_is_not_the_systems_is_erased()
                            system)
 
 
-def test_this_machines_own_system_disk_is_found_and_refused(tmp_path):
+def test_this_machines_own_system_disk_is_found_and_refused(tmp_path, monkeypatch):
     system = devices.system_disks()
     root = subprocess.run(["findmnt", "-n", "-e", "-o", "SOURCE", "/"], capture_output=True,
                           text=True).stdout.strip()
@@ -122,11 +122,18 @@ def test_this_machines_own_system_disk_is_found_and_refused(tmp_path):
     disk = next(iter(system))
     with pytest.raises(DataDiskError, match="holds this box's system|is in use"):
         devices.usable(devices.describe(Path(disk)), "data disk", 1, system)
-    env = _env(tmp_path)
-    (tmp_path / "orthanc" / "index").mkdir(parents=True)
-    refused = run_pacs("data-disk", "prepare", disk, "--no-encrypt", "--yes", env_file=env)
-    assert refused.returncode == 1 and "holds this box's system" in refused.stderr, \
-        refused.stderr
+    # In this process, with every step that writes to a disk made to fail the test: should
+    # the refusal ever break, this machine's disk is still never touched.
+    def never(*_args, **_kwargs):
+        pytest.fail("prepare went on to write to this machine's system disk")
+    monkeypatch.setattr(move, "partition_disk", never)
+    monkeypatch.setattr(luks, "format_partition", never)
+    settings = _settings(tmp_path)
+    (settings.storage_path / "index").mkdir(parents=True)
+    (tmp_path / "etc").mkdir()
+    with pytest.raises(DataDiskError, match="holds this box's system"):
+        move.prepare(settings, Path(disk), False, "", None, etc=tmp_path / "etc",
+                     mount=tmp_path / "data")
 
 
 def test_boot_lines_replace_only_their_own(tmp_path):
