@@ -232,11 +232,12 @@ def _missing_tools(encrypt: bool) -> list[str]:
 # --- prepare -------------------------------------------------------------------------------------
 
 def prepare(settings: Settings, device: Path, encrypt: bool, unlock: str,
-            key_stick: Path | None, say: Callable[[str], None] = log.info,
+            key_stick: Path | None, say: Callable[[str], None] = lambda _line: None,
             etc: Path = Path("/etc"), recovery_iter_ms: int = 2000,
             mount: Path = MOUNT) -> Prepared:
     """Erase `device`, make it the data disk (LUKS2 when `encrypt`) and move the archive there.
-    Everything that can refuse does so before anything is erased."""
+    Everything that can refuse does so before anything is erased. `say` hears the steps and
+    the recovery passphrase: the person at the terminal's, never a log's."""
     storage = settings.storage_path
     if os.geteuid() != 0:
         raise DataDiskError("only root can prepare a data disk (sudo pacs data-disk prepare)")
