@@ -138,14 +138,3 @@ def test_the_sites_backups_are_kept_append_only_and_pruned_by_hq_as_their_owner(
     # borg ran as the repositories' owner: nothing in them is root's, the sites still write.
     assert host.run("find /srv/gotg-backups ! -user gotg-backup").stdout.split() == []
 
-
-def test_hqs_firewall_lets_the_clinics_reach_https_and_admins_ssh_only(host):
-    """hq.yml puts the base role first: HQ is closed like a clinic, with its backup account let
-    through SSH for the sites' append-only backups."""
-    rules = host.run("nft list chain inet gotg input").stdout
-    assert "policy drop;" in rules
-    assert "tcp dport { 80, 443, 4242 } accept" in rules, rules
-    assert "ip saddr 10.99.0.0/24 tcp dport 22 accept" in rules, rules
-    assert host.service("nftables").is_enabled
-    allowed = host.run("sshd -T | grep -i '^allowusers'").stdout.split()
-    assert "gotg-backup" in allowed, allowed

@@ -1,4 +1,6 @@
-"""The base role as the booted box runs it (testinfra, through Ansible's nsenter connection)."""
+"""The base role as HQ's box runs it (ansible/hq.yml puts it first), seen from inside through
+Ansible's nsenter connection. Clinics get the same role from the image's playbook, checked on
+the booted tree (tests/integration/test_appliance_container.py) and the flashed image."""
 
 from __future__ import annotations
 
