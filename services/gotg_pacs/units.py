@@ -28,11 +28,15 @@ BACKUP_TIMERS = tuple(f"{job}.timer" for job in BACKUP_JOBS)
 BACKUP_SERVICES = tuple(f"{job}.service" for job in BACKUP_JOBS)
 
 
+def systemd_running() -> bool:
+    """Whether systemd runs this machine (the appliance), not `pacs run` or a test's container."""
+    return Path("/run/systemd/system").is_dir() and shutil.which("systemctl") is not None
+
+
 def active(unit: str) -> bool:
     """Whether systemd runs `unit` now (False off the appliance, or for another user than root,
     who could not stop it anyway)."""
-    if os.geteuid() != 0 or not Path("/run/systemd/system").is_dir() \
-            or not shutil.which("systemctl"):
+    if os.geteuid() != 0 or not systemd_running():
         return False
     return subprocess.run(["systemctl", "is-active", "--quiet", unit]).returncode == 0
 

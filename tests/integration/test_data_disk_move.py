@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from gotg_pacs.config import Settings
-from gotg_pacs.data_disk import move
-from gotg_pacs.data_disk.devices import DataDiskError
+from gotg_pacs.data_disk import DataDiskError, move
 from gotg_pacs.orphans import LOCK_FILE
 
 FSTAB = "LABEL=gotg-root / ext4 noatime 0 1\n"
@@ -85,13 +84,13 @@ def test_a_failure_before_the_archive_is_in_place_puts_everything_back(
     if failing == "compare":
         monkeypatch.setattr(move, "same_tree", lambda *_: ["index/index"])
     else:
-        real = move._sh
+        real = move.run
 
-        def no_bind(*argv: str) -> str:
+        def no_bind(*argv: str, **kwargs) -> str:
             if "--bind" in argv:
                 raise DataDiskError("mount --bind failed: (made to fail)")
-            return real(*argv)
-        monkeypatch.setattr(move, "_sh", no_bind)
+            return real(*argv, **kwargs)
+        monkeypatch.setattr(move, "run", no_bind)
     with pytest.raises(DataDiskError, match="differs" if failing == "compare" else "--bind"):
         _move(archive, disk, tmp_path)
     assert not move.mounted_at(archive.storage_path)

@@ -258,6 +258,11 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
                         "umount /srv/gotg-data; cryptsetup close gotg-data")
         assert closed.returncode == 0, closed.stderr
         typed = tmp_path / "typed"
+        typed.write_text(moved["recovery_passphrase"][::-1] + "\n")
+        refused = vm.ssh(admin_key, ADMIN, "sudo", "pacs", "data-disk", "unlock",
+                         "--passphrase", send=typed, timeout=600)
+        assert refused.returncode != 0 and "that does not open the data disk" in \
+            refused.stderr, refused.stdout + refused.stderr
         typed.write_text(moved["recovery_passphrase"].lower() + "\n")  # as typed, any case
         unlocked = vm.ssh(admin_key, ADMIN, "sudo", "pacs", "data-disk", "unlock",
                           "--passphrase", "--json", send=typed, timeout=600)

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from gotg_pacs.config import Settings
-from gotg_pacs.data_disk import devices, luks, move
-from gotg_pacs.data_disk.devices import DataDiskError
+from gotg_pacs.data_disk import DataDiskError, devices, luks, move
 from tests.conftest import run_pacs
 
 NUC_CPUINFO = "processor\t: 0\nflags\t\t: fpu vme sse2 ssse3 sse4_1 sse4_2 aes avx avx2\n"

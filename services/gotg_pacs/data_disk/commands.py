@@ -9,8 +9,7 @@ from pathlib import Path
 import click
 
 from ..clikit import Context, emit, json_option, pass_context, size_text
-from . import move
-from .devices import DataDiskError
+from . import DataDiskError, move
 
 _DEVICE = click.Path(exists=True, dir_okay=False, path_type=Path)
 

@@ -12,13 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import DataDiskError, run
+
 # Where the system lives: a disk holding any of these is never offered.
 SYSTEM_MOUNTS = ("/", "/boot", "/boot/efi", "/boot/firmware", "/usr", "/var")
 COLUMNS = "NAME,PATH,TYPE,SIZE,MOUNTPOINTS,LABEL,MODEL,TRAN,RM"
-
-
-class DataDiskError(Exception):
-    """Why a data disk cannot be prepared, unlocked or used, in words for site IT."""
 
 
 @dataclass(frozen=True)
@@ -42,11 +40,7 @@ def size_text(size: int) -> str:
 
 
 def _lsblk(*argv: str) -> dict[str, Any]:
-    done = subprocess.run(["lsblk", "-J", "-b", "-o", COLUMNS, *argv], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        raise DataDiskError(done.stderr.strip() or f"lsblk {' '.join(argv)} failed")
-    return json.loads(done.stdout)
+    return json.loads(run("lsblk", "-J", "-b", "-o", COLUMNS, *argv))
 
 
 def _walk(node: dict[str, Any]) -> list[dict[str, Any]]:

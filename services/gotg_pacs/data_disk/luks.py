@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .devices import DataDiskError
+from . import DataDiskError, ToolFailed, run
 
 MAPPING = "gotg-data"                 # /dev/mapper/gotg-data
 LUKS_LABEL = "GOTG-DATA-LUKS"
@@ -43,12 +43,12 @@ def cryptsetup() -> str:
     return found
 
 
-def _run(*argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run([cryptsetup(), *argv], input=stdin, capture_output=True)
-    if done.returncode != 0:
-        said = (done.stderr or done.stdout).decode(errors="replace").strip()
-        raise DataDiskError(f"cryptsetup {argv[0]} failed: {said or done.returncode}")
-    return done
+class WrongKey(DataDiskError):
+    """The key or passphrase given does not open the partition."""
+
+
+def _run(*argv: str, stdin: bytes | None = None) -> str:
+    return run(cryptsetup(), *argv, stdin=stdin)
 
 
 def has_aes_instructions(cpuinfo: str) -> bool:
@@ -106,7 +106,7 @@ def format_partition(partition: Path, key: bytes, recovery: str, cpuinfo: str,
 
 
 def luks_uuid(partition: Path) -> str:
-    return _run("luksUUID", str(partition)).stdout.decode().strip()
+    return _run("luksUUID", str(partition)).strip()
 
 
 def is_luks(partition: Path) -> bool:
@@ -117,27 +117,32 @@ def opens(partition: Path, key: bytes | None = None, passphrase: str | None = No
     """Whether `key` (or `passphrase`, as typed) opens `partition`, without opening it."""
     try:
         _open(partition, key, passphrase, "--test-passphrase")
-    except DataDiskError:
+    except WrongKey:
         return False
     return True
 
 
 def open_mapping(partition: Path, key: bytes | None = None,
                  passphrase: str | None = None) -> Path:
-    """Unlock `partition` as /dev/mapper/gotg-data."""
+    """Unlock `partition` as /dev/mapper/gotg-data (WrongKey when that is not its key)."""
     _open(partition, key, passphrase, MAPPING)
     return Path("/dev/mapper") / MAPPING
 
 
 def _open(partition: Path, key: bytes | None, passphrase: str | None, *tail: str) -> None:
-    if key is not None:
-        with secret_files(key=key) as files:
-            _run("open", "--key-file", str(files["key"]), str(partition), *tail)
-    elif passphrase is not None:
-        # Without --key-file cryptsetup reads one line from stdin, as the console gives it.
-        _run("open", str(partition), *tail, stdin=passphrase.encode() + b"\n")
-    else:
-        raise DataDiskError("neither the key nor a passphrase was given")
+    try:
+        if key is not None:
+            with secret_files(key=key) as files:
+                _run("open", "--key-file", str(files["key"]), str(partition), *tail)
+        elif passphrase is not None:
+            # Without --key-file cryptsetup reads one line from stdin, as the console gives it.
+            _run("open", str(partition), *tail, stdin=passphrase.encode() + b"\n")
+        else:
+            raise DataDiskError("neither the key nor a passphrase was given")
+    except ToolFailed as exc:
+        if exc.returncode == 2:  # cryptsetup(8): "no permission (bad passphrase)"
+            raise WrongKey(str(exc)) from None
+        raise
 
 
 def close_mapping() -> None:
@@ -150,8 +155,8 @@ def write_key_stick(stick: Path, key: bytes) -> None:
     written at mkfs time: nothing is mounted."""
     with secret_files(**{KEY_FILE: key}) as files:
         os.chmod(files[KEY_FILE], 0o400)
-        done = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", KEY_LABEL, "-m", "0", "-d",
-                               str(files[KEY_FILE].parent), str(stick)], capture_output=True,
-                              text=True)
-        if done.returncode != 0:
-            raise DataDiskError(f"cannot make the key stick on {stick}: {done.stderr.strip()}")
+        try:
+            run("mkfs.ext4", "-q", "-F", "-L", KEY_LABEL, "-m", "0", "-d",
+                str(files[KEY_FILE].parent), str(stick))
+        except DataDiskError as exc:
+            raise DataDiskError(f"cannot make the key stick on {stick}: {exc}") from None

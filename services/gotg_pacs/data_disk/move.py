@@ -33,8 +33,7 @@ from .. import durable, orphans, units
 from ..config import Settings
 from ..orthanc import Orthanc, OrthancError
 from ..process import wait_until
-from . import devices, luks
-from .devices import DataDiskError
+from . import DataDiskError, devices, luks, run
 
 log = logging.getLogger(__name__)
 
@@ -134,21 +133,9 @@ def prepared_here(etc: Path) -> bool:
 
 # --- commands the move runs ----------------------------------------------------------------------
 
-def _sh(*argv: str) -> str:
-    done = subprocess.run(list(argv), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise DataDiskError(f"{argv[0]} {' '.join(argv[1:3])} failed: "
-                            f"{(done.stderr or done.stdout).strip() or done.returncode}")
-    return done.stdout
-
-
-def _systemd() -> bool:
-    return Path("/run/systemd/system").is_dir() and shutil.which("systemctl") is not None
-
-
 def _daemon_reload() -> None:
-    if _systemd():  # fstab and crypttab reach systemd through its generators
-        _sh("systemctl", "daemon-reload")
+    if units.systemd_running():  # fstab and crypttab reach systemd through its generators
+        run("systemctl", "daemon-reload")
 
 
 def mounted_at(path: Path) -> bool:
@@ -159,10 +146,10 @@ def mounted_at(path: Path) -> bool:
 def partition_disk(device: Path) -> Path:
     """One GPT partition over the whole disk; its path."""
     script = f"label: gpt\nname=gotg-data, type={LINUX_PARTITION}\n"
-    done = subprocess.run(["sfdisk", "--quiet", "--wipe", "always", str(device)], input=script,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise DataDiskError(f"cannot partition {device}: {done.stderr.strip()}")
+    try:
+        run("sfdisk", "--quiet", "--wipe", "always", str(device), stdin=script.encode())
+    except DataDiskError as exc:
+        raise DataDiskError(f"cannot partition {device}: {exc}") from None
     subprocess.run(["udevadm", "settle", "--timeout=30"], capture_output=True)
     found: list[Path] = []
 
@@ -295,8 +282,8 @@ def prepare(settings: Settings, device: Path, encrypt: bool, unlock: str,
             luks.write_key_stick(Path(stick.path), key)
         filesystem = luks.open_mapping(partition, key=key)
     try:
-        _sh("mkfs.ext4", "-q", "-F", "-L", FS_LABEL, "-m", "1", str(filesystem))
-        source = (str(filesystem) if encrypt else "UUID=" + _sh(
+        run("mkfs.ext4", "-q", "-F", "-L", FS_LABEL, "-m", "1", str(filesystem))
+        source = (str(filesystem) if encrypt else "UUID=" + run(
             "blkid", "-p", "-o", "value", "-s", "UUID", str(filesystem)).strip())
     except DataDiskError:
         luks.close_mapping()
@@ -337,14 +324,14 @@ def _move(settings: Settings, filesystem: Path, say: Callable[[str], None], etc:
         moved = False
         try:
             mount.mkdir(parents=True, exist_ok=True)
-            _sh("mount", "-o", "noatime", str(filesystem), str(mount))
+            run("mount", "-o", "noatime", str(filesystem), str(mount))
             if recovery:
                 durable.replace_text(mount / RECOVERY_COPY, json.dumps(recovery), mode=0o600)
             copy = mount / storage.name
             say(f"copying {storage} to the data disk")
-            _sh("cp", "-a", "--sparse=always", str(storage), str(copy))
-            _sh("umount", str(mount))  # read back from the disk, not from memory
-            _sh("mount", "-o", "noatime", str(filesystem), str(mount))
+            run("cp", "-a", "--sparse=always", str(storage), str(copy))
+            run("umount", str(mount))  # read back from the disk, not from memory
+            run("mount", "-o", "noatime", str(filesystem), str(mount))
             differ = same_tree(storage, copy)
             if differ:
                 raise DataDiskError(f"the copy on the data disk differs from {storage} "
@@ -360,7 +347,7 @@ def _move(settings: Settings, filesystem: Path, say: Callable[[str], None], etc:
             moved = True
             storage.mkdir(mode=like.st_mode & 0o777)
             durable.own_like(storage, old)
-            _sh("mount", "--bind", str(copy), str(storage))
+            run("mount", "--bind", str(copy), str(storage))
         except BaseException:
             os.close(lock)
             lock = -1
@@ -412,7 +399,7 @@ def _undo(settings: Settings, etc: Path, mount: Path, moved: bool) -> None:
     storage = settings.storage_path
     old = _old_copy(storage)
     if mounted_at(storage):
-        _sh("umount", str(storage))
+        run("umount", str(storage))
     if moved and old.exists():
         if storage.exists():
             storage.rmdir()  # the empty mount point made for the bind mount
@@ -487,15 +474,16 @@ def unlock(settings: Settings, passphrase: str | None = None,
         if key is None and passphrase is None:
             raise DataDiskError("no key stick (label GOTG-KEY) is plugged in: give the "
                                 "recovery passphrase (--passphrase)")
-        if not luks.opens(partition, key=key, passphrase=passphrase):
+        try:  # one try, no test first: each costs an argon2id derivation of 256 MiB
+            luks.open_mapping(partition, key=key, passphrase=passphrase)
+        except luks.WrongKey:
             raise DataDiskError("that does not open the data disk" if key is None else
-                                "the key stick plugged in is not this data disk's")
-        luks.open_mapping(partition, key=key, passphrase=passphrase)
+                                "the key stick plugged in is not this data disk's") from None
         how = "key stick" if key is not None else "recovery passphrase"
-    if not _systemd():
+    if not units.systemd_running():
         for target in (MOUNT, settings.storage_path):
             if not mounted_at(target):
-                _sh("mount", str(target))  # from /etc/fstab
+                run("mount", str(target))  # from /etc/fstab
         return how
     # Boot queued the disk's check and mounts: systemd runs them (fsck first), and starting
     # Orthanc pulls them in; a mount of our own would race its fsck.
