@@ -70,7 +70,8 @@ FORBIDDEN = (
 )
 
 
-USER_METADATA = {"GotgOriginalMd5": 1024, "GotgSite": 1025, "GotgCodec": 1026}
+USER_METADATA = {"GotgOriginalMd5": 1024, "GotgSite": 1025, "GotgCodec": 1026,
+                 "GotgOriginalPatch": 1027}
 
 
 def render(settings: Settings) -> dict[str, Any]:

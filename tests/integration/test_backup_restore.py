@@ -26,11 +26,15 @@ from gotg_pacs import audit, config
 from gotg_pacs.audit import AuditLog
 from gotg_pacs.hq.escrow import Escrow
 from gotg_pacs.process import wait_until
+from gotg_pacs.sync import codecs
+from gotg_pacs.sync.sender import Sender
+from gotg_pacs.sync.transport import HQClient
 from gotg_pacs.web.tls import SiteTLS
 from gotg_pacs.web.users import ADMIN_CHANGED_MARKER, Users
 from tests.conftest import run_pacs, write_env
 from tests.support import corpus
 from tests.support.disk import tmpfs
+from tests.support.site import owe
 from tests.support.sshd import BackupServer, borg_as_clinic
 
 pytestmark = pytest.mark.timeout(900)
@@ -226,6 +230,58 @@ def test_a_backup_restores_into_an_empty_appliance_identical_and_again_changes_n
     new.stop()  # stopped with studies of its own: a whole restore would replace them
     replacing = run_pacs("restore", "--latest", env_file=new.env_file)
     assert replacing.returncode == 1 and "already holds" in replacing.stderr, replacing.stderr
+
+
+def test_a_damaged_file_no_backup_holds_comes_back_from_hq_byte_for_byte(clinic, hq):
+    """No backup disk at all: HQ confirmed the files, so HQ rebuilds each exact original from
+    its site-qualified copy. A part fetched by an earlier run is resumed; an instance HQ holds
+    no way back to is reported, never put back in other bytes."""
+    files = [corpus.DATA_DIR / name for name in MIX[:4]]
+    box = owe(clinic, files)
+    sender = Sender(clinic.settings, box, clinic.orthanc, HQClient(hq.url, hq.token))
+    assert len(sender.send().confirmed) == len(files)
+    sender.close()
+    box.close()
+    stored = [_stored_file(clinic, path) for path in files]
+    kept = {uid: path.read_bytes() for uid, _, path in stored}
+    (rotten_uid, rotten_id, rotten), (gone_uid, gone_id, gone), \
+        (resumed_uid, resumed_id, resumed), (lost_uid, _, lost) = stored
+    for uid, _, _ in stored:
+        [there] = hq.orthanc.find_instance(uid)
+        codec = hq.orthanc.request("GET", f"/instances/{there}/metadata/GotgCodec").text
+        assert codec in codecs.EXACT, f"{uid} went as {codec}: HQ holds other bytes"
+    [lost_at_hq] = hq.orthanc.find_instance(lost_uid)
+    hq.orthanc.request("DELETE", f"/instances/{lost_at_hq}/metadata/GotgOriginalPatch")
+
+    data = bytearray(kept[rotten_uid])
+    data[len(data) // 2] ^= 0x01
+    rotten.write_bytes(bytes(data))
+    gone.unlink()
+    resumed.write_bytes(kept[resumed_uid][:100])
+    lost.write_bytes(kept[lost_uid][:-10])
+    # What an earlier run fetched before the link dropped: its first half, named by its MD5.
+    md5 = clinic.orthanc.request(
+        "GET", f"/instances/{resumed_id}/attachments/dicom/md5").text.strip()
+    part = clinic.settings.storage_path / "fetch-back" / f"{md5}.part"
+    part.parent.mkdir()
+    part.write_bytes(kept[resumed_uid][:len(kept[resumed_uid]) // 2])
+
+    repaired = run_pacs("integrity", "check", "--repair", "--json", env_file=clinic.env_file,
+                        timeout=600)
+    assert repaired.returncode == 1, "one file could not be repaired"
+    findings = {f["sop_uid"]: f for f in json.loads(repaired.stdout)["findings"]}
+    assert {uid: f["repaired_from"] for uid, f in findings.items()} == {
+        rotten_uid: "HQ", gone_uid: "HQ", resumed_uid: "HQ", lost_uid: None}
+    assert all(f["at_hq"] for f in findings.values())
+    assert "no way back to the exact bytes" in findings[lost_uid]["detail"]
+    for uid, _, path in stored[:3]:
+        assert path.read_bytes() == kept[uid], uid
+    assert all(clinic.orthanc.verify_md5(i) for i in (rotten_id, gone_id, resumed_id))
+    assert lost.read_bytes() == kept[lost_uid][:-10], "left as it was, not replaced"
+    assert not part.parent.exists(), "nothing left half-fetched"
+    said = run_pacs("integrity", "check", env_file=clinic.env_file)
+    assert said.returncode == 1 and "1 damaged" in said.stdout and lost_uid in said.stdout
+    assert "HQ confirmed a copy" in said.stdout
 
 
 def test_damaged_files_are_found_put_back_from_the_backup_and_the_rest_reported(

@@ -36,7 +36,7 @@ from tests.support import corpus
 from tests.support.site import free_port, hq_answers, write_env
 
 SPEC = Path(receiver.__file__).with_name("openapi.yaml")
-OPERATIONS = 19  # every route `create_app` registers, each method once
+OPERATIONS = 20  # every route `create_app` registers, each method once
 EXAMPLES = 25  # generated requests per operation, half of them aimed at what HQ holds
 NEGATIVE_EXAMPLES = 10  # schema-violating ones per operation
 TUS = "application/offset+octet-stream"
@@ -177,6 +177,13 @@ def _seed(hq: HQ, client: HQClient, env: Path) -> None:
         "POST /api/v1/outbound/{seq}/ack": [
             {"path_parameters": seq},
             {"path_parameters": seq, "body": {"md5": item["md5"]}}],
+        "GET /api/v1/originals/{md5}": [
+            {"path_parameters": {"md5": hashlib.md5(original).hexdigest()},
+             "query": {"sop_uid": sop_uid}},
+            {"path_parameters": {"md5": hashlib.md5(corrected).hexdigest()},
+             "query": {"sop_uid": sop_uid}, "headers": {"Range": "bytes=0-99"}},
+            {"path_parameters": {"md5": hashlib.md5(original).hexdigest()},
+             "query": {"sop_uid": sop_uid}, "headers": {"Range": "bytes=99999999-"}}],
         "GET /api/v1/reconciliation/{id}": [{"path_parameters": entry_id}],
         "POST /api/v1/reconciliation/{id}/resolve": [{"path_parameters": entry_id}],
         "GET /api/v1/revisions/{id}": [{"path_parameters": {"id": revision}}],

@@ -320,7 +320,8 @@ def integrity() -> None:
 
 @integrity.command("check")
 @click.option("--repair", is_flag=True,
-              help="Put damaged files back from the newest backup that holds them as stored.")
+              help="Put damaged files back from the newest backup that holds them as stored, "
+                   "else from HQ when HQ confirmed them.")
 @json_option
 @pass_context
 def integrity_check(ctx: Context, repair: bool, as_json: bool) -> None:
@@ -328,6 +329,7 @@ def integrity_check(ctx: Context, repair: bool, as_json: bool) -> None:
     Exits 1 while damage remains."""
     from ..orthanc import Orthanc, OrthancError
     from ..sync.outbox import Outbox, OutboxError
+    from ..sync.transport import HQClient
     from .integrity import Integrity
 
     settings = ctx.settings
@@ -341,7 +343,8 @@ def integrity_check(ctx: Context, repair: bool, as_json: bool) -> None:
 
     checker = Integrity(settings, Orthanc.from_settings(settings, timeout=120),
                         _backups(ctx) if settings.backup_path or settings.remote_backup_url
-                        else None, confirmed)
+                        else None, confirmed,
+                        HQClient.from_settings(settings) if settings.hq_url else None)
     try:
         findings = checker.check()
         if repair:

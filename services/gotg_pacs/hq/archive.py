@@ -28,7 +28,7 @@ import pydicom
 
 from ..orthanc import Orthanc, OrthancError, OrthancUnreachable
 from ..sync import codecs
-from . import conflicts
+from . import conflicts, originals
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,11 @@ class Archive:
             return self._revision(scratch, announced, site, {
                 "hq_id": instance, "site": self._metadata(instance, "GotgSite"),
                 "md5": self._metadata(instance, "GotgOriginalMd5")})
-        for name, value in {"GotgOriginalMd5": original_md5, "GotgSite": site,
-                            "GotgCodec": announced["codec"]}.items():
+        kept = {"GotgOriginalMd5": original_md5, "GotgSite": site, "GotgCodec": announced["codec"]}
+        # The way back to the exact bytes for a repair (originals.py); a transcoding has none.
+        if announced["codec"] in codecs.EXACT and (made := originals.patch(scratch, qualified)):
+            kept[originals.PATCH_METADATA] = made
+        for name, value in kept.items():
             self.orthanc.request("PUT", f"/instances/{instance}/metadata/{name}",
                                  data=value.encode())
         self.ledger.note_same_uid(site, sop_uid, original_md5,

@@ -33,7 +33,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
@@ -211,7 +211,7 @@ def resolve(orthanc: Orthanc, ref: str) -> list[dict]:
 
 # --- the routes the clinic uses --------------------------------------------------------------
 
-def _range(header: str | None, size: int) -> tuple[int, int] | None:
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
     """(first, last) byte asked for by `Range: bytes=FIRST-[LAST]`; None for the whole file.
     A range starting at or past the end aborts 416, as HTTP says."""
     if not header:
@@ -224,6 +224,38 @@ def _range(header: str | None, size: int) -> tuple[int, int] | None:
     if first >= size or last < first:
         abort(Response(status=416, headers={"Content-Range": f"bytes */{size}"}))
     return first, last
+
+
+def ranged_file(path: Path, size: int, md5: str,
+                counted: Callable[[int], None] | None = None) -> Response:
+    """`path` (`size` bytes, `md5` whole) as the request's Range asks: 206 for a range, 200
+    whole. `counted(bytes)` hears what went toward the site, cut off or not."""
+    asked = byte_range(request.headers.get("Range"), size)
+    first, last = asked or (0, size - 1)
+
+    def body() -> Iterator[bytes]:
+        written = 0
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(first)
+                while written <= last - first and (block := handle.read(
+                        min(BLOCK, last - first + 1 - written))):
+                    written += len(block)
+                    yield block
+        finally:
+            if counted is not None:
+                counted(written)
+
+    response = Response(body(), status=206 if asked else 200,
+                        mimetype="application/dicom", direct_passthrough=True)
+    response.headers["Content-Length"] = str(last - first + 1)
+    response.headers["Accept-Ranges"] = "bytes"
+    response.headers["ETag"] = f'"{md5}"'
+    response.headers["Gotg-Md5"] = md5  # of the whole instance
+    response.headers["Cache-Control"] = "no-store"
+    if asked:
+        response.headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    return response
 
 
 def register(app: Flask, orthanc: Orthanc, path: Path) -> Outbound:
@@ -287,33 +319,9 @@ def register(app: Flask, orthanc: Orthanc, path: Path) -> Outbound:
     @routes.get(f"/<int(max={MAX_SEQ}):seq>/file")
     def download(seq: int) -> Response:
         item = mine(seq)
-        size = item["size"]
-        asked = _range(request.headers.get("Range"), size)
-        first, last = asked or (0, size - 1)
-        staged = stage(item)
-
-        def body() -> Iterator[bytes]:
-            written = 0
-            try:
-                with open(staged, "rb") as handle:
-                    handle.seek(first)
-                    while written <= last - first and (block := handle.read(
-                            min(BLOCK, last - first + 1 - written))):
-                        written += len(block)
-                        yield block
-            finally:  # the site cut off or done: count what went toward it either way
-                outbound.served(seq, written)
-
-        response = Response(body(), status=206 if asked else 200,
-                            mimetype="application/dicom", direct_passthrough=True)
-        response.headers["Content-Length"] = str(last - first + 1)
-        response.headers["Accept-Ranges"] = "bytes"
-        response.headers["ETag"] = f'"{item["md5"]}"'
-        response.headers["Gotg-Md5"] = item["md5"]  # of the whole instance
-        response.headers["Cache-Control"] = "no-store"
-        if asked:
-            response.headers["Content-Range"] = f"bytes {first}-{last}/{size}"
-        return response
+        byte_range(request.headers.get("Range"), item["size"])  # a 416 before any staging
+        return ranged_file(stage(item), item["size"], item["md5"],
+                           lambda written: outbound.served(seq, written))
 
     @routes.post(f"/<int(max={MAX_SEQ}):seq>/ack")
     def acknowledge(seq: int) -> Response:

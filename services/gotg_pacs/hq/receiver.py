@@ -58,7 +58,7 @@ from flask import Flask, Response, abort, g, jsonify, request, send_file
 from ..config import Settings
 from ..orthanc import Orthanc
 from ..sync import codecs
-from . import audit, escrow, outbound
+from . import audit, escrow, originals, outbound
 from .archive import BATCH_CODEC, Archive, Refused
 from .conflicts import DECISIONS, Ledger
 from .sites import Sites
@@ -199,6 +199,7 @@ def create_app(settings: Settings) -> Flask:
     ledger = Ledger(settings.hq_dir)
     archive = Archive(orthanc, settings.hq_dir / "transfers.jsonl", ledger)
     outgoing = outbound.register(app, orthanc, settings.hq_dir / "outbound.sqlite")
+    originals.register(app, orthanc, archive, ledger, outgoing, settings.hq_dir)
     escrow.register(app, escrow.Escrow(settings.hq_dir / "escrow"))
     audit.register(app, audit.Trails(settings.hq_dir / "audit"))
     readers = Readers()

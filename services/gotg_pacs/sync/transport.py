@@ -9,6 +9,7 @@ and timeouts follow what the link can do (seconds on a LAN, longer on 2G).
 from __future__ import annotations
 
 import base64
+import html
 import re
 import threading
 import time
@@ -223,6 +224,20 @@ class HQClient:
         if response.status_code not in (200, 206):
             response.close()
             raise HQRefused(response.status_code, f"download of HQ's item {seq}")
+        return response
+
+    def original(self, sop_uid: str, md5: str, first: int, last: int) -> requests.Response:
+        """Bytes first..last of this site's original file (its MD5 as stored here), rebuilt by
+        HQ for a repair; streamed. HQRefused: 404 HQ holds no such original for this site,
+        409 HQ holds it only in other bytes (a transcoding), 416 nothing there."""
+        response = self._call("GET", f"{self.url}/api/v1/originals/{md5}", stream=True,
+                              params={"sop_uid": sop_uid},
+                              headers={"Range": f"bytes={first}-{last}"})
+        if response.status_code not in (200, 206):
+            said = re.search(r"<p>(.*?)</p>", response.text, re.S)  # Flask's page for abort()
+            response.close()
+            raise HQRefused(response.status_code, html.unescape(said[1]) if said
+                            else "no original of this instance for this site")
         return response
 
     def acknowledge(self, seq: int, md5: str, clinic_id: str) -> None:
