@@ -30,7 +30,8 @@ Site-qualified patients (always on, no setting)
     exactly the bytes that were checked (MD5). The original's MD5 is recorded
     (GotgOriginalMd5) and the holdings question and the confirmation still answer by it, so the
     clinic's counting is unchanged; so is the way back to the original's exact bytes, for a
-    clinic's repair (GotgOriginalPatch, originals.py). Any other difference is a refusal, never a confirmation.
+    clinic's repair (GotgOriginalPatch, originals.py). Any other difference is a refusal, never
+    a confirmation.
 
 Identical instances
     The same site sending the same content again: the holdings question, or the stored copy
