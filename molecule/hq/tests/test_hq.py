@@ -138,3 +138,37 @@ def test_the_sites_backups_are_kept_append_only_and_pruned_by_hq_as_their_owner(
     # borg ran as the repositories' owner: nothing in them is root's, the sites still write.
     assert host.run("find /srv/gotg-backups ! -user gotg-backup").stdout.split() == []
 
+
+
+def test_a_site_logs_in_through_base_and_reaches_only_its_own_repository(host):
+    """A clinic's borg over SSH as it really connects: through base's sshd (AllowUsers, keys
+    only) into the backup account, where the key's forced command serves one repository,
+    append-only, and nothing else (a shell, another site's repository)."""
+    key = "/root/site-key"
+    assert host.run(f"rm -f {key} {key}.pub && ssh-keygen -q -t ed25519 -N '' -f {key}").rc == 0
+    public = host.file(f"{key}.pub").content_string.strip()
+    keys = "/var/lib/gotg-backup/.ssh/authorized_keys"
+    line = ('restrict,command="borg serve --append-only --restrict-to-repository '
+            f'/srv/gotg-backups/site-ssh.borg" {public}')
+    assert host.run(f"cp -p {keys} {keys}.saved && printf '%s\\n' {shlex.quote(line)} "
+                    f">> {keys}").rc == 0
+    ssh = (f"ssh -i {key} -o BatchMode=yes -o StrictHostKeyChecking=no "
+           "-o UserKnownHostsFile=/dev/null")
+    borg = (f"env BORG_RSH={shlex.quote(ssh)} BORG_PASSPHRASE=site-secret "
+            "BORG_BASE_DIR=/root/site-borg borg")
+    site = "ssh://gotg-backup@127.0.0.1/srv/gotg-backups"
+    try:
+        made = host.run(f"{borg} init -e repokey-blake2 {site}/site-ssh.borg")
+        assert made.rc == 0, made.stderr
+        created = host.run(f"{borg} create {site}/site-ssh.borg::first /etc/hostname")
+        assert created.rc == 0, created.stderr
+        listed = host.run("runuser -u gotg-backup -- env BORG_PASSPHRASE=site-secret borg "
+                          "list --short /srv/gotg-backups/site-ssh.borg")
+        assert listed.stdout.split() == ["first"], listed.stderr
+        other = host.run(f"{borg} list {site}/field-9.borg")
+        assert other.rc != 0 and "not allowed" in other.stderr.lower(), other.stderr
+        shell = host.run(f"{ssh} gotg-backup@127.0.0.1 cat /etc/passwd")
+        assert "root:" not in shell.stdout, "the key runs borg serve, never a command asked"
+    finally:
+        host.run(f"mv {keys}.saved {keys}; rm -rf /srv/gotg-backups/site-ssh.borg "
+                 f"/root/site-borg {key} {key}.pub")
