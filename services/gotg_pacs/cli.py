@@ -22,6 +22,7 @@ from .data_disk import commands as data_disk_commands
 from .hq import commands as hq_commands
 from .orthanc import Orthanc, OrthancError
 from .process import StartError
+from .ris import commands as ris_commands
 from .sync import commands as sync_commands
 from .web import commands as web_commands
 
@@ -446,6 +447,7 @@ cli.add_command(backup_commands.cleanup)
 cli.add_command(backup_commands.restore)
 cli.add_command(backup_commands.integrity)
 cli.add_command(data_disk_commands.data_disk)
+cli.add_command(ris_commands.ris)
 cli.add_command(web_commands.web)
 cli.add_command(web_commands.tls)
 cli.add_command(web_commands.user)

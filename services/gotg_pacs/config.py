@@ -425,6 +425,9 @@ class Settings:
     worklist_sync: bool = setting(
         "WORKLIST_SYNC", Boolean(), "true",
         "Turn RIS orders into DICOM worklist items for the modalities.", "RIS")
+    hl7_port: int = setting(
+        "HL7_PORT", Port(), "2575",
+        "Port the RIS sends HL7 v2 orders to (MLLP; ORM^O01, OMI^O23).", "RIS")
 
     # Backup
     backup_enabled: bool = setting(
@@ -464,6 +467,10 @@ class Settings:
     @property
     def orthanc_config_file(self) -> Path:
         return self.state_path / "orthanc" / "orthanc.json"
+
+    @property
+    def ris_orders_file(self) -> Path:
+        return self.state_path / "ris" / "orders.sqlite"
 
     @property
     def sync_outbox_file(self) -> Path:
@@ -580,7 +587,8 @@ def _cross_checks(settings: Settings) -> list[tuple[str, str]]:
     taken = {"DICOM_PORT": settings.dicom_port, "HTTP_PORT": settings.http_port}
     for key, port in (("HTTPS_PORT", settings.https_port),
                       ("HTTP_REDIRECT_PORT", settings.http_redirect_port),
-                      ("WEB_API_PORT", settings.web_api_port)):
+                      ("WEB_API_PORT", settings.web_api_port),
+                      ("HL7_PORT", settings.hl7_port)):
         clash = next((name for name, used in taken.items() if used == port), None)
         if clash:
             problems.append((key, f"is the same port as {clash} ({port})"))

@@ -1,0 +1,8 @@
+"""The RIS bridge (`pacs-ris`): orders in, worklist items out, statuses back.
+
+`hl7_orders` reads HL7 v2 orders (ORM^O01, OMI^O23) into `Order`s or refuses them with why;
+`orders` keeps them durably (the worklist must answer with the RIS unreachable); `worklist`
+renders each order as the DICOM Modality Worklist item Orthanc answers modalities with; `mllp`
+is the HL7 listener (MLLP) that acknowledges a message only once what it says is on disk;
+`commands` is `pacs ris`.
+"""

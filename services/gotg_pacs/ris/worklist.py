@@ -1,0 +1,89 @@
+"""Orders as DICOM Modality Worklist items, in the folder Orthanc's worklists plugin answers from.
+
+Orthanc answers a modality's worklist C-FIND on the appliance's own AE title and port, from one
+DICOM file per item (`<name>.wl`). The orders database is the truth; the folder is derived from
+it: each item is written atomically (a query never reads half a file), and the whole folder is
+made to match the database when the bridge starts, so a crash between the two heals itself.
+File names are hashes of the Accession Number, never header values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from .. import durable
+from .hl7_orders import Order
+
+FIND_SOP_CLASS = "1.2.840.10008.5.1.4.31"  # Modality Worklist Information Model - FIND
+
+
+def file_name(accession: str) -> str:
+    return hashlib.sha256(accession.encode()).hexdigest()[:32] + ".wl"
+
+
+def item(order: Order) -> Dataset:
+    """The worklist item a modality gets for `order` (PS3.4 K.6, IHE SWF's required keys)."""
+    step = Dataset()
+    step.Modality = order.modality
+    step.ScheduledStationAETitle = order.station_aet
+    step.ScheduledProcedureStepStartDate = order.scheduled_date
+    step.ScheduledProcedureStepStartTime = order.scheduled_time
+    step.ScheduledPerformingPhysicianName = ""
+    step.ScheduledProcedureStepDescription = order.description
+    step.ScheduledProcedureStepID = order.step_id
+    step.ScheduledProcedureStepStatus = "SCHEDULED"
+    found = Dataset()
+    found.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: any name the RIS sends
+    found.AccessionNumber = order.accession
+    found.ReferringPhysicianName = order.referring
+    found.PatientName = order.patient_name
+    found.PatientID = order.patient_id
+    found.IssuerOfPatientID = order.issuer
+    found.PatientBirthDate = order.birth_date
+    found.PatientSex = order.sex
+    found.StudyInstanceUID = order.study_uid
+    found.RequestedProcedureDescription = order.description
+    found.RequestedProcedureID = order.requested_procedure_id
+    if order.code[0]:
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = order.code
+        found.RequestedProcedureCodeSequence = Sequence([code])
+        step.ScheduledProtocolCodeSequence = Sequence([code])
+    found.ScheduledProcedureStepSequence = Sequence([step])
+    found.file_meta = FileMetaDataset()
+    found.file_meta.MediaStorageSOPClassUID = FIND_SOP_CLASS
+    found.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    found.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return found
+
+
+def write(folder: Path, order: Order) -> None:
+    rendered = io.BytesIO()
+    item(order).save_as(rendered, enforce_file_format=True)
+    durable.replace_bytes(folder / file_name(order.accession), rendered.getvalue(), mode=0o644)
+
+
+def remove(folder: Path, accession: str) -> None:
+    (folder / file_name(accession)).unlink(missing_ok=True)
+
+
+def match(folder: Path, scheduled: list[Order]) -> tuple[int, int]:
+    """Make the folder hold exactly `scheduled`'s items; (written, removed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = {file_name(order.accession): order for order in scheduled}
+    removed = 0
+    for path in folder.glob("*.wl"):
+        if path.name not in wanted:
+            path.unlink(missing_ok=True)
+            removed += 1
+    for path in folder.glob(".*.wl.*"):  # a write a crash interrupted
+        path.unlink(missing_ok=True)
+    for order in wanted.values():
+        write(folder, order)
+    return len(wanted), removed
