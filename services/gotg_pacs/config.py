@@ -462,7 +462,9 @@ class Settings:
 
     @property
     def worklists_dir(self) -> Path:
-        return self.storage_path / "worklists"
+        """Orthanc's worklists plugin answers from here; the RIS bridge writes it (its own
+        state, readable by Orthanc through the services' group)."""
+        return self.state_path / "ris" / "worklists"
 
     @property
     def orthanc_config_file(self) -> Path:

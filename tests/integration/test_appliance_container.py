@@ -16,6 +16,7 @@ import ssl
 
 import pydicom
 import pytest
+from hl7.client import MLLPClient
 
 from gotg_pacs.process import wait_until
 from tests.support import corpus
@@ -25,6 +26,12 @@ from tests.support.dcmtk import Modality, acknowledged_before
 pytestmark = pytest.mark.timeout(1500)
 
 PASSWORD = CLINIC_SITE["pacs_config_admin_password"]
+HL7_ORDER = "\r".join([
+    "MSH|^~\\&|RIS|LAN|GOTG_PACS|FIELD7|20261127101500||ORM^O01|BOX-1|P|2.5.1",
+    "PID|1||PAT-BOX^^^FIELD7^MR||Doe^Jane||19800102|F",
+    "ORC|NW|PL1|FL1||SC||^^^20261127110000",
+    "OBR|1|PL1|FL1|CXR^Chest X-ray^LOCAL||||||||||||||ACC-BOX-1|RP1|SPS1||||CR",
+])
 
 
 def _rest(box: Container, path: str) -> object:
@@ -65,7 +72,8 @@ def test_the_tree_is_built_for_a_clinic(clinic_tree):
     assert "ip saddr { 10.99.0.0/24 } tcp dport 22 accept" in firewall
     assert "tcp dport $gotg_open_tcp accept" in firewall
     ports = (clinic_tree / "etc/nftables.d/gotg-open-ports.nft").read_text()
-    assert "define gotg_open_tcp = { 4242, 80, 443 }" in ports, "DICOM and the HTTPS origin"
+    assert "define gotg_open_tcp = { 4242, 80, 443, 2575 }" in ports, \
+        "DICOM, the HTTPS origin and HL7"
     assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in unit, "DICOM_PORT 104 can be bound"
     journald = clinic_tree / "etc/systemd/journald.conf.d/10-gotg.conf"
     assert "Storage=volatile" in journald.read_text()
@@ -103,9 +111,20 @@ def test_the_booted_clinic_takes_images_through_its_firewall(clinic_tree, tmp_pa
             assert tls.version() in ("TLSv1.2", "TLSv1.3")
         assert _reachable(box.address, 80)
         assert _reachable(box.address, 4242)
+        # A RIS on the LAN sends an order over HL7: pacs-ris keeps it and writes the item,
+        # Orthanc (another user) answers the modality's worklist query with it.
+        assert wait_until(lambda: _reachable(box.address, 2575), 60), box.run(
+            "journalctl", "--no-pager", "-u", "pacs-ris").stdout[-2000:]
+        with MLLPClient(box.address, 2575) as ris:
+            ack = ris.send_message(HL7_ORDER.encode())
+        assert b"MSA|AA|BOX-1" in ack, ack
+        [item] = modality.find_worklist({"PatientName": "", "AccessionNumber": ""},
+                                        tmp_path / "worklist")
+        assert (str(item.PatientName), str(item.AccessionNumber)) == ("Doe^Jane", "ACC-BOX-1")
         assert not _reachable(box.address, 8042)
         assert not _reachable(box.address, 5432)
-        for unit, user in (("orthanc", "orthanc"), ("pacs-sync", "gotg-pacs")):
+        for unit, user in (("orthanc", "orthanc"), ("pacs-sync", "gotg-pacs"),
+                           ("pacs-ris", "gotg-pacs")):
             shown = dict(line.split("=", 1) for line in box.run(
                 "systemctl", "show", unit, "-p", "User", "-p", "NoNewPrivileges", "-p",
                 "ProtectSystem", "-p", "PrivateTmp", "-p", "MemoryMax").stdout.split())

@@ -48,7 +48,7 @@ def write_env(path: Path, **overrides: str) -> Path:
         "SITE_CODE": "test-site",
         "PACS_AET": "GOTG_PACS",
         **dict(zip(("DICOM_PORT", "HTTP_PORT", "HTTPS_PORT", "HTTP_REDIRECT_PORT",
-                    "WEB_API_PORT"), map(str, free_ports(5)), strict=True)),
+                    "WEB_API_PORT", "HL7_PORT"), map(str, free_ports(6)), strict=True)),
         "DICOM_ACCESS": "open",
         "STORAGE_PATH": "orthanc",
         "STATE_PATH": "state",
