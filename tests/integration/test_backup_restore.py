@@ -26,6 +26,9 @@ from gotg_pacs import audit, config
 from gotg_pacs.audit import AuditLog
 from gotg_pacs.hq.escrow import Escrow
 from gotg_pacs.process import wait_until
+from gotg_pacs.ris import worklist
+from gotg_pacs.ris.mllp import Listener
+from gotg_pacs.ris.orders import Orders
 from gotg_pacs.sync import codecs
 from gotg_pacs.sync.sender import Sender
 from gotg_pacs.sync.transport import HQClient
@@ -40,6 +43,11 @@ from tests.support.sshd import BackupServer, borg_as_clinic
 pytestmark = pytest.mark.timeout(900)
 
 NOBODY = 65534  # stands for Orthanc's user
+ORDER = "\r".join([
+    "MSH|^~\\&|RIS|GOTG|PACS|SITE|20261127101500||ORM^O01|OLD-1|P|2.5.1",
+    "PID|1||PAT-OLD^^^SITE^MR||Doe^Jane||19800102|F",
+    "ORC|NW|PL1|FL1||SC||^^^20261128090000",
+    "OBR|1|PL1|FL1|CXR^Chest X-ray^LOCAL||||||||||||||ACC-OLD-1|RP1|SPS1||||CR"]).encode()
 MIX = ["693_UNCR.dcm", "MR2_UNCR.dcm", "US1_UNCR.dcm", "SC_rgb.dcm",
        "emri_small_jpeg_ls_lossless.dcm"]
 
@@ -109,6 +117,9 @@ def _in_use(settings) -> None:
     AuditLog(settings.audit_file).record("export", "amina", "10.0.0.5", kind="studies",
                                          resource="s1")
     SiteTLS(settings.tls_dir, settings.site_code).ensure(["localhost"])
+    with Orders(settings.ris_orders_file) as orders:  # a patient scheduled for tomorrow
+        ack = Listener(orders, settings.worklists_dir, settings.site_code).handle(ORDER)
+    assert b"MSA|AA|" in ack, ack
 
 
 def _as_flashed(settings) -> None:
@@ -135,6 +146,11 @@ def _state_came_back(old, new, said: dict) -> None:
     tls = SiteTLS(new.tls_dir, new.site_code)
     assert tls.ensure(["localhost"]).server_issued == "none yet"
     assert tls.server_cert().issuer == SiteTLS(old.tls_dir, old.site_code).ca_cert().subject
+    assert said["ris_orders"].startswith("1 put back"), said
+    with Orders(new.ris_orders_file, readonly=True) as orders:
+        assert [order.accession for order in orders.scheduled()] == ["ACC-OLD-1"]
+    assert [path.name for path in new.worklists_dir.glob("*.wl")] == \
+        [worklist.file_name("ACC-OLD-1")], "on the new box's worklist"
     old_trail = audit.trail_of(old.audit_file)
     assert old_trail in said["audit_trail"]
     kept = audit.earlier_folder(new.audit_file) / f"{old_trail}.jsonl"

@@ -188,3 +188,22 @@ def test_fuzzed_messages_are_answered_and_never_crash_the_parser(listener, cut, 
     assert code in ("AA", "AR", "AE")
     if code != "AA":
         assert listener.orders.listing() == before
+
+
+def test_a_backups_orders_fill_in_what_is_missing_and_never_overwrite(tmp_path):
+    """A restore brings back the old box's schedule; an order this box already has (taken
+    since, perhaps changed or cancelled) stays as it is here."""
+    (tmp_path / "wl").mkdir()
+    with Orders(tmp_path / "old.sqlite") as old:
+        Listener(old, tmp_path / "wl", "site-a").handle(orm())
+        Listener(old, tmp_path / "wl", "site-a").handle(orm(control="MSG2", accession="ACC2"))
+    with Orders(tmp_path / "new.sqlite") as new:
+        listener = Listener(new, tmp_path / "wl", "site-a")
+        assert msa(listener.handle(orm(control="MSG9", order="CA")))[0] == "AA"  # not here
+        assert msa(listener.handle(orm(control="MSG8", accession="ACC2", order="NW")))[0] == "AA"
+        assert msa(listener.handle(orm(control="MSG7", accession="ACC2", order="CA")))[0] == "AA"
+        assert new.take_from(tmp_path / "old.sqlite") == 1
+        assert new.get("ACC0001")[0] == "scheduled"
+        assert new.get("ACC2")[0] == "cancelled", "this box's newer word stands"
+        assert msa(listener.handle(orm()))[0] == "AA"  # MSG1 known now: applied once
+        assert new.counts() == {"scheduled": 1, "cancelled": 1}

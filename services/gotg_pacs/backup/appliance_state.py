@@ -24,14 +24,17 @@ from pathlib import Path
 
 from .. import audit, durable, units
 from ..config import Settings
+from ..ris import worklist
+from ..ris.orders import Orders
 from ..web.tls import SiteTLS, TLSError
 from ..web.users import ADMIN_CHANGED_MARKER, UserError, Users
-from .borgmatic import EARLIER_TRAILS
+from .borgmatic import EARLIER_TRAILS, RIS_ORDERS
 
 log = logging.getLogger(__name__)
 
 # In the archive's snapshot folder (STATE_PATH/backup/snapshot), relative to it.
-STATE_FILES = ("users.sqlite", "audit.jsonl", "tls/ca.key", "tls/ca.crt", "tls/ca-chain.crt")
+STATE_FILES = ("users.sqlite", "audit.jsonl", "tls/ca.key", "tls/ca.crt", "tls/ca-chain.crt",
+               RIS_ORDERS)
 NGINX = "nginx.service"
 
 
@@ -74,6 +77,9 @@ def put_back(settings: Settings, snapshot: Path, archive: str, whole: bool,
                               else "not in this archive")
         report["site_ca"] = (_site_ca(settings, ca) if (ca / "ca.key").exists()
                              else "not in this archive")
+    report["ris_orders"] = (_ris_orders(settings, snapshot / RIS_ORDERS)
+                            if site == settings.site_code
+                            else f"site {site}'s orders left in its archive")
     report["audit_trail"] = _audit_trails(settings, snapshot, archive, site, report)
     return report
 
@@ -106,6 +112,28 @@ def _accounts(settings: Settings, copy: Path) -> str:
         _own_like_state(settings, marker)
     return (f"{len(names)} put back ({', '.join(names)}): sign in with the password you had; "
             "`pacs user reset NAME` gives a new one-time password")
+
+
+def _ris_orders(settings: Settings, copy: Path) -> str:
+    """The archive's orders this box lacks, back on the worklist: a radiographer on the new
+    box picks the patients the old one had scheduled. Orders this box has are its own."""
+    if not copy.exists():
+        return "not in this archive"
+    made = not settings.ris_orders_file.exists()
+    try:
+        with Orders(settings.ris_orders_file) as orders:
+            added = orders.take_from(copy)
+            worklist.match(settings.worklists_dir, orders.scheduled())
+    except (sqlite3.Error, OSError) as exc:
+        return f"NOT put back: {exc}"
+    finally:  # made here by root, or not: the RIS bridge's own either way
+        _own_like_state(settings, settings.ris_orders_file.parent, made)
+        for path in (settings.ris_orders_file.parent.iterdir()
+                     if settings.ris_orders_file.parent.exists() else []):
+            _own_like_state(settings, path)
+        for item in settings.worklists_dir.glob("*.wl"):
+            _own_like_state(settings, item)
+    return f"{added} put back (the worklist holds every scheduled one)"
 
 
 def _site_ca(settings: Settings, copy: Path) -> str:

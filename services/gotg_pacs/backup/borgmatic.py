@@ -57,6 +57,7 @@ KEEP = {"keep_daily": 7, "keep_weekly": 4, "keep_monthly": 12}
 KEPT = "kept."  # prefix of archives kept out of pruning (they hold studies cleaned up here)
 INDEX_SNAPSHOT = "orthanc-index.sqlite"  # in the snapshot folder
 EARLIER_TRAILS = "audit-earlier"  # in the snapshot: the trails a restore kept (audit/earlier)
+RIS_ORDERS = "ris-orders.sqlite"  # in the snapshot: the orders the worklist answers from
 PATHS_PER_CALL = 400  # paths per `list` call: well inside the kernel's argument limit
 _LISTED = re.compile(r"^([0-9a-f]{32}) (\d+) (.+)$")
 # borg's exit status 1 as an error: borg 1.2 reports damaged chunks found by a check that way,
@@ -457,16 +458,19 @@ class Backups:
             index.unlink(missing_ok=True)
             log.warning("backup without Orthanc's index: %s", exc)
             taken = {"index_error": str(exc)}
-        # The sync queue, the web accounts, the audit trail (append-only: its complete lines
-        # are a consistent copy), the site CA with its key (a restored box keeps its tablets'
-        # trust) and the settings. Each is taken on its own: one that cannot be copied is
-        # reported and keeps its previous copy, and never costs the studies their backup.
+        # The sync queue, the web accounts, the worklist's orders, the audit trail (append-only:
+        # its complete lines are a consistent copy), the site CA with its key (a restored box
+        # keeps its tablets' trust) and the settings. Each is taken on its own: one that cannot
+        # be copied is reported and keeps its previous copy, and never costs the studies their
+        # backup.
         problems = []
         for what, take in (
                 ("the sync queue", lambda: _sqlite_copy(self.settings.sync_outbox_file,
                                                         self.snapshot_dir / "outbox.sqlite")),
                 ("the web accounts", lambda: _sqlite_copy(self.settings.users_file,
                                                           self.snapshot_dir / "users.sqlite")),
+                ("the RIS orders", lambda: _sqlite_copy(self.settings.ris_orders_file,
+                                                        self.snapshot_dir / RIS_ORDERS)),
                 ("the audit trail", lambda: self._copy_private(self.settings.audit_file,
                                                                "audit.jsonl")),
                 ("the earlier audit trails", self._copy_earlier_trails),

@@ -301,7 +301,7 @@ def restore(ctx: Context, latest: bool, archive: str | None, remote: bool, site:
                  f"verified, {len(done.present)} already here, in {done.seconds:.0f} s"]
     lines += [f"  declared modality {name} again" for name in done.modalities]
     names = {"accounts": "web accounts", "site_ca": "site certificate authority",
-             "audit_trail": "audit trail"}
+             "ris_orders": "worklist orders", "audit_trail": "audit trail"}
     lines += [f"  {names[key]}: {said}" for key, said in done.state.items()]
     lines += [f"  MISSING instance {item['sop'] or item['instance']}: in the index, not in the "
               "archive (deleted while the backup ran, or an older archive holds it: "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
 
@@ -91,6 +92,23 @@ class Orders:
                        "VALUES (?, ?, ?, ?)",
                        (received.sender, received.control_id, now, len(received.changes)))
         return changed
+
+    def take_from(self, copy: Path) -> int:
+        """The orders and messages of `copy` (a backup's) that this store lacks; how many
+        orders. This store's own rows win: they are newer than any backup."""
+        with closing(sqlite3.connect(f"file:{copy}?mode=ro", uri=True, timeout=30)) as source:
+            rows = source.execute("SELECT accession, state, patient_id, issuer, fields, source, "
+                                  "updated FROM orders").fetchall()
+            messages = source.execute("SELECT sender, control_id, received, orders "
+                                      "FROM messages").fetchall()
+        with immediate(self.db) as db:
+            before = db.total_changes
+            db.executemany("INSERT OR IGNORE INTO orders (accession, state, patient_id, issuer, "
+                           "fields, source, updated) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            added = db.total_changes - before
+            db.executemany("INSERT OR IGNORE INTO messages (sender, control_id, received, "
+                           "orders) VALUES (?, ?, ?, ?)", messages)
+        return added
 
     def get(self, accession: str) -> tuple[str, Order] | None:
         if self.db is None:
