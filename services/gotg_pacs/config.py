@@ -426,7 +426,8 @@ class Settings:
         "WORKLIST_SYNC", Boolean(), "true",
         "Turn RIS orders into DICOM worklist items for the modalities.", "RIS")
     hl7_port: int = setting(
-        "HL7_PORT", Port(), "2575",
+        "HL7_PORT", Port(minimum=1024, allowed="a TCP port 1024-65535 (pacs-ris holds no "
+                                                "privilege to bind a lower one)"), "2575",
         "Port the RIS sends HL7 v2 orders to (MLLP; ORM^O01, OMI^O23).", "RIS")
 
     # Backup
