@@ -429,6 +429,12 @@ class Settings:
         "HL7_PORT", Port(minimum=1024, allowed="a TCP port 1024-65535 (pacs-ris holds no "
                                                 "privilege to bind a lower one)"), "2575",
         "Port the RIS sends HL7 v2 orders to (MLLP; ORM^O01, OMI^O23).", "RIS")
+    mpps_port: int = setting(
+        "MPPS_PORT", Port(minimum=1024, allowed="a TCP port 1024-65535 (pacs-ris holds no "
+                                                "privilege to bind a lower one)"), "4243",
+        "Port modalities report performed procedure steps to (DICOM MPPS, AE title PACS_AET): "
+        "a started order stays on the worklist, a completed or discontinued one leaves it.",
+        "RIS")
 
     # Backup
     backup_enabled: bool = setting(
@@ -591,7 +597,7 @@ def _cross_checks(settings: Settings) -> list[tuple[str, str]]:
     for key, port in (("HTTPS_PORT", settings.https_port),
                       ("HTTP_REDIRECT_PORT", settings.http_redirect_port),
                       ("WEB_API_PORT", settings.web_api_port),
-                      ("HL7_PORT", settings.hl7_port)):
+                      ("HL7_PORT", settings.hl7_port), ("MPPS_PORT", settings.mpps_port)):
         clash = next((name for name, used in taken.items() if used == port), None)
         if clash:
             problems.append((key, f"is the same port as {clash} ({port})"))

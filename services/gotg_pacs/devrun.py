@@ -44,7 +44,7 @@ def endpoints(settings: Settings) -> dict[str, object]:
             "dicom_access": settings.dicom_access, "origin": https,
             "orthanc_explorer": f"{https}/orthanc/app/explorer.html",
             "rest": f"{https}/orthanc/", "dicomweb": f"{https}/dicom-web/",
-            "hl7_port": settings.hl7_port,
+            "hl7_port": settings.hl7_port, "mpps_port": settings.mpps_port,
             "orthanc_loopback": f"{settings.orthanc_url}/",
             "ca_certificate": str(settings.tls_dir / "ca-chain.crt"),
             "data": str(settings.storage_path), "logs": str(settings.log_dir)}
@@ -61,6 +61,7 @@ def banner(settings: Settings) -> str:
         f"  REST API     {https}/orthanc/  (loopback only: {settings.orthanc_url}/)",
         f"  DICOMweb     {https}/dicom-web/",
         f"  HL7 orders   MLLP on port {settings.hl7_port} (ORM^O01, OMI^O23: the worklist)",
+        f"  MPPS         AET {settings.pacs_aet} on port {settings.mpps_port}",
         f"  Trust        {settings.tls_dir / 'ca-chain.crt'} (this site's CA; `pacs tls show`)",
         f"  Data         {settings.storage_path}",
         f"  Logs         {settings.log_dir}",
@@ -78,7 +79,8 @@ def run(settings: Settings, env_file: str, out: TextIO = sys.stdout, as_json: bo
     """
     ports = {"DICOM_PORT": settings.dicom_port, "HTTP_PORT": settings.http_port,
              "HTTPS_PORT": settings.https_port, "HTTP_REDIRECT_PORT": settings.http_redirect_port,
-             "WEB_API_PORT": settings.web_api_port, "HL7_PORT": settings.hl7_port}
+             "WEB_API_PORT": settings.web_api_port, "HL7_PORT": settings.hl7_port,
+             "MPPS_PORT": settings.mpps_port}
     check_ports_free({key: port for key, port in ports.items() if port}, env_file)
     logging.basicConfig(stream=sys.stderr if as_json else out, level=logging.INFO,
                         format="[pacs] %(message)s")

@@ -31,8 +31,8 @@ NETWORK_KEYS = ("NETWORK_ADDRESS", "NETWORK_GATEWAY", "NETWORK_DNS")
 FIXED_KEYS = ("STORAGE_PATH", "STATE_PATH")
 NETWORK_FILE = "20-wired.network"
 # The ports the firewall opens to the clinic's network, as the base role writes them: the site
-# file may move DICOM_PORT (to 104, say), the HTTPS origin's or HL7's, and the firewall must
-# follow.
+# file may move DICOM_PORT (to 104, say), the HTTPS origin's, HL7's or MPPS's, and the firewall
+# must follow.
 FIREWALL_PORTS_FILE = Path("/etc/nftables.d/gotg-open-ports.nft")
 
 
@@ -110,7 +110,7 @@ def render_env(values: dict[str, str]) -> str:
 def open_ports_text(ports: list[int]) -> str:
     """The firewall's ports file, exactly as the base role's template writes it."""
     return ("# Open to the clinic's network: DICOM, then the HTTPS origin's redirect and itself, "
-            "then HL7.\n"
+            "then HL7 and MPPS.\n"
             "# Written by the base role and again by `pacs firstboot` when the site file moves a "
             "port.\n"
             f"define gotg_open_tcp = {{ {', '.join(str(port) for port in ports)} }}\n")
@@ -154,7 +154,8 @@ def apply(env_file: Path, site_file: Path | None, network_dir: Path,
         report.network = network_values["NETWORK_ADDRESS"]
     if firewall_ports is not None and firewall_ports.exists():
         ports = list(dict.fromkeys([settings.dicom_port, settings.http_redirect_port,
-                                    settings.https_port, settings.hl7_port]))
+                                    settings.https_port, settings.hl7_port,
+                                    settings.mpps_port]))
         if firewall_ports.read_text() != open_ports_text(ports):
             durable.replace_text(firewall_ports, open_ports_text(ports), mode=0o644)
             report.open_ports = ports

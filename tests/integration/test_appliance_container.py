@@ -72,8 +72,8 @@ def test_the_tree_is_built_for_a_clinic(clinic_tree):
     assert "ip saddr { 10.99.0.0/24 } tcp dport 22 accept" in firewall
     assert "tcp dport $gotg_open_tcp accept" in firewall
     ports = (clinic_tree / "etc/nftables.d/gotg-open-ports.nft").read_text()
-    assert "define gotg_open_tcp = { 4242, 80, 443, 2575 }" in ports, \
-        "DICOM, the HTTPS origin and HL7"
+    assert "define gotg_open_tcp = { 4242, 80, 443, 2575, 4243 }" in ports, \
+        "DICOM, the HTTPS origin, HL7 and MPPS"
     assert "AmbientCapabilities=CAP_NET_BIND_SERVICE" in unit, "DICOM_PORT 104 can be bound"
     journald = clinic_tree / "etc/systemd/journald.conf.d/10-gotg.conf"
     assert "Storage=volatile" in journald.read_text()

@@ -202,7 +202,7 @@ def test_the_flashed_box_boots_answers_dicom_and_keeps_what_it_acknowledged(nuc_
         assert "gotg-firstboot: SSH host keys made" in console
         assert "site settings applied: DICOM_PORT, HQ_TOKEN, HQ_URL, PACS_AET" in console, \
             console[-3000:]
-        assert "network: 10.0.2.15/24; firewall opens 104, 80, 443, 2575" in console
+        assert "network: 10.0.2.15/24; firewall opens 104, 80, 443, 2575, 4243" in console
         assert "Administrator password for this box: " in console
         made = console.split("Administrator password for this box: ", 1)[1].split()[0]
         waiting = subprocess.run(["mtype", "-i", esp, "::/gotg-admin-password.txt"],

@@ -109,13 +109,14 @@ def test_the_firewall_follows_a_port_the_site_file_moves(env_file, tmp_path):
     """Many modalities are set to send to port 104: a site file saying DICOM_PORT=104 must open
     104 in the firewall the image was built with (4242), or every image is refused at the door."""
     ports = tmp_path / "gotg-open-ports.nft"
-    ports.write_text(_base_role_ports(4242, [80, 443, 2575]))
+    ports.write_text(_base_role_ports(4242, [80, 443, 2575, 4243]))
     site = tmp_path / "gotg-site.txt"
     site.write_text("DICOM_PORT=104\nHTTPS_PORT=8443\nHL7_PORT=6661\n")
     report = apply(env_file, site, tmp_path / "network", boot_dirs=(), firewall_ports=ports)
-    assert report.open_ports == [104, 80, 8443, 6661]
-    assert ports.read_text() == _base_role_ports(104, [80, 8443, 6661]), "as the role writes it"
-    assert "firewall opens 104, 80, 8443, 6661" in report.summary()
+    assert report.open_ports == [104, 80, 8443, 6661, 4243]
+    assert ports.read_text() == _base_role_ports(104, [80, 8443, 6661, 4243]), \
+        "as the role writes it"
+    assert "firewall opens 104, 80, 8443, 6661, 4243" in report.summary()
     # The same ports again (a first boot repeated after a power cut): nothing rewritten.
     again = apply(env_file, None, tmp_path / "network", boot_dirs=(), firewall_ports=ports)
     assert again.open_ports == []

@@ -22,9 +22,11 @@ def ris(ctx: Context) -> None:
 @json_option
 @pass_context
 def ris_run(ctx: Context, as_json: bool) -> None:
-    """The pacs-ris service (foreground): HL7 orders in, worklist items out."""
+    """The pacs-ris service (foreground): HL7 orders in, worklist items out, MPPS."""
+    from ..orthanc import Orthanc
     from . import worklist
     from .mllp import Listener, serve
+    from .mpps import Mpps
     from .orders import Orders
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
@@ -36,10 +38,15 @@ def ris_run(ctx: Context, as_json: bool) -> None:
         logging.getLogger(__name__).info("worklist: %d items, %d stale removed", written,
                                          removed)
         listener = Listener(orders, settings.worklists_dir, settings.site_code)
+        mpps = Mpps(orders, settings.worklists_dir, settings.pacs_aet, settings.dicom_access,
+                    Orthanc.from_settings(settings, timeout=10).modalities)
+        mpps.start(settings.mpps_port)
         try:
             asyncio.run(serve(listener, "0.0.0.0", settings.hl7_port))
         except KeyboardInterrupt:
             pass
+        finally:
+            mpps.stop()
 
 
 @ris.command("orders")

@@ -64,22 +64,10 @@ class Listener:
             log.error("HL7 message %s not kept: %s", received.control_id, exc)
             return self._ack(received.message, "AE", INTERNAL,
                              f"not kept here ({exc.__class__.__name__}): send it again later")
-        for accession in changed:
-            self._worklist(accession)
+        worklist.follow(self.worklists, self.orders, changed)
         log.info("HL7 %s from %s: %d order(s) %s", received.control_id, received.sender,
                  len(received.changes), "kept" if changed else "already kept")
         return self._ack(received.message, "AA")
-
-    def _worklist(self, accession: str) -> None:
-        """The item as the database now says; a failure here is healed at the next start."""
-        try:
-            state, order = self.orders.get(accession)
-            if state == "scheduled":
-                worklist.write(self.worklists, order)
-            else:
-                worklist.remove(self.worklists, accession)
-        except OSError as exc:
-            log.error("worklist item for %s not written: %s", accession, exc)
 
     def _ack(self, message: hl7.Message | None, code: str, error: str = "",
              text: str = "") -> bytes:

@@ -6,12 +6,19 @@ message sent again (its acknowledgement was lost) is acknowledged again and chan
 
 An Accession Number names one patient's procedure for good: an order naming a known accession
 with another patient is refused, never re-pointed (the images of one would go to the other).
+
+States: `scheduled` (on the worklist), `in_progress` (a modality reported it started, MPPS; still
+listed, so a modality that crashed can pick it again), `completed` and `discontinued` (MPPS:
+off the list), `cancelled` (the RIS). The RIS changing an order that is done does not put it back
+on the list. One store is shared by the HL7 listener and the MPPS service's threads: every
+write holds the store's lock.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from contextlib import closing
 from dataclasses import asdict
@@ -23,13 +30,20 @@ from .hl7_orders import Order, Received, Rejected
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (
     accession  TEXT PRIMARY KEY,
-    state      TEXT NOT NULL,      -- scheduled, cancelled
+    state      TEXT NOT NULL,      -- see STATES
     patient_id TEXT NOT NULL,
     issuer     TEXT NOT NULL,
     fields     TEXT NOT NULL,      -- the Order as JSON
     source     TEXT NOT NULL,      -- hl7 (later: the RIS's REST API)
     updated    REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS orders_state ON orders (state);
+CREATE TABLE IF NOT EXISTS steps (     -- MPPS: what the modalities said they performed
+    uid        TEXT PRIMARY KEY,   -- the MPPS instance (Affected SOP Instance UID)
+    state      TEXT NOT NULL,      -- IN PROGRESS, COMPLETED, DISCONTINUED
+    accessions TEXT NOT NULL,      -- JSON list: the orders it performs ([] unscheduled)
+    attributes TEXT NOT NULL,      -- the step as DICOM JSON, modifications applied
+    created    REAL NOT NULL,
+    updated    REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
     sender     TEXT NOT NULL,
     control_id TEXT NOT NULL,
@@ -37,7 +51,11 @@ CREATE TABLE IF NOT EXISTS messages (
     orders     INTEGER NOT NULL,
     PRIMARY KEY (sender, control_id));
 """
-STATES = ("scheduled", "cancelled")
+STATES = ("scheduled", "in_progress", "completed", "discontinued", "cancelled")
+LISTED = ("scheduled", "in_progress")  # on the worklist
+DONE = ("completed", "discontinued")
+STEP_STATES = {"IN PROGRESS": "in_progress", "COMPLETED": "completed",
+               "DISCONTINUED": "discontinued"}
 
 
 def _order(row: sqlite3.Row) -> Order:
@@ -49,6 +67,7 @@ class Orders:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
         self.db = open_store(path, SCHEMA, readonly=readonly)
+        self.lock = threading.RLock()
 
     def close(self) -> None:
         if self.db is not None:
@@ -64,15 +83,15 @@ class Orders:
         """Keep what the message says, durably; the accessions it changed ([] for a message
         already applied). Rejected when it would re-point an accession to another patient."""
         now = time.time()
-        with immediate(self.db) as db:
+        with self.lock, immediate(self.db) as db:
             if db.execute("SELECT 1 FROM messages WHERE sender = ? AND control_id = ?",
                           (received.sender, received.control_id)).fetchone():
                 return []
             changed = []
             for change in received.changes:
                 order = change.order
-                known = db.execute("SELECT patient_id, issuer FROM orders WHERE accession = ?",
-                                   (order.accession,)).fetchone()
+                known = db.execute("SELECT patient_id, issuer, state FROM orders "
+                                   "WHERE accession = ?", (order.accession,)).fetchone()
                 if known and (known["patient_id"], known["issuer"]) != (order.patient_id,
                                                                         order.issuer):
                     raise Rejected(f"accession {order.accession} is already another patient's "
@@ -80,6 +99,8 @@ class Orders:
                 if change.action == "cancel" and not known:
                     continue  # nothing scheduled here to take off the worklist
                 state = "scheduled" if change.action == "schedule" else "cancelled"
+                if known and known["state"] in ("in_progress", *DONE) and state == "scheduled":
+                    state = known["state"]  # the RIS's change does not undo what was done
                 db.execute(
                     "INSERT INTO orders (accession, state, patient_id, issuer, fields, source, "
                     "updated) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (accession) DO UPDATE "
@@ -101,7 +122,7 @@ class Orders:
                                   "updated FROM orders").fetchall()
             messages = source.execute("SELECT sender, control_id, received, orders "
                                       "FROM messages").fetchall()
-        with immediate(self.db) as db:
+        with self.lock, immediate(self.db) as db:
             before = db.total_changes
             db.executemany("INSERT OR IGNORE INTO orders (accession, state, patient_id, issuer, "
                            "fields, source, updated) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
@@ -110,28 +131,70 @@ class Orders:
                            "orders) VALUES (?, ?, ?, ?)", messages)
         return added
 
+    def step(self, uid: str, state: str, accessions: list[str], attributes: dict,
+             create: bool) -> list[str]:
+        """Keep an MPPS instance as created or set (`state`: its DICOM status); the orders it
+        moves, whose worklist items change. KeyError: no such step to set (or one to create
+        exists); ValueError: the step is final and may not change."""
+        now = time.time()
+        with self.lock, immediate(self.db) as db:
+            known = db.execute("SELECT state FROM steps WHERE uid = ?", (uid,)).fetchone()
+            if create and known:
+                raise KeyError(f"MPPS {uid} exists already")
+            if not create and not known:
+                raise KeyError(f"no MPPS {uid} here")
+            if known and known["state"] != "IN PROGRESS":
+                raise ValueError(f"MPPS {uid} is {known['state']}: it may no longer change")
+            db.execute("INSERT INTO steps (uid, state, accessions, attributes, created, updated) "
+                       "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (uid) DO UPDATE SET "
+                       "state = excluded.state, accessions = excluded.accessions, "
+                       "attributes = excluded.attributes, updated = excluded.updated",
+                       (uid, state, json.dumps(accessions), json.dumps(attributes), now, now))
+            moved = []
+            for accession in accessions:
+                row = db.execute("SELECT state FROM orders WHERE accession = ?",
+                                 (accession,)).fetchone()
+                if row is None or row["state"] in (*DONE, "cancelled"):
+                    continue  # unscheduled, or over: the step is kept all the same
+                db.execute("UPDATE orders SET state = ?, updated = ? WHERE accession = ?",
+                           (STEP_STATES[state], now, accession))
+                moved.append(accession)
+        return moved
+
+    def step_attributes(self, uid: str) -> dict | None:
+        """An MPPS instance as kept (DICOM JSON), None when there is none."""
+        with self.lock:
+            row = self.db.execute("SELECT attributes FROM steps WHERE uid = ?",
+                                  (uid,)).fetchone()
+        return None if row is None else json.loads(row["attributes"])
+
     def get(self, accession: str) -> tuple[str, Order] | None:
         if self.db is None:
             return None
-        row = self.db.execute("SELECT * FROM orders WHERE accession = ?",
-                              (accession,)).fetchone()
+        with self.lock:
+            row = self.db.execute("SELECT * FROM orders WHERE accession = ?",
+                                  (accession,)).fetchone()
         return None if row is None else (row["state"], _order(row))
 
     def scheduled(self) -> list[Order]:
+        """The orders on the worklist: scheduled, or started and not yet done."""
         if self.db is None:
             return []
-        return [_order(row) for row in self.db.execute(
-            "SELECT * FROM orders WHERE state = 'scheduled' ORDER BY accession")]
+        with self.lock:
+            return [_order(row) for row in self.db.execute(
+                "SELECT * FROM orders WHERE state IN (?, ?) ORDER BY accession", LISTED)]
 
     def listing(self, limit: int = 200) -> list[dict]:
         if self.db is None:
             return []
-        return [{"state": row["state"], "source": row["source"], "updated": row["updated"],
-                 **json.loads(row["fields"])} for row in self.db.execute(
-            "SELECT * FROM orders ORDER BY updated DESC LIMIT ?", (limit,))]
+        with self.lock:
+            return [{"state": row["state"], "source": row["source"], "updated": row["updated"],
+                     **json.loads(row["fields"])} for row in self.db.execute(
+                "SELECT * FROM orders ORDER BY updated DESC LIMIT ?", (limit,))]
 
     def counts(self) -> dict[str, int]:
         if self.db is None:
             return {}
-        return {row[0]: row[1] for row in self.db.execute(
-            "SELECT state, COUNT(*) FROM orders GROUP BY state")}
+        with self.lock:
+            return {row[0]: row[1] for row in self.db.execute(
+                "SELECT state, COUNT(*) FROM orders GROUP BY state")}

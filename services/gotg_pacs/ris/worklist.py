@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -19,6 +20,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .. import durable
 from .hl7_orders import Order
+from .orders import LISTED, Orders
+
+log = logging.getLogger(__name__)
 
 FIND_SOP_CLASS = "1.2.840.10008.5.1.4.31"  # Modality Worklist Information Model - FIND
 
@@ -71,6 +75,20 @@ def write(folder: Path, order: Order) -> None:
 
 def remove(folder: Path, accession: str) -> None:
     (folder / file_name(accession)).unlink(missing_ok=True)
+
+
+def follow(folder: Path, orders: Orders, accessions: list[str]) -> None:
+    """Each order's item as the database now says (listed or gone). A failure is logged: the
+    folder is matched to the database at the next start."""
+    for accession in accessions:
+        try:
+            found = orders.get(accession)
+            if found is not None and found[0] in LISTED:
+                write(folder, found[1])
+            else:
+                remove(folder, accession)
+        except OSError as exc:
+            log.error("worklist item for %s not written: %s", accession, exc)
 
 
 def match(folder: Path, scheduled: list[Order]) -> tuple[int, int]:

@@ -1,0 +1,235 @@
+"""The RIS bridge with real parts: the python `hl7` package's `mllp_send` as the RIS, `pacs ris
+run` as the service, Orthanc answering DCMTK's `findscu -W`, pynetdicom as the modality's MPPS.
+
+Why it matters: radiographers pick patients from this list instead of typing names on a
+modality keyboard. An order the RIS was told "accepted" must reach the list and survive a power
+cut; a cancelled one must leave it, and so must one the modality reports done; a message the
+bridge cannot take must be refused in words the RIS logs, with nothing of it kept.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ModalityPerformedProcedureStep
+
+from gotg_pacs.process import wait_until
+from tests.conftest import run_pacs
+from tests.support.site import free_port
+
+MLLP_SEND = str(Path(sys.executable).with_name("mllp_send"))
+ORDER = "\n".join([
+    "MSH|^~\\&|RIS|GOTG|PACS|CLINIC|20261127101500||ORM^O01|{control}|P|2.5.1",
+    "PID|1||PAT-4711^^^CLINIC^MR||Doe^Jane^Q||19800102|F",
+    "PV1|1|O||||||DOC1^House^Greg",
+    "ORC|{order}|PLAC1|FILL1||SC||^^^20261127110000",
+    "OBR|1|PLAC1|FILL1|CXR^Chest X-ray 2 views^LOCAL||||||||||||||ACC-4711|RP1|SPS1||||CR",
+]) + "\n"
+WORKLIST_KEYS = {"PatientName": "", "PatientID": "", "AccessionNumber": "",
+                 "StudyInstanceUID": "", "ScheduledProcedureStepSequence[0].Modality": "CR"}
+
+
+def _step(accession: str, status: str = "IN PROGRESS") -> Dataset:
+    """What a modality sends when it starts the procedure (N-CREATE)."""
+    scheduled = Dataset()
+    scheduled.AccessionNumber = accession
+    scheduled.StudyInstanceUID = generate_uid()
+    scheduled.RequestedProcedureID = "RP1"
+    scheduled.ScheduledProcedureStepID = "SPS1"
+    step = Dataset()
+    step.ScheduledStepAttributesSequence = [scheduled]
+    step.PatientName = "Doe^Jane^Q"
+    step.PatientID = "PAT-4711"
+    step.PerformedProcedureStepID = "PPS1"
+    step.PerformedStationAETitle = "DCMTK_MODALITY"
+    step.PerformedProcedureStepStartDate = "20261127"
+    step.PerformedProcedureStepStartTime = "110500"
+    step.PerformedProcedureStepStatus = status
+    step.Modality = "CR"
+    return step
+
+
+class MppsModality:
+    """A modality's MPPS client, as pynetdicom's SCU is."""
+
+    def __init__(self, appliance, calling_aet: str = "DCMTK_MODALITY") -> None:
+        self.appliance = appliance
+        self.calling_aet = calling_aet
+
+    def _call(self, send) -> int:
+        ae = AE(ae_title=self.calling_aet)
+        ae.add_requested_context(ModalityPerformedProcedureStep)
+        assoc = ae.associate("127.0.0.1", self.appliance.settings.mpps_port,
+                             ae_title=self.appliance.settings.pacs_aet)
+        assert assoc.is_established, "association refused"
+        try:
+            status, _ = send(assoc)
+            return int(status.Status)
+        finally:
+            assoc.release()
+
+    def create(self, uid: str, step: Dataset) -> int:
+        return self._call(lambda assoc: assoc.send_n_create(
+            step, ModalityPerformedProcedureStep, uid))
+
+    def set(self, uid: str, status: str) -> int:
+        change = Dataset()
+        change.PerformedProcedureStepStatus = status
+        change.PerformedProcedureStepEndDate = "20261127"
+        change.PerformedProcedureStepEndTime = "111500"
+        return self._call(lambda assoc: assoc.send_n_set(
+            change, ModalityPerformedProcedureStep, uid))
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def ris(appliance_factory, tmp_path):
+    port = free_port()
+    appliance = appliance_factory(HL7_PORT=str(port))
+
+    def start() -> subprocess.Popen:
+        appliance.ris = subprocess.Popen(
+            [sys.executable, "-m", "gotg_pacs", "--env-file", str(appliance.env_file), "ris",
+             "run"], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "ris.log", "a"))  # noqa: SIM115
+        assert wait_until(lambda: _listening(port) and _listening(
+            appliance.settings.mpps_port), 30), (tmp_path / "ris.log").read_text()
+        return appliance.ris
+
+    appliance.hl7_port, appliance.start_ris = port, start
+    start()
+    yield appliance
+    appliance.ris.terminate()
+    appliance.ris.wait(30)
+
+
+def _send(appliance, text: str, tmp_path) -> list[str]:
+    """The RIS's side: mllp_send as a RIS operator would run it; MSA of each ACK."""
+    message = tmp_path / f"{uuid.uuid4().hex}.hl7"
+    message.write_text(text)
+    sent = subprocess.run([MLLP_SEND, "--loose", "-f", str(message), "-p",
+                           str(appliance.hl7_port), "127.0.0.1"], capture_output=True,
+                          timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    return [segment.decode() for segment in sent.stdout.replace(b"\n", b"\r").split(b"\r")
+            if segment.startswith(b"MSA|")]
+
+
+def test_an_order_from_the_ris_is_on_the_worklist_and_a_cancel_takes_it_off(ris, tmp_path):
+    assert _send(ris, ORDER.format(control="MSG1", order="NW"), tmp_path) == ["MSA|AA|MSG1"]
+    [item] = ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl")
+    assert (str(item.PatientName), str(item.PatientID), str(item.AccessionNumber)) == \
+        ("Doe^Jane^Q", "PAT-4711", "ACC-4711")
+    assert str(item.StudyInstanceUID).startswith("2.25.")
+    assert ris.modality.find_worklist({**WORKLIST_KEYS, "ScheduledProcedureStepSequence[0]"
+                                       ".Modality": "CT"}, tmp_path / "wl-ct") == []
+    shown = json.loads(run_pacs("ris", "orders", "--json", env_file=ris.env_file).stdout)
+    assert shown["counts"] == {"scheduled": 1}
+
+    assert _send(ris, ORDER.format(control="MSG2", order="CA"), tmp_path) == ["MSA|AA|MSG2"]
+    assert ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl-after") == []
+
+
+def test_what_the_bridge_cannot_take_is_refused_and_nothing_of_it_kept(ris, tmp_path):
+    refused = _send(ris, ORDER.format(control="MSG3", order="NW").replace(
+        "ORM^O01", "ADT^A08"), tmp_path)
+    assert refused[0].startswith("MSA|AR|MSG3|") and "not an order" in refused[0]
+    hostile = ORDER.format(control="MSG4", order="NW").replace(
+        "Doe^Jane^Q", "<script>alert(1)</script>\\E\\^Jane")
+    assert _send(ris, hostile, tmp_path)[0].startswith("MSA|AR|MSG4|")
+    too_long = ORDER.format(control="MSG5", order="NW").replace("ACC-4711", "A" * 17)
+    assert "never cut short" in _send(ris, too_long, tmp_path)[0]
+    shown = json.loads(run_pacs("ris", "orders", "--json", env_file=ris.env_file).stdout)
+    assert shown == {"counts": {}, "orders": []}
+    assert ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl") == []
+    assert ris.ris.poll() is None, "the service is still up"
+
+
+def test_an_acknowledged_order_survives_a_kill_9_and_the_worklist_heals(ris, tmp_path):
+    assert _send(ris, ORDER.format(control="MSG6", order="NW"), tmp_path) == ["MSA|AA|MSG6"]
+    ris.ris.send_signal(signal.SIGKILL)
+    ris.ris.wait(30)
+    # As if the power went between the order's commit and its worklist file.
+    for item in ris.settings.worklists_dir.glob("*.wl"):
+        item.unlink()
+    ris.start_ris()
+    [item] = ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl")
+    assert str(item.AccessionNumber) == "ACC-4711"
+    # The RIS, never having heard back, sends it again: acknowledged, kept once.
+    assert _send(ris, ORDER.format(control="MSG6", order="NW"), tmp_path) == ["MSA|AA|MSG6"]
+    shown = json.loads(run_pacs("ris", "orders", "--json", env_file=ris.env_file).stdout)
+    assert shown["counts"] == {"scheduled": 1}
+
+
+def _state(appliance, accession: str) -> str:
+    shown = json.loads(run_pacs("ris", "orders", "--json", env_file=appliance.env_file).stdout)
+    return next(order["state"] for order in shown["orders"] if order["accession"] == accession)
+
+
+def test_mpps_in_progress_keeps_the_order_listed_and_completed_takes_it_off(ris, tmp_path):
+    assert _send(ris, ORDER.format(control="MSG7", order="NW"), tmp_path) == ["MSA|AA|MSG7"]
+    modality, uid = MppsModality(ris), generate_uid()
+    assert modality.create(uid, _step("ACC-4711")) == 0x0000
+    assert _state(ris, "ACC-4711") == "in_progress"
+    assert len(ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl1")) == 1, \
+        "still listed: a modality that crashed mid-exam picks the patient again"
+    assert modality.create(uid, _step("ACC-4711")) == 0x0111, "a duplicate step"
+    assert modality.set(uid, "COMPLETED") == 0x0000
+    assert _state(ris, "ACC-4711") == "completed"
+    assert ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl2") == [], "the item expired"
+    assert modality.set(uid, "IN PROGRESS") == 0x0110, "a finished step never changes"
+    # The RIS changing the order afterwards does not put a done procedure back on the list.
+    assert _send(ris, ORDER.format(control="MSG8", order="XO"), tmp_path) == ["MSA|AA|MSG8"]
+    assert _state(ris, "ACC-4711") == "completed"
+    assert ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl3") == []
+
+
+def test_mpps_refuses_what_it_cannot_keep_and_discontinued_also_ends_the_order(ris, tmp_path):
+    assert _send(ris, ORDER.format(control="MSG9", order="NW"), tmp_path) == ["MSA|AA|MSG9"]
+    modality = MppsModality(ris)
+    assert modality.set(generate_uid(), "COMPLETED") == 0x0112, "no such step"
+    missing = _step("ACC-4711")
+    del missing.ScheduledStepAttributesSequence
+    assert modality.create(generate_uid(), missing) == 0x0120
+    assert modality.create(generate_uid(), _step("ACC-4711", "COMPLETED")) == 0x0106, \
+        "a step is created in progress"
+    unscheduled, uid = generate_uid(), generate_uid()
+    assert modality.create(unscheduled, _step("")) == 0x0000, "an exam without an order is kept"
+    assert modality.create(uid, _step("ACC-4711")) == 0x0000
+    assert modality.set(uid, "DISCONTINUED") == 0x0000
+    assert _state(ris, "ACC-4711") == "discontinued"
+    assert ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl") == []
+    assert ris.ris.poll() is None
+
+
+def test_with_standard_access_only_declared_modalities_report_steps(appliance_factory,
+                                                                    tmp_path):
+    appliance = appliance_factory(DICOM_ACCESS="standard")
+    service = subprocess.Popen(
+        [sys.executable, "-m", "gotg_pacs", "--env-file", str(appliance.env_file), "ris",
+         "run"], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "ris.log", "a"))  # noqa: SIM115
+    try:
+        assert wait_until(lambda: _listening(appliance.settings.mpps_port), 30)
+        modality = MppsModality(appliance)
+        assert modality.create(generate_uid(), _step("")) == 0x0124, "undeclared: refused"
+        appliance.orthanc.put_modality("radiography", "DCMTK_MODALITY", "127.0.0.1",
+                                       free_port())
+        assert modality.create(generate_uid(), _step("")) == 0x0000
+        assert MppsModality(appliance, "SOMEONE_ELSE").create(generate_uid(), _step("")) \
+            == 0x0124, "another AE title from the same address"
+    finally:
+        service.terminate()
+        service.wait(30)
