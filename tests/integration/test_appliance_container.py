@@ -17,11 +17,13 @@ import ssl
 import pydicom
 import pytest
 from hl7.client import MLLPClient
+from pydicom.uid import generate_uid
 
 from gotg_pacs.process import wait_until
-from tests.support import corpus
+from tests.support import corpus, mpps
 from tests.support.container import CLINIC_SITE, Container, apply_again, recaps
 from tests.support.dcmtk import Modality, acknowledged_before
+from tests.support.mpps import MppsModality
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -121,6 +123,11 @@ def test_the_booted_clinic_takes_images_through_its_firewall(clinic_tree, tmp_pa
         [item] = modality.find_worklist({"PatientName": "", "AccessionNumber": ""},
                                         tmp_path / "worklist")
         assert (str(item.PatientName), str(item.AccessionNumber)) == ("Doe^Jane", "ACC-BOX-1")
+        # The modality reports the exam done (MPPS, through the firewall): the item expires.
+        performed, uid = MppsModality(4243, "FIELD7", host=box.address), generate_uid()
+        assert performed.create(uid, mpps.step("ACC-BOX-1")) == 0x0000
+        assert performed.set(uid, "COMPLETED") == 0x0000
+        assert modality.find_worklist({"AccessionNumber": ""}, tmp_path / "worklist-after") == []
         assert not _reachable(box.address, 8042)
         assert not _reachable(box.address, 5432)
         for unit, user in (("orthanc", "orthanc"), ("pacs-sync", "gotg-pacs"),

@@ -18,13 +18,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE
-from pynetdicom.sop_class import ModalityPerformedProcedureStep
 
 from gotg_pacs.process import wait_until
 from tests.conftest import run_pacs
+from tests.support.mpps import MppsModality
+from tests.support.mpps import step as _step
 from tests.support.site import free_port
 
 MLLP_SEND = str(Path(sys.executable).with_name("mllp_send"))
@@ -37,58 +36,6 @@ ORDER = "\n".join([
 ]) + "\n"
 WORKLIST_KEYS = {"PatientName": "", "PatientID": "", "AccessionNumber": "",
                  "StudyInstanceUID": "", "ScheduledProcedureStepSequence[0].Modality": "CR"}
-
-
-def _step(accession: str, status: str = "IN PROGRESS") -> Dataset:
-    """What a modality sends when it starts the procedure (N-CREATE)."""
-    scheduled = Dataset()
-    scheduled.AccessionNumber = accession
-    scheduled.StudyInstanceUID = generate_uid()
-    scheduled.RequestedProcedureID = "RP1"
-    scheduled.ScheduledProcedureStepID = "SPS1"
-    step = Dataset()
-    step.ScheduledStepAttributesSequence = [scheduled]
-    step.PatientName = "Doe^Jane^Q"
-    step.PatientID = "PAT-4711"
-    step.PerformedProcedureStepID = "PPS1"
-    step.PerformedStationAETitle = "DCMTK_MODALITY"
-    step.PerformedProcedureStepStartDate = "20261127"
-    step.PerformedProcedureStepStartTime = "110500"
-    step.PerformedProcedureStepStatus = status
-    step.Modality = "CR"
-    return step
-
-
-class MppsModality:
-    """A modality's MPPS client, as pynetdicom's SCU is."""
-
-    def __init__(self, appliance, calling_aet: str = "DCMTK_MODALITY") -> None:
-        self.appliance = appliance
-        self.calling_aet = calling_aet
-
-    def _call(self, send) -> int:
-        ae = AE(ae_title=self.calling_aet)
-        ae.add_requested_context(ModalityPerformedProcedureStep)
-        assoc = ae.associate("127.0.0.1", self.appliance.settings.mpps_port,
-                             ae_title=self.appliance.settings.pacs_aet)
-        assert assoc.is_established, "association refused"
-        try:
-            status, _ = send(assoc)
-            return int(status.Status)
-        finally:
-            assoc.release()
-
-    def create(self, uid: str, step: Dataset) -> int:
-        return self._call(lambda assoc: assoc.send_n_create(
-            step, ModalityPerformedProcedureStep, uid))
-
-    def set(self, uid: str, status: str) -> int:
-        change = Dataset()
-        change.PerformedProcedureStepStatus = status
-        change.PerformedProcedureStepEndDate = "20261127"
-        change.PerformedProcedureStepEndTime = "111500"
-        return self._call(lambda assoc: assoc.send_n_set(
-            change, ModalityPerformedProcedureStep, uid))
 
 
 def _listening(port: int) -> bool:
@@ -181,7 +128,7 @@ def _state(appliance, accession: str) -> str:
 
 def test_mpps_in_progress_keeps_the_order_listed_and_completed_takes_it_off(ris, tmp_path):
     assert _send(ris, ORDER.format(control="MSG7", order="NW"), tmp_path) == ["MSA|AA|MSG7"]
-    modality, uid = MppsModality(ris), generate_uid()
+    modality, uid = MppsModality(ris.settings.mpps_port, ris.settings.pacs_aet), generate_uid()
     assert modality.create(uid, _step("ACC-4711")) == 0x0000
     assert _state(ris, "ACC-4711") == "in_progress"
     assert len(ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl1")) == 1, \
@@ -199,7 +146,7 @@ def test_mpps_in_progress_keeps_the_order_listed_and_completed_takes_it_off(ris,
 
 def test_mpps_refuses_what_it_cannot_keep_and_discontinued_also_ends_the_order(ris, tmp_path):
     assert _send(ris, ORDER.format(control="MSG9", order="NW"), tmp_path) == ["MSA|AA|MSG9"]
-    modality = MppsModality(ris)
+    modality = MppsModality(ris.settings.mpps_port, ris.settings.pacs_aet)
     assert modality.set(generate_uid(), "COMPLETED") == 0x0112, "no such step"
     missing = _step("ACC-4711")
     del missing.ScheduledStepAttributesSequence
@@ -223,13 +170,15 @@ def test_with_standard_access_only_declared_modalities_report_steps(appliance_fa
          "run"], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "ris.log", "a"))  # noqa: SIM115
     try:
         assert wait_until(lambda: _listening(appliance.settings.mpps_port), 30)
-        modality = MppsModality(appliance)
+        modality = MppsModality(appliance.settings.mpps_port, appliance.settings.pacs_aet)
         assert modality.create(generate_uid(), _step("")) == 0x0124, "undeclared: refused"
         appliance.orthanc.put_modality("radiography", "DCMTK_MODALITY", "127.0.0.1",
                                        free_port())
         assert modality.create(generate_uid(), _step("")) == 0x0000
-        assert MppsModality(appliance, "SOMEONE_ELSE").create(generate_uid(), _step("")) \
-            == 0x0124, "another AE title from the same address"
+        other = MppsModality(appliance.settings.mpps_port, appliance.settings.pacs_aet,
+                             calling_aet="SOMEONE_ELSE")
+        assert other.create(generate_uid(), _step("")) == 0x0124, \
+            "another AE title from the same address"
     finally:
         service.terminate()
         service.wait(30)
