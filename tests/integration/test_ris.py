@@ -17,11 +17,13 @@ import sys
 import uuid
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
 from gotg_pacs.process import wait_until
 from tests.conftest import run_pacs
+from tests.support import corpus
 from tests.support.mpps import MppsModality
 from tests.support.mpps import step as _step
 from tests.support.site import free_port
@@ -182,3 +184,61 @@ def test_with_standard_access_only_declared_modalities_report_steps(appliance_fa
     finally:
         service.terminate()
         service.wait(30)
+
+
+def _study(tmp_path, name: str, **tags: str) -> tuple[list, str]:
+    files = corpus.renumbered_study([corpus.DATA_DIR / "SC_rgb.dcm"], tmp_path / name, **tags)
+    return files, str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+
+def _unmatched(appliance) -> list[dict]:
+    said = run_pacs("ris", "unmatched", "--json", env_file=appliance.env_file)
+    assert said.returncode == 0, said.stderr
+    return json.loads(said.stdout)["entries"]
+
+
+def test_without_mpps_the_stable_study_completes_its_order(ris, tmp_path):
+    """Most portable X-rays in the field speak no MPPS: the images arriving, complete, are
+    what says the exam was done."""
+    assert _send(ris, ORDER.format(control="MSG10", order="NW"), tmp_path) == ["MSA|AA|MSG10"]
+    files, _ = _study(tmp_path, "done", AccessionNumber="ACC-4711", PatientID="PAT-4711")
+    assert ris.modality.store(files).ok
+    assert wait_until(lambda: _state(ris, "ACC-4711") == "completed", 90, interval=2), \
+        (tmp_path / "ris.log").read_text()[-2000:]
+    assert ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl") == []
+    assert _unmatched(ris) == []
+
+
+def test_studies_without_their_order_wait_on_the_reconciliation_list(ris, tmp_path):
+    """A modality that lost its worklist sends what the radiographer typed: never matched by
+    guesswork, listed with the orders it might be, decided by a person."""
+    assert _send(ris, ORDER.format(control="MSG11", order="NW"), tmp_path) == ["MSA|AA|MSG11"]
+    typed, typed_uid = _study(tmp_path, "typed", AccessionNumber="", PatientID="PAT-4711",
+                              PatientName="DOE^JANE^Q")
+    # The order's accession, but another patient's images: not that order.
+    other, other_uid = _study(tmp_path, "other", AccessionNumber="ACC-4711",
+                              PatientID="SOMEONE-ELSE")
+    assert ris.modality.store(typed + other).ok
+    assert wait_until(lambda: len(_unmatched(ris)) == 2, 90, interval=2), \
+        (tmp_path / "ris.log").read_text()[-2000:]
+    entries = {entry["study_uid"]: entry for entry in _unmatched(ris)}
+    assert entries[typed_uid]["candidates"] == ["ACC-4711"], "by Patient ID"
+    assert entries[other_uid]["candidates"] == ["ACC-4711"], "by accession, for a person to see"
+    assert _state(ris, "ACC-4711") == "scheduled", "nothing decided for them"
+    assert len(ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl1")) == 1
+
+    refused = run_pacs("ris", "resolve", typed_uid, "--order", "ACC-NONE",
+                       env_file=ris.env_file)
+    assert refused.returncode == 1 and "no order ACC-NONE" in refused.stderr
+    decided = run_pacs("ris", "resolve", typed_uid, "--order", "ACC-4711", "--note",
+                       "typed at the modality", "--json", env_file=ris.env_file)
+    assert decided.returncode == 0, decided.stderr
+    assert _state(ris, "ACC-4711") == "completed"
+    assert ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl2") == []
+    assert run_pacs("ris", "resolve", other_uid, "--no-order", env_file=ris.env_file
+                    ).returncode == 0
+    assert _unmatched(ris) == []
+    everything = json.loads(run_pacs("ris", "unmatched", "--all", "--json",
+                                     env_file=ris.env_file).stdout)["entries"]
+    decisions = {entry["study_uid"]: entry["resolution"]["order"] for entry in everything}
+    assert decisions == {typed_uid: "ACC-4711", other_uid: None}

@@ -207,3 +207,25 @@ def test_a_backups_orders_fill_in_what_is_missing_and_never_overwrite(tmp_path):
         assert new.get("ACC2")[0] == "cancelled", "this box's newer word stands"
         assert msa(listener.handle(orm()))[0] == "AA"  # MSG1 known now: applied once
         assert new.counts() == {"scheduled": 1, "cancelled": 1}
+
+
+def test_a_study_is_matched_once_and_one_without_an_order_lists_its_likely_orders(listener):
+    assert msa(listener.handle(orm()))[0] == "AA"
+    orders = listener.orders
+    tags = {"AccessionNumber": "ACC0001", "PatientID": "PAT123", "PatientName": "Doe^Jane^Q",
+            "PatientBirthDate": "19800102", "StudyDate": "20261127"}
+    assert orders.study_arrived("1.2.3", "o-1", tags) == ("ACC0001", ["ACC0001"])
+    assert orders.get("ACC0001")[0] == "completed"
+    assert orders.study_arrived("1.2.3", "o-1", tags) == ("ACC0001", []), "once"
+    assert msa(listener.handle(orm(control="MSG2", accession="ACC2")))[0] == "AA"
+    # Typed at the modality: another ID, the same person by name and birth date.
+    typed = {**tags, "AccessionNumber": "", "PatientID": "TYPED-1",
+             "PatientName": "DOE  JANE^q"}
+    assert orders.study_arrived("1.2.4", "o-2", typed) == (None, [])
+    [entry] = orders.unmatched()
+    assert (entry["study_uid"], entry["candidates"]) == ("1.2.4", ["ACC2"])
+    assert orders.get("ACC2")[0] == "scheduled", "a candidate, never a match"
+    assert orders.resolve("1.2.4", None, "amina", "emergency") == []
+    assert orders.unmatched() == [] and orders.get("ACC2")[0] == "scheduled"
+    with pytest.raises(KeyError):
+        orders.resolve("1.2.4", "ACC2", "amina", "twice")

@@ -4,5 +4,6 @@
 `orders` keeps them durably (the worklist must answer with the RIS unreachable); `worklist`
 renders each order as the DICOM Modality Worklist item Orthanc answers modalities with; `mllp`
 is the HL7 listener (MLLP) that acknowledges a message only once what it says is on disk;
-`commands` is `pacs ris`.
+`mpps` hears from the modalities what they performed; `studies` follows Orthanc's
+completed studies to their orders and keeps the reconciliation list; `commands` is `pacs ris`.
 """

@@ -22,12 +22,14 @@ def ris(ctx: Context) -> None:
 @json_option
 @pass_context
 def ris_run(ctx: Context, as_json: bool) -> None:
-    """The pacs-ris service (foreground): HL7 orders in, worklist items out, MPPS."""
+    """The pacs-ris service (foreground): HL7 orders in, worklist items out, MPPS, studies
+    matched to their orders."""
     from ..orthanc import Orthanc
     from . import worklist
     from .mllp import Listener, serve
     from .mpps import Mpps
     from .orders import Orders
+    from .studies import Studies, follow
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format='{"ris": "%(message)s"}' if as_json
@@ -40,9 +42,15 @@ def ris_run(ctx: Context, as_json: bool) -> None:
         listener = Listener(orders, settings.worklists_dir, settings.site_code)
         mpps = Mpps(orders, settings.worklists_dir, settings.pacs_aet, settings.dicom_access,
                     Orthanc.from_settings(settings, timeout=10).modalities)
+        studies = Studies(Orthanc.from_settings(settings, timeout=30), orders,
+                          settings.worklists_dir)
         mpps.start(settings.mpps_port)
+
+        async def everything() -> None:
+            await asyncio.gather(serve(listener, "0.0.0.0", settings.hl7_port),
+                                 follow(studies))
         try:
-            asyncio.run(serve(listener, "0.0.0.0", settings.hl7_port))
+            asyncio.run(everything())
         except KeyboardInterrupt:
             pass
         finally:
@@ -54,15 +62,71 @@ def ris_run(ctx: Context, as_json: bool) -> None:
 @json_option
 @pass_context
 def ris_orders(ctx: Context, limit: int, as_json: bool) -> None:
-    """The orders kept here, newest first, and how many are on the worklist."""
+    """The orders kept here, newest first, and how many are in each state."""
     from ..hq.conflicts import printable
-    from .orders import Orders
+    from .orders import STATES, Orders
 
     with Orders(ctx.settings.ris_orders_file, readonly=True) as orders:
         listed, counts = orders.listing(limit), orders.counts()
-    lines = [f"{counts.get('scheduled', 0)} scheduled, {counts.get('cancelled', 0)} cancelled"]
+    lines = [", ".join(f"{counts.get(state, 0)} {state.replace('_', ' ')}" for state in STATES)]
     lines += [f"  {printable(o['accession'])}  {o['state']:<9} {o['scheduled_date']} "
               f"{o['scheduled_time'][:4]}  {printable(o['modality']) or '-':<3} "
               f"{printable(o['patient_id'])}  {printable(o['patient_name'])}  "
               f"{printable(o['description'])}" for o in listed]
     emit({"counts": counts, "orders": listed}, as_json, "\n".join(lines))
+
+
+@ris.command("unmatched")
+@click.option("--all", "include_resolved", is_flag=True, help="Resolved entries too.")
+@json_option
+@pass_context
+def ris_unmatched(ctx: Context, include_resolved: bool, as_json: bool) -> None:
+    """The reconciliation list: studies that arrived with no order matching them (a modality
+    that lost its worklist, an emergency typed at the modality), with the orders that might
+    be theirs."""
+    from ..hq.conflicts import printable
+    from .orders import Orders
+
+    with Orders(ctx.settings.ris_orders_file, readonly=True) as orders:
+        entries = orders.unmatched(include_resolved)
+    lines = [f"{len(entries)} stud{'y' if len(entries) == 1 else 'ies'} without an order"]
+    for entry in entries:
+        decided = entry["resolution"]
+        lines.append(f"  {entry['study_uid']}  accession {printable(entry['accession']) or '-'}"
+                     f"  {printable(entry['PatientID'])}  {printable(entry['PatientName'])}"
+                     f"  {entry['PatientBirthDate'] or '-'}  candidates: "
+                     f"{', '.join(map(printable, entry['candidates'])) or 'none'}"
+                     + (f"  resolved: {printable(decided['order'] or 'no order')}"
+                        if decided else ""))
+    emit({"entries": entries}, as_json, "\n".join(lines))
+
+
+@ris.command("resolve")
+@click.argument("study_uid")
+@click.option("--order", "accession", help="The Accession Number of the order it is.")
+@click.option("--no-order", is_flag=True, help="It has no order (performed without one).")
+@click.option("--note", default="", help="Why, in a few words (kept with the decision).")
+@json_option
+@pass_context
+def ris_resolve(ctx: Context, study_uid: str, accession: str | None, no_order: bool,
+                note: str, as_json: bool) -> None:
+    """Decide a study on the reconciliation list: the order it is, or none. The decision is
+    kept with who made it; the images are not changed."""
+    import getpass
+    import os
+
+    from . import worklist
+    from .orders import Orders
+
+    if (accession is None) == (not no_order):
+        raise click.UsageError("give either --order ACCESSION or --no-order")
+    who = os.environ.get("SUDO_USER") or getpass.getuser()
+    with Orders(ctx.settings.ris_orders_file) as orders:
+        try:
+            moved = orders.resolve(study_uid, accession, who, note)
+        except (KeyError, ValueError) as exc:
+            raise click.ClickException(str(exc).strip("'\"")) from None
+        worklist.follow(ctx.settings.worklists_dir, orders, moved)
+    emit({"study_uid": study_uid, "order": accession, "by": who}, as_json,
+         f"study {study_uid}: " + (f"order {accession}" if accession else "no order")
+         + f" (decided by {who})")

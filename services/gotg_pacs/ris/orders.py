@@ -44,6 +44,17 @@ CREATE TABLE IF NOT EXISTS steps (     -- MPPS: what the modalities said they pe
     attributes TEXT NOT NULL,      -- the step as DICOM JSON, modifications applied
     created    REAL NOT NULL,
     updated    REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS studies (   -- stable studies seen in Orthanc, matched or not
+    study_uid  TEXT PRIMARY KEY,
+    orthanc_id TEXT NOT NULL,
+    accession  TEXT NOT NULL,      -- as the images carry it
+    matched    TEXT,               -- the order's accession; NULL: on the reconciliation list
+    tags       TEXT NOT NULL,      -- PatientID, PatientName, PatientBirthDate, StudyDate (JSON)
+    candidates TEXT NOT NULL,      -- JSON: orders that might be it (Patient ID, name+birth date)
+    resolution TEXT,               -- JSON: who decided what, when (NULL: open or matched)
+    seen       REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS arriving (orthanc_id TEXT PRIMARY KEY);  -- new studies, not yet stable
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
     sender     TEXT NOT NULL,
     control_id TEXT NOT NULL,
@@ -56,6 +67,14 @@ LISTED = ("scheduled", "in_progress")  # on the worklist
 DONE = ("completed", "discontinued")
 STEP_STATES = {"IN PROGRESS": "in_progress", "COMPLETED": "completed",
                "DISCONTINUED": "discontinued"}
+
+
+def _same_person(order: dict, tags: dict[str, str]) -> bool:
+    """The same name and birth date (case and spacing aside): a candidate, never a match."""
+    def name(value: str) -> str:
+        return " ".join(value.replace("^", " ").upper().split())
+    return bool(order["birth_date"]) and order["birth_date"] == tags.get("PatientBirthDate") \
+        and name(order["patient_name"]) == name(tags.get("PatientName", ""))
 
 
 def _order(row: sqlite3.Row) -> Order:
@@ -167,6 +186,107 @@ class Orders:
             row = self.db.execute("SELECT attributes FROM steps WHERE uid = ?",
                                   (uid,)).fetchone()
         return None if row is None else json.loads(row["attributes"])
+
+    # --- studies Orthanc holds (stable), against the orders --------------------------------
+
+    def changes_cursor(self) -> int:
+        with self.lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'changes'").fetchone()
+        return 0 if row is None else int(row["value"])
+
+    def follow_changes(self, cursor: int, new: list[str], stable: list[str]) -> None:
+        """Where the reading of Orthanc's changes stands, and the studies still arriving."""
+        with self.lock, immediate(self.db) as db:
+            db.executemany("INSERT OR IGNORE INTO arriving (orthanc_id) VALUES (?)",
+                           [(study,) for study in new])
+            db.executemany("DELETE FROM arriving WHERE orthanc_id = ?",
+                           [(study,) for study in stable])
+            db.execute("INSERT INTO meta (key, value) VALUES ('changes', ?) ON CONFLICT (key) "
+                       "DO UPDATE SET value = excluded.value", (str(cursor),))
+
+    def arriving(self) -> list[str]:
+        with self.lock:
+            return [row[0] for row in self.db.execute("SELECT orthanc_id FROM arriving")]
+
+    def study_arrived(self, study_uid: str, orthanc_id: str, tags: dict[str, str]) -> tuple[
+            str | None, list[str]]:
+        """A stable study, once: matched to its order by Accession Number (the order then has
+        its images; without MPPS it is done and leaves the worklist), else put on the
+        reconciliation list with the orders that might be it. Returns (matched accession or
+        None, accessions whose worklist items change)."""
+        accession = tags.get("AccessionNumber", "")
+        now = time.time()
+        with self.lock, immediate(self.db) as db:
+            known = db.execute("SELECT matched FROM studies WHERE study_uid = ?",
+                               (study_uid,)).fetchone()
+            if known is not None:
+                return known["matched"], []  # seen before (more images since): as decided
+            order = db.execute("SELECT state, patient_id FROM orders WHERE accession = ? AND "
+                               "state != 'cancelled'", (accession,)).fetchone() \
+                if accession else None
+            moved: list[str] = []
+            if order is not None and order["patient_id"] == tags.get("PatientID", ""):
+                matched, candidates = accession, []
+                if order["state"] == "scheduled":  # no MPPS: the stable study says it is done
+                    db.execute("UPDATE orders SET state = 'completed', updated = ? "
+                               "WHERE accession = ?", (now, accession))
+                    moved.append(accession)
+            else:  # no order, or the order is another patient's: a person decides
+                matched = None
+                candidates = [row["accession"] for row in db.execute(
+                    "SELECT accession, fields FROM orders WHERE state IN (?, ?) AND "
+                    "(accession = ? OR patient_id = ?) ORDER BY accession",
+                    (*LISTED, accession, tags.get("PatientID", "")))]
+                candidates += [
+                    row["accession"] for row in db.execute(
+                        "SELECT accession, fields FROM orders WHERE state IN (?, ?)", LISTED)
+                    if row["accession"] not in candidates
+                    and _same_person(json.loads(row["fields"]), tags)]
+            db.execute("INSERT INTO studies (study_uid, orthanc_id, accession, matched, tags, "
+                       "candidates, seen) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (study_uid, orthanc_id, accession, matched, json.dumps(tags),
+                        json.dumps(candidates), now))
+        return matched, moved
+
+    def unmatched(self, include_resolved: bool = False) -> list[dict]:
+        """The reconciliation list: stable studies that no order matched."""
+        if self.db is None:
+            return []
+        query = "SELECT * FROM studies WHERE matched IS NULL" + (
+            "" if include_resolved else " AND resolution IS NULL") + " ORDER BY seen"
+        with self.lock:
+            rows = self.db.execute(query).fetchall()
+        return [{"study_uid": row["study_uid"], "orthanc_id": row["orthanc_id"],
+                 "accession": row["accession"], **json.loads(row["tags"]),
+                 "candidates": json.loads(row["candidates"]),
+                 "resolution": json.loads(row["resolution"]) if row["resolution"] else None,
+                 "seen": row["seen"]} for row in rows]
+
+    def resolve(self, study_uid: str, accession: str | None, who: str, note: str) -> list[str]:
+        """A person's decision for a study on the list: it is `accession`'s order (which then
+        has its images and, unless a modality reported otherwise, is done), or it has none.
+        Returns the accessions whose worklist items change. KeyError: no such open entry;
+        ValueError: no such order."""
+        now = time.time()
+        with self.lock, immediate(self.db) as db:
+            row = db.execute("SELECT 1 FROM studies WHERE study_uid = ? AND matched IS NULL "
+                             "AND resolution IS NULL", (study_uid,)).fetchone()
+            if row is None:
+                raise KeyError(f"no open entry for study {study_uid}")
+            moved = []
+            if accession is not None:
+                order = db.execute("SELECT state FROM orders WHERE accession = ?",
+                                   (accession,)).fetchone()
+                if order is None:
+                    raise ValueError(f"no order {accession} here")
+                if order["state"] == "scheduled":
+                    db.execute("UPDATE orders SET state = 'completed', updated = ? "
+                               "WHERE accession = ?", (now, accession))
+                    moved.append(accession)
+            decision = {"order": accession, "by": who, "note": note, "at": now}
+            db.execute("UPDATE studies SET resolution = ? WHERE study_uid = ?",
+                       (json.dumps(decision), study_uid))
+        return moved
 
     def get(self, accession: str) -> tuple[str, Order] | None:
         if self.db is None:
