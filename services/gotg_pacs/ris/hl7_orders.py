@@ -23,11 +23,13 @@ Where each value is read from (IHE Scheduled Workflow, and what RIS in the field
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 import hl7
+
+from . import values
+from .values import Change, Order, Rejected
 
 ACCEPTED = {("ORM", "O01"), ("OMI", "O23")}
 SCHEDULE = {"NW", "XO", "SC"}          # new, changed, status changed: (still) to be done
@@ -35,44 +37,7 @@ CANCEL = {"CA", "DC", "OC", "OD"}      # cancelled or discontinued: off the work
 # MSH-18 as HL7 names them; an empty MSH-18 means ASCII (HL7 2.5.1, 2.15.9.18).
 CHARSETS = {"": "ascii", "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "UNICODE": "utf-8",
             "8859/1": "latin-1", "8859/15": "iso8859-15"}
-UID_ROOT = uuid.UUID("6f0c6a57-2d5b-4c53-9a55-4f2b0c4e7a10")  # names a derived Study UID
 MAX_MESSAGE = 1 << 20  # bytes; an order is a few hundred
-
-
-class Rejected(Exception):
-    """The message is refused (HL7 AR): nothing of it is kept. `where`: the field at fault."""
-
-    def __init__(self, text: str, where: str = "") -> None:
-        super().__init__(f"{where}: {text}" if where else text)
-        self.text = text
-        self.where = where
-
-
-@dataclass(frozen=True)
-class Order:
-    accession: str
-    patient_id: str
-    issuer: str
-    patient_name: str          # DICOM PN: family^given^middle
-    birth_date: str            # YYYYMMDD or ""
-    sex: str                   # M, F, O or ""
-    modality: str
-    station_aet: str
-    scheduled_date: str        # YYYYMMDD
-    scheduled_time: str        # HHMMSS
-    study_uid: str
-    requested_procedure_id: str
-    step_id: str
-    description: str
-    code: tuple[str, str, str]  # (value, scheme, meaning), or three empty strings
-    referring: str             # DICOM PN
-    placer: str = ""           # ORC-2, the RIS's own order number (status goes back by it)
-
-
-@dataclass(frozen=True)
-class Change:
-    action: str                # "schedule" or "cancel"
-    order: Order
 
 
 @dataclass
@@ -177,11 +142,11 @@ def _patient(message) -> dict[str, str]:
         pv1 = message.segments("PV1")[0]
     except KeyError:
         pv1 = None
-    return {"patient_id": _text(field_value(pid, 3), 64, "PID-3.1", required=True),
-            "issuer": _text(field_value(pid, 3, component=4), 64, "PID-3.4"),
+    return {"patient_id": values.text(field_value(pid, 3), 64, "PID-3.1", required=True),
+            "issuer": values.text(field_value(pid, 3, component=4), 64, "PID-3.4"),
             "patient_name": _person(pid, 5, "PID-5", required=True),
-            "birth_date": _date(field_value(pid, 7)[:8], "PID-7"),
-            "sex": _sex(field_value(pid, 8)),
+            "birth_date": values.date(field_value(pid, 7)[:8], "PID-7"),
+            "sex": values.sex(field_value(pid, 8)),
             "referring": _person(pv1, 8, "PV1-8", doctor=True)}
 
 
@@ -200,14 +165,11 @@ def _change(group: dict, patient: dict[str, str], sent_at: str, site: str) -> Ch
         return next((value for segment, number in found
                      if (value := field_value(segment, number))), "")
 
-    accession = _text(first((ipc, 1), (obr, 18), (orc, 3)), 16, "Accession Number",
+    accession = values.text(first((ipc, 1), (obr, 18), (orc, 3)), 16, "Accession Number",
                       required=True)
-    requested = _text(first((ipc, 2), (obr, 19)) or accession, 16, "OBR-19")
-    study_uid = first((ipc, 3))
-    if not study_uid:
-        study_uid = f"2.25.{uuid.uuid5(UID_ROOT, f'{site}/{accession}').int}"
-    if len(study_uid) > 64 or not re.fullmatch(r"[0-9]+(\.[0-9]+)*", study_uid):
-        raise Rejected(f"{study_uid[:70]!r} is not a DICOM UID", "IPC-3")
+    requested = values.text(first((ipc, 2), (obr, 19)) or accession, 16, "OBR-19")
+    study_uid = (values.dicom_uid(first((ipc, 3)), "IPC-3")
+                 or values.derived_study_uid(site, accession))
     when = first((tq1, 7)) or field_value(orc, 7, component=4) or first((obr, 7)) or sent_at
     date, time = _when(when)
     referring = patient["referring"] or _person(obr, 16, "OBR-16", doctor=True)
@@ -215,34 +177,23 @@ def _change(group: dict, patient: dict[str, str], sent_at: str, site: str) -> Ch
         accession=accession, patient_id=patient["patient_id"], issuer=patient["issuer"],
         patient_name=patient["patient_name"], birth_date=patient["birth_date"],
         sex=patient["sex"],
-        modality=_code_string(first((ipc, 5), (obr, 24)), "OBR-24"),
-        station_aet=_aet(field_value(ipc, 9)),
+        modality=values.modality(first((ipc, 5), (obr, 24)), "OBR-24"),
+        station_aet=values.ae_title(field_value(ipc, 9), "IPC-9"),
         scheduled_date=date, scheduled_time=time, study_uid=study_uid,
         requested_procedure_id=requested,
-        step_id=_text(first((ipc, 4), (obr, 20)) or requested, 16, "OBR-20"),
-        description=_text(field_value(obr, 4, component=2), 64, "OBR-4.2"),
-        code=(_text(field_value(obr, 4), 16, "OBR-4.1"),
-              _text(field_value(obr, 4, component=3), 16, "OBR-4.3"),
-              _text(field_value(obr, 4, component=2), 64, "OBR-4.2")),
+        step_id=values.text(first((ipc, 4), (obr, 20)) or requested, 16, "OBR-20"),
+        description=values.text(field_value(obr, 4, component=2), 64, "OBR-4.2"),
+        code=(values.text(field_value(obr, 4), 16, "OBR-4.1"),
+              values.text(field_value(obr, 4, component=3), 16, "OBR-4.3"),
+              values.text(field_value(obr, 4, component=2), 64, "OBR-4.2")),
         referring=referring,
-        placer=_text(field_value(orc, 2), 64, "ORC-2"))
+        placer=values.text(field_value(orc, 2), 64, "ORC-2"))
     if not all(order.code[:2]):
         order = replace(order, code=("", "", ""))  # a code needs its value and its scheme
     return Change(action, order)
 
 
-# --- values as DICOM takes them -----------------------------------------------------------
-
-def _text(value: str, most: int, where: str, required: bool = False) -> str:
-    if required and not value:
-        raise Rejected("missing", where)
-    if len(value) > most:
-        raise Rejected(f"{len(value)} characters, DICOM holds at most {most} (never cut short)",
-                       where)
-    if "\\" in value or any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in value):
-        raise Rejected("a backslash or a control character", where)
-    return value
-
+# --- HL7's forms of a name and a time ------------------------------------------------------
 
 def _person(segment, number: int, where: str, required: bool = False,
             doctor: bool = False) -> str:
@@ -252,20 +203,7 @@ def _person(segment, number: int, where: str, required: bool = False,
     parts = [field_value(segment, number, component=c) for c in range(first, first + 5)]
     # DICOM PN: family^given^middle^prefix^suffix
     family, given, middle, suffix, prefix = parts
-    name = "^".join((family, given, middle, prefix, suffix)).rstrip("^")
-    if any("^" in part or "=" in part for part in parts):
-        raise Rejected("a name component holding ^ or =", where)
-    return _text(name, 64, where, required=required)
-
-
-def _date(value: str, where: str) -> str:
-    if not value:
-        return ""
-    try:
-        datetime.strptime(value, "%Y%m%d")
-    except ValueError:
-        raise Rejected(f"{value[:20]!r} is not a date (YYYYMMDD)", where) from None
-    return value
+    return values.person_name((family, given, middle, prefix, suffix), where, required=required)
 
 
 def _when(value: str) -> tuple[str, str]:
@@ -273,28 +211,10 @@ def _when(value: str) -> tuple[str, str]:
     digits = re.match(r"\d*", value)[0]
     if len(digits) < 8:
         raise Rejected(f"{value[:30]!r} is not a date and time", "scheduled start (TQ1-7)")
-    date = _date(digits[:8], "scheduled start (TQ1-7)")
+    date = values.date(digits[:8], "scheduled start (TQ1-7)")
     time = (digits[8:14] + "000000")[:6] if len(digits) > 8 else "000000"
     try:
         datetime.strptime(time, "%H%M%S")
     except ValueError:
         raise Rejected(f"{value[:30]!r} is not a time of day", "scheduled start") from None
     return date, time
-
-
-def _sex(value: str) -> str:
-    value = value.upper()
-    return value if value in ("M", "F", "O") else ""  # U, A, N...: unknown to DICOM's CS
-
-
-def _code_string(value: str, where: str) -> str:
-    value = value.upper()
-    if value and not re.fullmatch(r"[A-Z0-9_ ]{1,16}", value):
-        raise Rejected(f"{value[:30]!r} is not a DICOM modality", where)
-    return value
-
-
-def _aet(value: str) -> str:
-    if value and not re.fullmatch(r"[A-Za-z0-9_.\- ]{1,16}", value):
-        raise Rejected(f"{value[:30]!r} is not a DICOM AE title", "IPC-9")
-    return value

@@ -56,7 +56,8 @@ class Listener:
             log.warning("HL7 message refused: %s", exc)
             return self._nak(raw, "AR", _error_code(exc), str(exc))
         try:
-            changed = self.orders.apply(received)
+            changed = self.orders.apply(received.changes, "hl7",
+                                        (received.sender, received.control_id))
         except Rejected as exc:
             log.warning("HL7 message %s refused: %s", received.control_id, exc)
             return self._ack(received.message, "AR", BAD_VALUE, str(exc))

@@ -25,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..sqlite_tx import immediate, open_store
-from .hl7_orders import Order, Received, Rejected
+from .values import Change, Order, Rejected
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (
@@ -98,16 +98,18 @@ class Orders:
     def __exit__(self, *_exc) -> None:
         self.close()
 
-    def apply(self, received: Received, source: str = "hl7") -> list[str]:
-        """Keep what the message says, durably; the accessions it changed ([] for a message
-        already applied). Rejected when it would re-point an accession to another patient."""
+    def apply(self, changes: list[Change], source: str,
+              message: tuple[str, str] | None = None) -> list[str]:
+        """Keep what a message (HL7: its sender and control ID) or the RIS's API says, all of
+        it or nothing, durably; the accessions it changed ([] for a message already applied).
+        Rejected when it would re-point an accession to another patient."""
         now = time.time()
         with self.lock, immediate(self.db) as db:
-            if db.execute("SELECT 1 FROM messages WHERE sender = ? AND control_id = ?",
-                          (received.sender, received.control_id)).fetchone():
+            if message and db.execute("SELECT 1 FROM messages WHERE sender = ? AND "
+                                      "control_id = ?", message).fetchone():
                 return []
             changed = []
-            for change in received.changes:
+            for change in changes:
                 order = change.order
                 known = db.execute("SELECT patient_id, issuer, state FROM orders "
                                    "WHERE accession = ?", (order.accession,)).fetchone()
@@ -128,9 +130,9 @@ class Orders:
                     (order.accession, state, order.patient_id, order.issuer,
                      json.dumps(asdict(order)), source, now))
                 changed.append(order.accession)
-            db.execute("INSERT INTO messages (sender, control_id, received, orders) "
-                       "VALUES (?, ?, ?, ?)",
-                       (received.sender, received.control_id, now, len(received.changes)))
+            if message:
+                db.execute("INSERT INTO messages (sender, control_id, received, orders) "
+                           "VALUES (?, ?, ?, ?)", (*message, now, len(changes)))
         return changed
 
     def take_from(self, copy: Path) -> int:

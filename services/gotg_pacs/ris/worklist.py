@@ -19,8 +19,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .. import durable
-from .hl7_orders import Order
 from .orders import LISTED, Orders
+from .values import Order
 
 log = logging.getLogger(__name__)
 
