@@ -419,12 +419,19 @@ class Settings:
 
     # RIS
     ris_url: str = setting(
-        "RIS_URL", Url(), "", "GOTG RIS REST API (empty: no RIS).", "RIS")
+        "RIS_URL", Url(), "",
+        "GOTG RIS REST API (empty: none): appointments become worklist orders, and what the "
+        "modalities and the archive report goes back to it (the contract: "
+        "services/gotg_pacs/ris/openapi.yaml).", "RIS")
     ris_api_key: str = setting(
         "RIS_API_KEY", Text(max_length=512), "", "API key for the RIS.", "RIS", secret=True)
     worklist_sync: bool = setting(
         "WORKLIST_SYNC", Boolean(), "true",
         "Turn RIS orders into DICOM worklist items for the modalities.", "RIS")
+    ris_poll_interval: int = setting(
+        "RIS_POLL_INTERVAL", Duration(minimum=5, maximum=86400), "1m",
+        "How often new and changed appointments are read from RIS_URL (statuses go back "
+        "within seconds while it answers).", "RIS")
     hl7_port: int = setting(
         "HL7_PORT", Port(minimum=1024, allowed="a TCP port 1024-65535 (pacs-ris holds no "
                                                 "privilege to bind a lower one)"), "2575",

@@ -26,6 +26,7 @@ from tests.conftest import run_pacs
 from tests.support import corpus
 from tests.support.mpps import MppsModality
 from tests.support.mpps import step as _step
+from tests.support.reference_ris import ReferenceRis
 from tests.support.site import free_port
 
 MLLP_SEND = str(Path(sys.executable).with_name("mllp_send"))
@@ -46,23 +47,37 @@ def _listening(port: int) -> bool:
 
 
 @pytest.fixture
-def ris(appliance_factory, tmp_path):
-    port = free_port()
-    appliance = appliance_factory(HL7_PORT=str(port))
+def make_ris(appliance_factory, tmp_path):
+    """An appliance with `pacs ris run` beside it, with these settings."""
+    started = []
 
-    def start() -> subprocess.Popen:
-        appliance.ris = subprocess.Popen(
-            [sys.executable, "-m", "gotg_pacs", "--env-file", str(appliance.env_file), "ris",
-             "run"], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "ris.log", "a"))  # noqa: SIM115
-        assert wait_until(lambda: _listening(port) and _listening(
-            appliance.settings.mpps_port), 30), (tmp_path / "ris.log").read_text()
-        return appliance.ris
+    def make(**env: str):
+        appliance = appliance_factory(**env)
+        port = appliance.settings.hl7_port
 
-    appliance.hl7_port, appliance.start_ris = port, start
-    start()
-    yield appliance
-    appliance.ris.terminate()
-    appliance.ris.wait(30)
+        def start() -> subprocess.Popen:
+            appliance.ris = subprocess.Popen(
+                [sys.executable, "-m", "gotg_pacs", "--env-file", str(appliance.env_file),
+                 "ris", "run"], stdout=subprocess.DEVNULL,
+                stderr=open(tmp_path / "ris.log", "a"))  # noqa: SIM115
+            assert wait_until(lambda: _listening(port) and _listening(
+                appliance.settings.mpps_port), 30), (tmp_path / "ris.log").read_text()
+            return appliance.ris
+
+        appliance.hl7_port, appliance.start_ris = port, start
+        start()
+        started.append(appliance)
+        return appliance
+
+    yield make
+    for appliance in started:
+        appliance.ris.terminate()
+        appliance.ris.wait(30)
+
+
+@pytest.fixture
+def ris(make_ris):
+    return make_ris()
 
 
 def _send(appliance, text: str, tmp_path) -> list[str]:
@@ -164,26 +179,16 @@ def test_mpps_refuses_what_it_cannot_keep_and_discontinued_also_ends_the_order(r
     assert ris.ris.poll() is None
 
 
-def test_with_standard_access_only_declared_modalities_report_steps(appliance_factory,
-                                                                    tmp_path):
-    appliance = appliance_factory(DICOM_ACCESS="standard")
-    service = subprocess.Popen(
-        [sys.executable, "-m", "gotg_pacs", "--env-file", str(appliance.env_file), "ris",
-         "run"], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "ris.log", "a"))  # noqa: SIM115
-    try:
-        assert wait_until(lambda: _listening(appliance.settings.mpps_port), 30)
-        modality = MppsModality(appliance.settings.mpps_port, appliance.settings.pacs_aet)
-        assert modality.create(generate_uid(), _step("")) == 0x0124, "undeclared: refused"
-        appliance.orthanc.put_modality("radiography", "DCMTK_MODALITY", "127.0.0.1",
-                                       free_port())
-        assert modality.create(generate_uid(), _step("")) == 0x0000
-        other = MppsModality(appliance.settings.mpps_port, appliance.settings.pacs_aet,
-                             calling_aet="SOMEONE_ELSE")
-        assert other.create(generate_uid(), _step("")) == 0x0124, \
-            "another AE title from the same address"
-    finally:
-        service.terminate()
-        service.wait(30)
+def test_with_standard_access_only_declared_modalities_report_steps(make_ris):
+    appliance = make_ris(DICOM_ACCESS="standard")
+    modality = MppsModality(appliance.settings.mpps_port, appliance.settings.pacs_aet)
+    assert modality.create(generate_uid(), _step("")) == 0x0124, "undeclared: refused"
+    appliance.orthanc.put_modality("radiography", "DCMTK_MODALITY", "127.0.0.1", free_port())
+    assert modality.create(generate_uid(), _step("")) == 0x0000
+    other = MppsModality(appliance.settings.mpps_port, appliance.settings.pacs_aet,
+                         calling_aet="SOMEONE_ELSE")
+    assert other.create(generate_uid(), _step("")) == 0x0124, \
+        "another AE title from the same address"
 
 
 def _study(tmp_path, name: str, **tags: str) -> tuple[list, str]:
@@ -242,3 +247,86 @@ def test_studies_without_their_order_wait_on_the_reconciliation_list(ris, tmp_pa
                                      env_file=ris.env_file).stdout)["entries"]
     decisions = {entry["study_uid"]: entry["resolution"]["order"] for entry in everything}
     assert decisions == {typed_uid: "ACC-4711", other_uid: None}
+
+
+def _statuses(appliance) -> dict:
+    return json.loads(run_pacs("ris", "statuses", "--json", env_file=appliance.env_file).stdout)
+
+
+def test_appointments_from_the_ris_api_reach_the_worklist_and_bad_ones_are_left_off(
+        make_ris, tmp_path):
+    reference = ReferenceRis().up()
+    try:
+        reference.schedule("R-1")
+        reference.schedule("R-TOO-LONG-ACCESSION")                     # 20 characters
+        reference.schedule("R-2", scheduled_at="tomorrow morning")
+        reference.schedule("R-3", patient={"id": "P\\3", "family_name": "Doe"})
+        reference.schedule("R-4", patient={"id": "P-4", "family_name": "<b>Roe</b>"})
+        ris = make_ris(RIS_URL=reference.url, RIS_API_KEY=reference.api_key,
+                       RIS_POLL_INTERVAL="5s")
+        keys = {**WORKLIST_KEYS, "ScheduledProcedureStepSequence[0].Modality": "CR"}
+        assert wait_until(lambda: len(ris.modality.find_worklist(
+            keys, tmp_path / uuid.uuid4().hex)) == 2, 60, interval=2), \
+            (tmp_path / "ris.log").read_text()[-3000:]
+        listed = {str(item.AccessionNumber): item for item in ris.modality.find_worklist(
+            keys, tmp_path / "wl")}
+        assert set(listed) == {"R-1", "R-4"}
+        assert str(listed["R-1"].PatientName) == "Doe^John"
+        assert str(listed["R-4"].PatientName) == "<b>Roe</b>", "kept as data, never as markup"
+        log = (tmp_path / "ris.log").read_text()
+        assert "R-TOO-LONG-ACCESSI" in log and "'tomorrow morning' is not an ISO 8601" in log
+        reference.schedule("R-1", status="cancelled")
+        assert wait_until(lambda: {str(item.AccessionNumber) for item in ris.modality
+                                   .find_worklist(keys, tmp_path / uuid.uuid4().hex)}
+                          == {"R-4"}, 60, interval=2)
+    finally:
+        reference.down()
+
+
+def test_statuses_wait_while_the_ris_is_down_and_arrive_in_order_once(make_ris, tmp_path):
+    """The RIS hears what happened to every order, in order, once, however long the site's
+    link to it is down."""
+    reference = ReferenceRis().up()
+    try:
+        reference.schedule("R-10", patient={"id": "PAT-4711", "family_name": "Doe"})
+        ris = make_ris(RIS_URL=reference.url, RIS_API_KEY=reference.api_key,
+                       RIS_POLL_INTERVAL="5s")
+        assert wait_until(lambda: _state_or_none(ris, "R-10") == "scheduled", 60, interval=2)
+        reference.down()
+        modality, uid = MppsModality(ris.settings.mpps_port, ris.settings.pacs_aet), \
+            generate_uid()
+        assert modality.create(uid, _step("R-10")) == 0x0000
+        assert modality.set(uid, "COMPLETED") == 0x0000
+        files, study_uid = _study(tmp_path, "r10", AccessionNumber="R-10",
+                                  PatientID="PAT-4711")
+        assert ris.modality.store(files).ok
+        assert wait_until(lambda: _statuses(ris)["waiting"] == 3, 90, interval=2), \
+            _statuses(ris)
+        # Still down: nothing is lost, nothing skipped; and the service restarting keeps them.
+        ris.ris.send_signal(signal.SIGKILL)
+        ris.ris.wait(30)
+        ris.start_ris()
+        assert _statuses(ris)["waiting"] == 3
+        reference.up()
+        assert wait_until(lambda: len(reference.events) == 3, 90, interval=2), \
+            (tmp_path / "ris.log").read_text()[-2000:]
+        assert [(e["accession"], e["status"]) for e in reference.events] == [
+            ("R-10", "in_progress"), ("R-10", "completed"), ("R-10", "images_available")]
+        assert reference.events[2]["study_instance_uid"] == study_uid
+        assert wait_until(lambda: _statuses(ris)["waiting"] == 0, 30, interval=1)
+        # An event for an order the RIS does not know is refused for good and recorded; the
+        # queue goes on past it.
+        assert _send(ris, ORDER.format(control="MSG20", order="NW"), tmp_path) == \
+            ["MSA|AA|MSG20"]
+        other = generate_uid()
+        assert modality.create(other, _step("ACC-4711")) == 0x0000
+        assert wait_until(lambda: any(s["state"] == "refused" for s in _statuses(ris)[
+            "statuses"]), 60, interval=2)
+        assert len(reference.events) == 3
+    finally:
+        reference.down()
+
+
+def _state_or_none(appliance, accession: str) -> str | None:
+    shown = json.loads(run_pacs("ris", "orders", "--json", env_file=appliance.env_file).stdout)
+    return next((o["state"] for o in shown["orders"] if o["accession"] == accession), None)

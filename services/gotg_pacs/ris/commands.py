@@ -25,7 +25,7 @@ def ris_run(ctx: Context, as_json: bool) -> None:
     """The pacs-ris service (foreground): HL7 orders in, worklist items out, MPPS, studies
     matched to their orders."""
     from ..orthanc import Orthanc
-    from . import worklist
+    from . import rest, worklist
     from .mllp import Listener, serve
     from .mpps import Mpps
     from .orders import Orders
@@ -44,11 +44,16 @@ def ris_run(ctx: Context, as_json: bool) -> None:
                     Orthanc.from_settings(settings, timeout=10).modalities)
         studies = Studies(Orthanc.from_settings(settings, timeout=30), orders,
                           settings.worklists_dir)
+        tasks = [serve(listener, "0.0.0.0", settings.hl7_port), follow(studies)]
+        if settings.ris_url:
+            tasks.append(rest.follow(rest.Ris(
+                rest.RisClient(settings.ris_url, settings.ris_api_key), orders,
+                settings.worklists_dir, settings.site_code, settings.worklist_sync),
+                settings.ris_poll_interval))
         mpps.start(settings.mpps_port)
 
         async def everything() -> None:
-            await asyncio.gather(serve(listener, "0.0.0.0", settings.hl7_port),
-                                 follow(studies))
+            await asyncio.gather(*tasks)
         try:
             asyncio.run(everything())
         except KeyboardInterrupt:
@@ -130,3 +135,24 @@ def ris_resolve(ctx: Context, study_uid: str, accession: str | None, no_order: b
     emit({"study_uid": study_uid, "order": accession, "by": who}, as_json,
          f"study {study_uid}: " + (f"order {accession}" if accession else "no order")
          + f" (decided by {who})")
+
+
+@ris.command("statuses")
+@click.option("--limit", default=50, show_default=True, help="How many, newest first.")
+@json_option
+@pass_context
+def ris_statuses(ctx: Context, limit: int, as_json: bool) -> None:
+    """What the RIS is told (MPPS, images available), newest first: waiting, sent, or refused
+    by the RIS with its reason. Waiting ones go in order whenever RIS_URL answers."""
+    from ..hq.conflicts import printable
+    from .orders import Orders
+
+    with Orders(ctx.settings.ris_orders_file, readonly=True) as orders:
+        listed = orders.statuses(limit)
+    waiting = sum(1 for event in listed if event["state"] == "waiting")
+    lines = [f"{waiting} waiting for the RIS" + ("" if ctx.settings.ris_url
+                                                  else " (RIS_URL is not set)")]
+    lines += [f"  {event['seq']:>6} {printable(event['accession'])}  {event['status']:<16} "
+              f"{event['state']}" + (f" ({printable(event['last_error'])})"
+                                     if event["last_error"] else "") for event in listed]
+    emit({"waiting": waiting, "statuses": listed}, as_json, "\n".join(lines))

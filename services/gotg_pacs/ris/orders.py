@@ -7,6 +7,9 @@ message sent again (its acknowledgement was lost) is acknowledged again and chan
 An Accession Number names one patient's procedure for good: an order naming a known accession
 with another patient is refused, never re-pointed (the images of one would go to the other).
 
+Every change a modality or a study makes to an order is also queued for the RIS (`statuses`,
+written in the same transaction): the RIS hears it in order, once, whenever it can be reached.
+
 States: `scheduled` (on the worklist), `in_progress` (a modality reported it started, MPPS; still
 listed, so a modality that crashed can pick it again), `completed` and `discontinued` (MPPS:
 off the list), `cancelled` (the RIS). The RIS changing an order that is done does not put it back
@@ -20,6 +23,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
@@ -53,6 +57,17 @@ CREATE TABLE IF NOT EXISTS studies (   -- stable studies seen in Orthanc, matche
     candidates TEXT NOT NULL,      -- JSON: orders that might be it (Patient ID, name+birth date)
     resolution TEXT,               -- JSON: who decided what, when (NULL: open or matched)
     seen       REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS statuses (  -- what the RIS is told, in order (the outbox)
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id   TEXT NOT NULL UNIQUE,  -- the RIS keeps each once, however often it is sent
+    accession  TEXT NOT NULL,
+    status     TEXT NOT NULL,      -- in_progress, completed, discontinued, images_available
+    at         REAL NOT NULL,
+    study_uid  TEXT NOT NULL,
+    state      TEXT NOT NULL DEFAULT 'waiting',  -- waiting, sent, refused (by the RIS)
+    tries      INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    sent_at    REAL);
 CREATE TABLE IF NOT EXISTS arriving (orthanc_id TEXT PRIMARY KEY);  -- new studies, not yet stable
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
@@ -80,6 +95,12 @@ def _same_person(order: dict, tags: dict[str, str]) -> bool:
 def _order(row: sqlite3.Row) -> Order:
     fields = json.loads(row["fields"])
     return Order(**{**fields, "code": tuple(fields["code"])})
+
+
+def _tell_ris(db: sqlite3.Connection, accession: str, status: str, now: float,
+              study_uid: str = "") -> None:
+    db.execute("INSERT INTO statuses (event_id, accession, status, at, study_uid) "
+               "VALUES (?, ?, ?, ?, ?)", (str(uuid.uuid4()), accession, status, now, study_uid))
 
 
 class Orders:
@@ -117,9 +138,12 @@ class Orders:
                                                                         order.issuer):
                     raise Rejected(f"accession {order.accession} is already another patient's "
                                    "order: not re-pointed", "Accession Number")
-                if change.action == "cancel" and not known:
+                if change.action in ("cancel", "complete") and not known:
                     continue  # nothing scheduled here to take off the worklist
-                state = "scheduled" if change.action == "schedule" else "cancelled"
+                if change.action == "complete" and known["state"] in ("cancelled", *DONE):
+                    continue  # over already
+                state = {"schedule": "scheduled", "cancel": "cancelled",
+                         "complete": "completed"}[change.action]
                 if known and known["state"] in ("in_progress", *DONE) and state == "scheduled":
                     state = known["state"]  # the RIS's change does not undo what was done
                 db.execute(
@@ -177,8 +201,10 @@ class Orders:
                                  (accession,)).fetchone()
                 if row is None or row["state"] in (*DONE, "cancelled"):
                     continue  # unscheduled, or over: the step is kept all the same
-                db.execute("UPDATE orders SET state = ?, updated = ? WHERE accession = ?",
-                           (STEP_STATES[state], now, accession))
+                if row["state"] != STEP_STATES[state]:
+                    db.execute("UPDATE orders SET state = ?, updated = ? WHERE accession = ?",
+                               (STEP_STATES[state], now, accession))
+                    _tell_ris(db, accession, STEP_STATES[state], now)
                 moved.append(accession)
         return moved
 
@@ -192,9 +218,21 @@ class Orders:
     # --- studies Orthanc holds (stable), against the orders --------------------------------
 
     def changes_cursor(self) -> int:
+        return int(self._meta("changes") or 0)
+
+    def ris_cursor(self) -> str:
+        """Where reading the RIS's appointments goes on from (its own word, opaque)."""
+        return self._meta("ris")
+
+    def set_ris_cursor(self, value: str) -> None:
+        with self.lock, immediate(self.db) as db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('ris', ?) ON CONFLICT (key) "
+                       "DO UPDATE SET value = excluded.value", (value,))
+
+    def _meta(self, key: str) -> str:
         with self.lock:
-            row = self.db.execute("SELECT value FROM meta WHERE key = 'changes'").fetchone()
-        return 0 if row is None else int(row["value"])
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return "" if row is None else row["value"]
 
     def follow_changes(self, cursor: int, new: list[str], stable: list[str]) -> None:
         """Where the reading of Orthanc's changes stands, and the studies still arriving."""
@@ -229,10 +267,7 @@ class Orders:
             moved: list[str] = []
             if order is not None and order["patient_id"] == tags.get("PatientID", ""):
                 matched, candidates = accession, []
-                if order["state"] == "scheduled":  # no MPPS: the stable study says it is done
-                    db.execute("UPDATE orders SET state = 'completed', updated = ? "
-                               "WHERE accession = ?", (now, accession))
-                    moved.append(accession)
+                moved = self._images_arrived(db, accession, order["state"], study_uid, now)
             else:  # no order, or the order is another patient's: a person decides
                 matched = None
                 candidates = [row["accession"] for row in db.execute(
@@ -249,6 +284,45 @@ class Orders:
                        (study_uid, orthanc_id, accession, matched, json.dumps(tags),
                         json.dumps(candidates), now))
         return matched, moved
+
+    @staticmethod
+    def _images_arrived(db: sqlite3.Connection, accession: str, state: str, study_uid: str,
+                        now: float) -> list[str]:
+        """The order has its images (the RIS hears so); without MPPS that also means done."""
+        _tell_ris(db, accession, "images_available", now, study_uid)
+        if state != "scheduled":
+            return []
+        db.execute("UPDATE orders SET state = 'completed', updated = ? WHERE accession = ?",
+                   (now, accession))
+        _tell_ris(db, accession, "completed", now, study_uid)
+        return [accession]
+
+    # --- the outbox: statuses for the RIS, in order ----------------------------------------
+
+    def waiting_statuses(self, limit: int = 100) -> list[dict]:
+        with self.lock:
+            return [dict(row) for row in self.db.execute(
+                "SELECT seq, event_id, accession, status, at, study_uid, tries FROM statuses "
+                "WHERE state = 'waiting' ORDER BY seq LIMIT ?", (limit,))]
+
+    def status_sent(self, seq: int, refused: str = "") -> None:
+        """The RIS took it (or refused it for good: kept with why, and the queue goes on)."""
+        with self.lock, immediate(self.db) as db:
+            db.execute("UPDATE statuses SET state = ?, sent_at = ?, last_error = ?, "
+                       "tries = tries + 1 WHERE seq = ?",
+                       ("refused" if refused else "sent", time.time(), refused, seq))
+
+    def status_failed(self, seq: int, error: str) -> None:
+        with self.lock, immediate(self.db) as db:
+            db.execute("UPDATE statuses SET tries = tries + 1, last_error = ? WHERE seq = ?",
+                       (error, seq))
+
+    def statuses(self, limit: int = 200) -> list[dict]:
+        if self.db is None:
+            return []
+        with self.lock:
+            return [dict(row) for row in self.db.execute(
+                "SELECT * FROM statuses ORDER BY seq DESC LIMIT ?", (limit,))]
 
     def unmatched(self, include_resolved: bool = False) -> list[dict]:
         """The reconciliation list: stable studies that no order matched."""
@@ -281,10 +355,7 @@ class Orders:
                                    (accession,)).fetchone()
                 if order is None:
                     raise ValueError(f"no order {accession} here")
-                if order["state"] == "scheduled":
-                    db.execute("UPDATE orders SET state = 'completed', updated = ? "
-                               "WHERE accession = ?", (now, accession))
-                    moved.append(accession)
+                moved = self._images_arrived(db, accession, order["state"], study_uid, now)
             decision = {"order": accession, "by": who, "note": note, "at": now}
             db.execute("UPDATE studies SET resolution = ? WHERE study_uid = ?",
                        (json.dumps(decision), study_uid))

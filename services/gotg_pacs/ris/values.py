@@ -49,7 +49,7 @@ class Order:
 
 @dataclass(frozen=True)
 class Change:
-    action: str                # "schedule" or "cancel"
+    action: str                # "schedule", "cancel", or "complete" (the RIS says it is done)
     order: Order
 
 
