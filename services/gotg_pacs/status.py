@@ -75,6 +75,20 @@ def _sync(settings: Settings) -> dict[str, Any]:
     return {"name": "sync", "up": True, "heartbeat_age_s": round(age, 1)}
 
 
+def _ris(settings: Settings) -> dict[str, Any]:
+    """The worklist and what waits for a person or for the RIS (not counted as a part that
+    is up or down: a clinic may have no RIS at all)."""
+    from .ris.orders import Orders
+
+    with Orders(settings.ris_orders_file, readonly=True) as orders:
+        counts = orders.counts()
+        unmatched = len(orders.unmatched())
+        waiting = orders.status_counts().get("waiting", 0)
+    return {"orders": counts, "on_worklist": counts.get("scheduled", 0)
+            + counts.get("in_progress", 0), "unmatched_studies": unmatched,
+            "statuses_waiting": waiting, "ris_url": settings.ris_url or None}
+
+
 def _outcome(last: dict, now: float) -> dict[str, Any]:
     """One repository's state from its last success and last failure."""
     success, failure = last.get("last_success"), last.get("last_failure")
@@ -133,6 +147,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         },
         "counts": orthanc.get("counts"),
         "backup": _backup(settings),
+        "ris": _ris(settings),
         "versions": {"gotg_pacs": __version__, "python": platform.python_version(),
                      "orthanc": orthanc.get("version"), "dcmtk": _dcmtk_version(),
                      "plugins": orthanc.get("plugins", {})},
@@ -166,6 +181,12 @@ def render_text(report: dict[str, Any]) -> str:
         lines.append(f"  archive    {counts['patients']} patients, {counts['studies']} studies, "
                      f"{counts['series']} series, {counts['instances']} instances")
     lines.append("  backup     " + _backup_text(report["backup"]))
+    ris = report["ris"]
+    lines.append(f"  worklist   {ris['on_worklist']} on the list; "
+                 f"{ris['unmatched_studies']} stud{'y' if ris['unmatched_studies'] == 1 else 'ies'}"
+                 " without an order (pacs ris unmatched); "
+                 f"{ris['statuses_waiting']} status(es) waiting for "
+                 + ("the RIS" if ris["ris_url"] else "a RIS (RIS_URL not set)"))
     versions = report["versions"]
     plugins = ", ".join(f"{name} {ver}" for name, ver in sorted(versions["plugins"].items()))
     lines.append(f"  versions   gotg-pacs {versions['gotg_pacs']}, Orthanc "

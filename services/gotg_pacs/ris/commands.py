@@ -148,8 +148,7 @@ def ris_statuses(ctx: Context, limit: int, as_json: bool) -> None:
     from .orders import Orders
 
     with Orders(ctx.settings.ris_orders_file, readonly=True) as orders:
-        listed = orders.statuses(limit)
-    waiting = sum(1 for event in listed if event["state"] == "waiting")
+        listed, waiting = orders.statuses(limit), orders.status_counts().get("waiting", 0)
     lines = [f"{waiting} waiting for the RIS" + ("" if ctx.settings.ris_url
                                                   else " (RIS_URL is not set)")]
     lines += [f"  {event['seq']:>6} {printable(event['accession'])}  {event['status']:<16} "

@@ -317,6 +317,13 @@ class Orders:
             db.execute("UPDATE statuses SET tries = tries + 1, last_error = ? WHERE seq = ?",
                        (error, seq))
 
+    def status_counts(self) -> dict[str, int]:
+        if self.db is None:
+            return {}
+        with self.lock:
+            return {row[0]: row[1] for row in self.db.execute(
+                "SELECT state, COUNT(*) FROM statuses GROUP BY state")}
+
     def statuses(self, limit: int = 200) -> list[dict]:
         if self.db is None:
             return []
