@@ -18,7 +18,8 @@ UID_ROOT = uuid.UUID("6f0c6a57-2d5b-4c53-9a55-4f2b0c4e7a10")  # names a derived 
 
 
 class Rejected(Exception):
-    """The message is refused (HL7 AR): nothing of it is kept. `where`: the field at fault."""
+    """Refused: an HL7 message (answered AR) or a RIS appointment (left off the worklist),
+    nothing of it kept. `where`: the field at fault."""
 
     def __init__(self, text: str, where: str = "") -> None:
         super().__init__(f"{where}: {text}" if where else text)
