@@ -75,11 +75,17 @@ def _show(host, unit: str) -> dict[str, str]:
 def test_orthanc_and_sync_run_sandboxed_as_their_own_users(host):
     for unit, user, memory in (("orthanc", "orthanc", 1 << 30),
                                ("pacs-sync", "gotg-pacs", 256 << 20),
-                               ("pacs-web", "gotg-pacs", 128 << 20)):
+                               ("pacs-web", "gotg-pacs", 128 << 20),
+                               ("pacs-ris", "gotg-pacs", 128 << 20)):
         assert host.service(unit).is_enabled and host.service(unit).is_running, unit
         assert _show(host, unit) == {"User": user, "ProtectSystem": "strict",
                                      "NoNewPrivileges": "yes", "PrivateTmp": "yes",
                                      "MemoryMax": str(memory)}, unit
+    # The RIS bridge's worklist folder: its own, readable by Orthanc through the group.
+    folder = host.file("/var/lib/gotg-pacs/state/ris/worklists")
+    assert (folder.user, folder.group, folder.mode) == ("gotg-pacs", "gotg-pacs", 0o750)
+    assert host.run("systemctl show orthanc -p SupplementaryGroups").stdout.strip() == \
+        "SupplementaryGroups=gotg-pacs"
 
 
 def test_pacs_came_from_the_shipped_wheelhouse_and_is_a_command(host):
