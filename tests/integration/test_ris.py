@@ -323,6 +323,13 @@ def test_statuses_wait_while_the_ris_is_down_and_arrive_in_order_once(make_ris, 
         assert wait_until(lambda: any(s["state"] == "refused" for s in _statuses(ris)[
             "statuses"]), 60, interval=2)
         assert len(reference.events) == 3
+        # The RIS learns of the order after all: the refused event is sent again, and taken.
+        reference.schedule("ACC-4711", patient={"id": "PAT-4711", "issuer": "CLINIC",
+                                                "family_name": "Doe"})
+        again = run_pacs("ris", "statuses", "--retry-refused", "--json", env_file=ris.env_file)
+        assert again.returncode == 0 and "1 refused status(es) queued again" in again.stderr
+        assert wait_until(lambda: len(reference.events) == 4, 60, interval=2)
+        assert reference.events[3]["accession"] == "ACC-4711"
     finally:
         reference.down()
 

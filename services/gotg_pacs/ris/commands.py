@@ -139,14 +139,19 @@ def ris_resolve(ctx: Context, study_uid: str, accession: str | None, no_order: b
 
 @ris.command("statuses")
 @click.option("--limit", default=50, show_default=True, help="How many, newest first.")
+@click.option("--retry-refused", is_flag=True,
+              help="Queue the ones the RIS refused again (after RIS_URL was put right).")
 @json_option
 @pass_context
-def ris_statuses(ctx: Context, limit: int, as_json: bool) -> None:
+def ris_statuses(ctx: Context, limit: int, retry_refused: bool, as_json: bool) -> None:
     """What the RIS is told (MPPS, images available), newest first: waiting, sent, or refused
     by the RIS with its reason. Waiting ones go in order whenever RIS_URL answers."""
     from ..hq.conflicts import printable
     from .orders import Orders
 
+    if retry_refused:
+        with Orders(ctx.settings.ris_orders_file) as orders:
+            click.echo(f"{orders.retry_refused()} refused status(es) queued again", err=True)
     with Orders(ctx.settings.ris_orders_file, readonly=True) as orders:
         listed, waiting = orders.statuses(limit), orders.status_counts().get("waiting", 0)
     lines = [f"{waiting} waiting for the RIS" + ("" if ctx.settings.ris_url

@@ -107,8 +107,7 @@ class Listener:
         return self._ack(message, code, error, text)
 
 
-async def serve(listener: Listener, host: str, port: int,
-                started: asyncio.Event | None = None) -> None:
+async def serve(listener: Listener, host: str, port: int) -> None:
     """Answer HL7 senders until cancelled; each connection may carry many messages."""
 
     async def connected(reader, writer) -> None:
@@ -131,7 +130,5 @@ async def serve(listener: Listener, host: str, port: int,
 
     server = await start_hl7_server(connected, host, port, limit=MAX_MESSAGE + 16)
     log.info("HL7 (MLLP) listening on %s:%d", host, port)
-    if started is not None:
-        started.set()
     async with server:
         await server.serve_forever()

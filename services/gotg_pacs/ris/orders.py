@@ -317,6 +317,13 @@ class Orders:
             db.execute("UPDATE statuses SET tries = tries + 1, last_error = ? WHERE seq = ?",
                        (error, seq))
 
+    def retry_refused(self) -> int:
+        """Refused statuses back in the queue, in their place (a wrong RIS_URL answers 404 to
+        everything: once it is put right, they go again); how many."""
+        with self.lock, immediate(self.db) as db:
+            return db.execute("UPDATE statuses SET state = 'waiting' WHERE state = 'refused'"
+                              ).rowcount
+
     def status_counts(self) -> dict[str, int]:
         if self.db is None:
             return {}
