@@ -166,7 +166,10 @@ class Ris:
         """Appointments changed since the cursor, into the orders; how many were kept."""
         kept, more = 0, True
         while more:
-            found, following, more = self.client.appointments(self.orders.ris_cursor())
+            since = self.orders.ris_cursor()
+            found, following, more = self.client.appointments(since)
+            if more and following == since:
+                raise RisUnreachable("the RIS says more follow but moves its cursor nowhere")
             for appointment in found:
                 try:
                     change = change_of(appointment, self.site)
