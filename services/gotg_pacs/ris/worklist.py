@@ -82,11 +82,14 @@ def follow(folder: Path, orders: Orders, accessions: list[str]) -> None:
     folder is matched to the database at the next start."""
     for accession in accessions:
         try:
-            found = orders.get(accession)
-            if found is not None and found[0] in LISTED:
-                write(folder, found[1])
-            else:
-                remove(folder, accession)
+            # Under the store's lock: the HL7 listener and the MPPS threads may change the same
+            # order at once, and the last state read must be the last file written.
+            with orders.lock:
+                found = orders.get(accession)
+                if found is not None and found[0] in LISTED:
+                    write(folder, found[1])
+                else:
+                    remove(folder, accession)
         except OSError as exc:
             log.error("worklist item for %s not written: %s", accession, exc)
 
