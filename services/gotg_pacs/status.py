@@ -79,14 +79,17 @@ def _ris(settings: Settings) -> dict[str, Any]:
     """The worklist and what waits for a person or for the RIS (not counted as a part that
     is up or down: a clinic may have no RIS at all)."""
     from .ris.orders import Orders
+    from .ris.reports import ReportQueue
 
     with Orders(settings.ris_orders_file, readonly=True) as orders:
         counts = orders.counts()
         unmatched = len(orders.unmatched())
         waiting = orders.status_counts().get("waiting", 0)
+        reports = ReportQueue(orders).counts()
     return {"orders": counts, "on_worklist": counts.get("scheduled", 0)
             + counts.get("in_progress", 0), "unmatched_studies": unmatched,
-            "statuses_waiting": waiting, "ris_url": settings.ris_url or None}
+            "statuses_waiting": waiting, "reports_waiting": reports.get("waiting", 0),
+            "ris_url": settings.ris_url or None}
 
 
 def _outcome(last: dict, now: float) -> dict[str, Any]:

@@ -9,6 +9,8 @@ bridge cannot take must be refused in words the RIS logs, with nothing of it kep
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import signal
 import socket
@@ -337,3 +339,95 @@ def test_statuses_wait_while_the_ris_is_down_and_arrive_in_order_once(make_ris, 
 def _state_or_none(appliance, accession: str) -> str | None:
     shown = json.loads(run_pacs("ris", "orders", "--json", env_file=appliance.env_file).stdout)
     return next((o["state"] for o in shown["orders"] if o["accession"] == accession), None)
+
+
+PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
+RESULT = "\n".join([
+    "MSH|^~\\&|RIS|GOTG|PACS|CLINIC|20261127150000||ORU^R01|{control}|P|2.5.1",
+    "PID|1||{patient}^^^CLINIC^MR||Doe^Jane^Q||19800102|F",
+    "OBR|1|PLAC1|FILL1|CXR^Chest X-ray 2 views^LOCAL|||20261127093000|||||||||||ACC-4711"
+    "||||20261127143000|||{status}|||||||R1&Quinn&Ada",
+    "OBX|1|TX|&GDT^Findings||{text}||||||F",
+]) + "\n"
+
+
+def _reports(appliance) -> dict:
+    shown = run_pacs("ris", "reports", "--json", env_file=appliance.env_file)
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)
+
+
+def _documents(appliance, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
+    """The study's report documents as Orthanc holds them, by SOP class (SR, PDF)."""
+    [study] = appliance.orthanc.post("/tools/lookup", data=study_uid.encode())
+    found: dict[str, list[pydicom.Dataset]] = {}
+    for instance in appliance.orthanc.get(f"{study['Path']}/instances"):
+        content = appliance.orthanc.request("GET", f"/instances/{instance['ID']}/file").content
+        ds = pydicom.dcmread(io.BytesIO(content))
+        if ds.Modality in ("SR", "DOC"):
+            found.setdefault(ds.Modality, []).append(ds)
+    return found
+
+
+def test_a_final_report_by_hl7_is_attached_to_its_study_and_a_correction_beside_it(
+        ris, tmp_path):
+    """The report comes back to the images: before them it waits; never under another
+    patient's study; a correction is attached beside the first, which stays."""
+    assert _send(ris, ORDER.format(control="MSG30", order="NW"), tmp_path) == ["MSA|AA|MSG30"]
+    result = RESULT.format(control="ORU1", patient="PAT-4711", status="F",
+                           text="<script>alert(1)</script> Lungs clear.")
+    pdf_obx = f"OBX|2|ED|PDF^Report||^application^pdf^Base64^{base64.b64encode(PDF).decode()}"
+    assert _send(ris, result + pdf_obx + "\n", tmp_path) == ["MSA|AA|ORU1"]
+    assert _send(ris, RESULT.format(control="ORU2", patient="SOMEONE-ELSE", status="F",
+                                    text="Not hers."), tmp_path) == ["MSA|AA|ORU2"]
+    assert _reports(ris)["counts"] == {"waiting": 2}, "no study yet: they wait"
+
+    files, study_uid = _study(tmp_path, "reported", AccessionNumber="ACC-4711",
+                              PatientID="PAT-4711")
+    assert ris.modality.store(files).ok
+    assert wait_until(lambda: _reports(ris)["counts"].get("attached") == 1, 90, interval=2), \
+        (tmp_path / "ris.log").read_text()[-2000:]
+    documents = _documents(ris, study_uid)
+    [sr], [pdf] = documents["SR"], documents["DOC"]
+    assert sr.ContentSequence[-1].TextValue == "<script>alert(1)</script> Lungs clear."
+    assert (sr.PatientID, sr.AccessionNumber, sr.VerificationFlag) == (
+        "PAT-4711", "ACC-4711", "VERIFIED")
+    assert pdf.EncapsulatedDocument[:pdf.EncapsulatedDocumentLength] == PDF
+    [waiting] = [r for r in _reports(ris)["reports"] if r["state"] == "waiting"]
+    assert "belongs to Patient ID PAT-4711, the report names SOMEONE-ELSE" in \
+        waiting["last_error"]
+
+    assert _send(ris, RESULT.format(control="ORU3", patient="PAT-4711", status="C",
+                                    text="Corrected: small left effusion."), tmp_path) == \
+        ["MSA|AA|ORU3"]
+    assert wait_until(lambda: _reports(ris)["counts"].get("attached") == 2, 60, interval=2)
+    srs = sorted(_documents(ris, study_uid)["SR"], key=lambda ds: ds.ContentSequence[-1]
+                 .TextValue)
+    assert [ds.ContentSequence[-1].TextValue for ds in srs] == [
+        "<script>alert(1)</script> Lungs clear.", "Corrected: small left effusion."]
+    predecessor = srs[1].PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+        srs[0].SOPInstanceUID
+    status = json.loads(run_pacs("status", "--json", env_file=ris.env_file).stdout)
+    assert status["ris"]["reports_waiting"] == 1
+
+
+def test_a_report_from_the_ris_api_is_attached_to_its_study(make_ris, tmp_path):
+    reference = ReferenceRis().up()
+    try:
+        reference.sign("R-20", "Fracture of the left radius.",
+                       pdf=base64.b64encode(PDF).decode())
+        ris = make_ris(RIS_URL=reference.url, RIS_API_KEY=reference.api_key,
+                       RIS_POLL_INTERVAL="5s")
+        files, study_uid = _study(tmp_path, "r20", AccessionNumber="R-20",
+                                  PatientID="PAT-REST")
+        assert ris.modality.store(files).ok
+        assert wait_until(lambda: _reports(ris)["counts"] == {"attached": 1}, 90,
+                          interval=2), (tmp_path / "ris.log").read_text()[-2000:]
+        documents = _documents(ris, study_uid)
+        assert documents["SR"][0].ContentSequence[-1].TextValue == \
+            "Fracture of the left radius."
+        assert documents["SR"][0].ContentSequence[0].PersonName == "Quinn^Ada"
+        assert documents["DOC"][0].EncapsulatedDocument[:len(PDF)] == PDF
+    finally:
+        reference.down()

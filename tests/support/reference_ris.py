@@ -25,6 +25,7 @@ class ReferenceRis:
         self.url = f"http://127.0.0.1:{self.port}"
         self.appointments: dict[str, dict] = {}
         self.changes: list[tuple[int, str]] = []  # (change number, accession)
+        self.reports: list[dict] = []            # signed reports, in order (`next`: a count)
         self.events: list[dict] = []             # as received, each event_id once
         self.posts = 0                            # every POST, repeats included
         self._lock = threading.Lock()
@@ -51,6 +52,15 @@ class ReferenceRis:
                 following = str(page[-1][0]) if page else str(since)
             return jsonify({"appointments": found, "next": following,
                             "more": len(after) > limit})
+
+        @app.get("/api/v1/reports")
+        def reports():
+            since = int(request.args.get("updated_since") or 0)
+            limit = min(int(request.args.get("limit", 200)), 500)
+            with self._lock:
+                page = self.reports[since:since + limit]
+                more = len(self.reports) > since + limit
+            return jsonify({"reports": page, "next": str(since + len(page)), "more": more})
 
         @app.post("/api/v1/appointments/<accession>/status")
         def status(accession: str):
@@ -79,6 +89,16 @@ class ReferenceRis:
         with self._lock:
             self.appointments[accession] = appointment
             self.changes.append((len(self.changes) + 1, accession))
+
+    def sign(self, accession: str, text: str, status: str = "final", **fields) -> None:
+        """A radiologist signs a report, as the RIS's reporting screen does."""
+        found = {"accession_number": accession, "status": status, "text": text,
+                 "signed_at": datetime(2026, 11, 27, 14, 5, tzinfo=UTC).isoformat(),
+                 "author": {"family_name": "Quinn", "given_name": "Ada"},
+                 "patient_id": "PAT-REST"}
+        found.update(fields)
+        with self._lock:
+            self.reports.append(found)
 
     def up(self) -> ReferenceRis:
         self._server = make_server("127.0.0.1", self.port, self.app, threaded=True)

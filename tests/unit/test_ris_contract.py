@@ -8,6 +8,7 @@ tests would prove nothing about the real pairing.
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import jsonschema
@@ -26,8 +27,8 @@ def _validator(name: str) -> jsonschema.Validator:
 
 
 def test_the_contract_names_every_call_the_bridge_makes():
-    assert CONTRACT["info"]["version"] == "1.0.0"
-    assert set(CONTRACT["paths"]) == {"/api/v1/appointments",
+    assert CONTRACT["info"]["version"] == "1.1.0"
+    assert set(CONTRACT["paths"]) == {"/api/v1/appointments", "/api/v1/reports",
                                       "/api/v1/appointments/{accession_number}/status"}
     statuses = set(CONTRACT["components"]["schemas"]["Appointment"]["properties"]["status"]
                    ["enum"])
@@ -40,7 +41,7 @@ def test_what_the_bridge_sends_and_the_reference_answers_follow_the_contract():
         reference.schedule("C-1")
         reference.schedule("C-2", status="cancelled")
         client = rest.RisClient(reference.url, reference.api_key, timeout=10)
-        found, following, more = client.appointments("")
+        found, following, more = client.page("appointments", "")
         appointment = _validator("Appointment")
         for item in found:
             appointment.validate(item)
@@ -58,5 +59,18 @@ def test_what_the_bridge_sends_and_the_reference_answers_follow_the_contract():
         assert [sent["status"] for sent in reference.events] == ["images_available",
                                                                  "completed"]
         assert "study_instance_uid" not in reference.events[1], "absent rather than empty"
+
+        reference.sign("C-1", "No acute findings.\nHeart size normal.")
+        reference.sign("C-1", "Amended: small left effusion.", status="amended",
+                       pdf=base64.b64encode(b"%PDF-1.4 tiny").decode())
+        found, following, more = client.page("reports", "")
+        report = _validator("Report")
+        for item in found:
+            report.validate(item)
+        assert (following, more) == ("2", False)
+        read = [rest.report_of(item) for item in found]
+        assert [(r.status, r.author, r.pdf[:5]) for r in read] == [
+            ("final", "Quinn^Ada", b""), ("corrected", "Quinn^Ada", b"%PDF-")]
+        assert read[0].text == "No acute findings.\nHeart size normal."
     finally:
         reference.down()

@@ -23,9 +23,9 @@ def ris(ctx: Context) -> None:
 @pass_context
 def ris_run(ctx: Context, as_json: bool) -> None:
     """The pacs-ris service (foreground): HL7 orders in, worklist items out, MPPS, studies
-    matched to their orders."""
+    matched to their orders, reports attached to their studies."""
     from ..orthanc import Orthanc
-    from . import rest, worklist
+    from . import reports, rest, worklist
     from .mllp import Listener, serve
     from .mpps import Mpps
     from .orders import Orders
@@ -44,7 +44,10 @@ def ris_run(ctx: Context, as_json: bool) -> None:
                     Orthanc.from_settings(settings, timeout=10).modalities)
         studies = Studies(Orthanc.from_settings(settings, timeout=30), orders,
                           settings.worklists_dir)
-        tasks = [serve(listener, "0.0.0.0", settings.hl7_port), follow(studies)]
+        attacher = reports.Attacher(Orthanc.from_settings(settings, timeout=60),
+                                    reports.ReportQueue(orders))
+        tasks = [serve(listener, "0.0.0.0", settings.hl7_port), follow(studies),
+                 reports.follow(attacher)]
         if settings.ris_url:
             tasks.append(rest.follow(rest.Ris(
                 rest.RisClient(settings.ris_url, settings.ris_api_key), orders,
@@ -160,3 +163,27 @@ def ris_statuses(ctx: Context, limit: int, retry_refused: bool, as_json: bool) -
               f"{event['state']}" + (f" ({printable(event['last_error'])})"
                                      if event["last_error"] else "") for event in listed]
     emit({"waiting": waiting, "statuses": listed}, as_json, "\n".join(lines))
+
+
+@ris.command("reports")
+@click.option("--limit", default=50, show_default=True, help="How many, newest first.")
+@json_option
+@pass_context
+def ris_reports(ctx: Context, limit: int, as_json: bool) -> None:
+    """Reports from the RIS, newest first: attached to their study, or waiting for it (and
+    why: the study is not here yet, or it is another patient's)."""
+    from ..hq.conflicts import printable
+    from .orders import Orders
+    from .reports import ReportQueue
+
+    with Orders(ctx.settings.ris_orders_file, readonly=True) as orders:
+        queue = ReportQueue(orders)
+        listed, counts = queue.listing(limit), queue.counts()
+    lines = [f"{counts.get('attached', 0)} attached, {counts.get('waiting', 0)} waiting "
+             "for their study"]
+    lines += [f"  {printable(one['accession'])}  {one['status']:<9} {one['state']:<8} "
+              f"signed {one['signed']}  {printable(one['author']) or '-'}"
+              + (" +PDF" if one["pdf_bytes"] else "")
+              + (f"  ({printable(one['last_error'])})" if one["last_error"] else "")
+              for one in listed]
+    emit({"counts": counts, "reports": listed}, as_json, "\n".join(lines))

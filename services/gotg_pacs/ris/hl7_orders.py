@@ -37,7 +37,7 @@ CANCEL = {"CA", "DC", "OC", "OD"}      # cancelled or discontinued: off the work
 # MSH-18 as HL7 names them; an empty MSH-18 means ASCII (HL7 2.5.1, 2.15.9.18).
 CHARSETS = {"": "ascii", "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "UNICODE": "utf-8",
             "8859/1": "latin-1", "8859/15": "iso8859-15"}
-MAX_MESSAGE = 1 << 20  # bytes; an order is a few hundred
+MAX_MESSAGE = 8 << 20  # bytes: an order is a few hundred, a report with its PDF in Base64 more
 
 
 @dataclass
@@ -47,6 +47,8 @@ class Received:
     message: hl7.Message
     sender: str
     control_id: str
+    kind: tuple[str, str] = ("", "")   # MSH-9: message code, trigger event
+    sent_at: str = ""                  # MSH-7
     changes: list[Change] = field(default_factory=list)
 
 
@@ -72,9 +74,9 @@ def decode(raw: bytes) -> str:
             from None
 
 
-def parse(raw: bytes, site: str) -> Received:
-    """The message's orders, every value checked; Rejected, with the reason, for anything
-    this bridge will not put on a worklist."""
+def read(raw: bytes) -> Received:
+    """The message and its header (who sent it, its control ID, its kind); Rejected for what
+    is not a readable HL7 v2 message."""
     text = decode(raw).replace("\r\n", "\r").replace("\n", "\r").strip("\r")
     try:
         message = hl7.parse(text)
@@ -89,17 +91,28 @@ def parse(raw: bytes, site: str) -> Received:
         raise Rejected(f"not a readable HL7 v2 message ({exc.__class__.__name__})") from None
     if not control_id:
         raise Rejected("no message control ID", "MSH-10")
-    if kind not in ACCEPTED:
-        raise Rejected(f"{'^'.join(kind)} is not an order this bridge takes "
-                       "(ORM^O01, OMI^O23)", "MSH-9")
-    received = Received(message, sender, control_id)
+    return Received(message, sender, control_id, kind, sent_at)
+
+
+def parse(raw: bytes, site: str) -> Received:
+    """The message's orders, every value checked; Rejected, with the reason, for anything
+    this bridge will not put on a worklist."""
+    return orders_in(read(raw), site)
+
+
+def orders_in(received: Received, site: str) -> Received:
+    """`received` with its orders read (`changes`)."""
+    if received.kind not in ACCEPTED:
+        raise Rejected(f"{'^'.join(received.kind)} is not an order or report this bridge "
+                       "takes (ORM^O01, OMI^O23, ORU^R01)", "MSH-9")
+    message = received.message
     try:
         groups = _groups(message)
         if not groups:
             raise Rejected("no order in the message (ORC)", "ORC")
         patient = _patient(message)
         for group in groups:
-            received.changes.append(_change(group, patient, sent_at, site))
+            received.changes.append(_change(group, patient, received.sent_at, site))
     except Rejected:
         raise
     except Exception as exc:  # noqa: BLE001 - a structure the parser built oddly
@@ -171,7 +184,7 @@ def _change(group: dict, patient: dict[str, str], sent_at: str, site: str) -> Ch
     study_uid = (values.dicom_uid(first((ipc, 3)), "IPC-3")
                  or values.derived_study_uid(site, accession))
     when = first((tq1, 7)) or field_value(orc, 7, component=4) or first((obr, 7)) or sent_at
-    date, time = _when(when)
+    date, time = when_of(when, "scheduled start (TQ1-7)")
     referring = patient["referring"] or _person(obr, 16, "OBR-16", doctor=True)
     order = Order(
         accession=accession, patient_id=patient["patient_id"], issuer=patient["issuer"],
@@ -206,15 +219,15 @@ def _person(segment, number: int, where: str, required: bool = False,
     return values.person_name((family, given, middle, prefix, suffix), where, required=required)
 
 
-def _when(value: str) -> tuple[str, str]:
+def when_of(value: str, where: str) -> tuple[str, str]:
     """(YYYYMMDD, HHMMSS) of an HL7 DTM (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])."""
     digits = re.match(r"\d*", value)[0]
     if len(digits) < 8:
-        raise Rejected(f"{value[:30]!r} is not a date and time", "scheduled start (TQ1-7)")
-    date = values.date(digits[:8], "scheduled start (TQ1-7)")
+        raise Rejected(f"{value[:30]!r} is not a date and time", where)
+    date = values.date(digits[:8], where)
     time = (digits[8:14] + "000000")[:6] if len(digits) > 8 else "000000"
     try:
         datetime.strptime(time, "%H%M%S")
     except ValueError:
-        raise Rejected(f"{value[:30]!r} is not a time of day", "scheduled start") from None
+        raise Rejected(f"{value[:30]!r} is not a time of day", where) from None
     return date, time

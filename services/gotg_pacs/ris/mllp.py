@@ -20,9 +20,10 @@ from pathlib import Path
 import hl7
 from hl7.mllp import InvalidBlockError, start_hl7_server
 
-from . import worklist
-from .hl7_orders import MAX_MESSAGE, Rejected, field_value, parse
+from . import hl7_reports, worklist
+from .hl7_orders import MAX_MESSAGE, Received, Rejected, field_value, orders_in, read
 from .orders import Orders
+from .reports import ReportQueue
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,17 @@ def _clean(text: str) -> str:
 class Listener:
     def __init__(self, orders: Orders, worklists: Path, site: str) -> None:
         self.orders = orders
+        self.reports = ReportQueue(orders)
         self.worklists = worklists
         self.site = site
 
     def handle(self, raw: bytes) -> bytes:
         """The acknowledgement for one message (the bytes inside the MLLP block)."""
         try:
-            received = parse(raw, self.site)
+            received = read(raw)
+            if received.kind in hl7_reports.ACCEPTED:
+                return self._report(received)
+            orders_in(received, self.site)
         except Rejected as exc:
             log.warning("HL7 message refused: %s", exc)
             return self._nak(raw, "AR", _error_code(exc), str(exc))
@@ -68,6 +73,20 @@ class Listener:
         worklist.follow(self.worklists, self.orders, changed)
         log.info("HL7 %s from %s: %d order(s) %s", received.control_id, received.sender,
                  len(received.changes), "kept" if changed else "already kept")
+        return self._ack(received.message, "AA")
+
+    def _report(self, received: Received) -> bytes:
+        """An ORU^R01's final reports, kept to be attached to their studies."""
+        found, others = hl7_reports.reports_in(received)  # Rejected: answered AR
+        try:
+            new = self.reports.add(found, "hl7", (received.sender, received.control_id))
+        except (sqlite3.Error, OSError) as exc:
+            log.error("HL7 report %s not kept: %s", received.control_id, exc)
+            return self._ack(received.message, "AE", INTERNAL,
+                             f"not kept here ({exc.__class__.__name__}): send it again later")
+        log.info("HL7 %s from %s: %d report(s), %d new%s", received.control_id,
+                 received.sender, len(found), new,
+                 f"; {others} preliminary result(s) left for the final one" if others else "")
         return self._ack(received.message, "AA")
 
     def _ack(self, message: hl7.Message | None, code: str, error: str = "",

@@ -68,6 +68,19 @@ CREATE TABLE IF NOT EXISTS statuses (  -- what the RIS is told, in order (the ou
     tries      INTEGER NOT NULL DEFAULT 0,
     last_error TEXT NOT NULL DEFAULT '',
     sent_at    REAL);
+CREATE TABLE IF NOT EXISTS reports (   -- final reports from the RIS until in Orthanc (reports.py)
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    key        TEXT NOT NULL UNIQUE,  -- a digest of what it says: the same report kept once
+    accession  TEXT NOT NULL,
+    fields     TEXT NOT NULL,      -- the Report as JSON (the PDF's length in place of it)
+    pdf        BLOB,               -- until attached (then Orthanc holds it)
+    source     TEXT NOT NULL,      -- hl7 or rest
+    received   REAL NOT NULL,
+    state      TEXT NOT NULL DEFAULT 'waiting',  -- waiting (for its study), attached
+    last_error TEXT NOT NULL DEFAULT '',         -- why it still waits
+    documents  TEXT NOT NULL DEFAULT '[]',       -- JSON: the DICOM documents it became
+    attached   REAL);
+CREATE INDEX IF NOT EXISTS reports_state ON reports (state);
 CREATE TABLE IF NOT EXISTS arriving (orthanc_id TEXT PRIMARY KEY);  -- new studies, not yet stable
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (
@@ -77,9 +90,12 @@ CREATE TABLE IF NOT EXISTS messages (
     orders     INTEGER NOT NULL,
     PRIMARY KEY (sender, control_id));
 """
+REPORT_COLUMNS = ("key, accession, fields, pdf, source, received, state, last_error, documents, "
+                  "attached")
 STATES = ("scheduled", "in_progress", "completed", "discontinued", "cancelled")
 LISTED = ("scheduled", "in_progress")  # on the worklist
 DONE = ("completed", "discontinued")
+_CURSORS = {"appointments": "ris", "reports": "ris-reports"}  # meta keys
 STEP_STATES = {"IN PROGRESS": "in_progress", "COMPLETED": "completed",
                "DISCONTINUED": "discontinued"}
 
@@ -160,13 +176,17 @@ class Orders:
         return changed
 
     def take_from(self, copy: Path) -> int:
-        """The orders and messages of `copy` (a backup's) that this store lacks; how many
-        orders. This store's own rows win: they are newer than any backup."""
+        """The orders, messages and reports of `copy` (a backup's) that this store lacks; how
+        many orders. This store's own rows win: they are newer than any backup."""
         with closing(sqlite3.connect(f"file:{copy}?mode=ro", uri=True, timeout=30)) as source:
             rows = source.execute("SELECT accession, state, patient_id, issuer, fields, source, "
                                   "updated FROM orders").fetchall()
             messages = source.execute("SELECT sender, control_id, received, orders "
                                       "FROM messages").fetchall()
+            has_reports = source.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                         "AND name = 'reports'").fetchone()
+            reports = source.execute(f"SELECT {REPORT_COLUMNS} FROM reports").fetchall() \
+                if has_reports else []
         with self.lock, immediate(self.db) as db:
             before = db.total_changes
             db.executemany("INSERT OR IGNORE INTO orders (accession, state, patient_id, issuer, "
@@ -174,6 +194,8 @@ class Orders:
             added = db.total_changes - before
             db.executemany("INSERT OR IGNORE INTO messages (sender, control_id, received, "
                            "orders) VALUES (?, ?, ?, ?)", messages)
+            db.executemany(f"INSERT OR IGNORE INTO reports ({REPORT_COLUMNS}) VALUES "
+                           f"({', '.join('?' * len(REPORT_COLUMNS.split(',')))})", reports)
         return added
 
     def step(self, uid: str, state: str, accessions: list[str], attributes: dict,
@@ -220,14 +242,14 @@ class Orders:
     def changes_cursor(self) -> int:
         return int(self._meta("changes") or 0)
 
-    def ris_cursor(self) -> str:
-        """Where reading the RIS's appointments goes on from (its own word, opaque)."""
-        return self._meta("ris")
+    def ris_cursor(self, feed: str = "appointments") -> str:
+        """Where reading one of the RIS's feeds goes on from (its own word, opaque)."""
+        return self._meta(_CURSORS[feed])
 
-    def set_ris_cursor(self, value: str) -> None:
+    def set_ris_cursor(self, value: str, feed: str = "appointments") -> None:
         with self.lock, immediate(self.db) as db:
-            db.execute("INSERT INTO meta (key, value) VALUES ('ris', ?) ON CONFLICT (key) "
-                       "DO UPDATE SET value = excluded.value", (value,))
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) "
+                       "DO UPDATE SET value = excluded.value", (_CURSORS[feed], value))
 
     def _meta(self, key: str) -> str:
         with self.lock:

@@ -1,5 +1,6 @@
 """The GOTG RIS over its REST API (RIS_URL, RIS_API_KEY; the contract is `openapi.yaml` beside
-this file): appointments in as orders, statuses out from the outbox.
+this file): appointments in as orders, final reports in to be attached (`reports.py`), statuses
+out from the outbox.
 
 Appointments are read page by page from a cursor kept in the orders database, each checked and
 kept on its own (one the worklist cannot hold is logged and skipped; the rest go on). Statuses
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import requests
 
-from . import values, worklist
+from . import reports, values, worklist
 from .orders import Orders
+from .reports import Report
 from .values import Change, Order, Rejected
 
 log = logging.getLogger(__name__)
@@ -57,16 +59,18 @@ class RisClient:
             raise RisUnreachable(f"RIS at {self.url} answered {answer.status_code}")
         return answer
 
-    def appointments(self, since: str) -> tuple[list[dict], str, bool]:
+    def page(self, feed: str, since: str) -> tuple[list[dict], str, bool]:
+        """One page of a feed (appointments, reports) from the cursor `since`: what it holds,
+        where the next starts, whether one follows at once."""
         params = {"limit": PAGE, **({"updated_since": since} if since else {})}
-        answer = self._call("GET", "/api/v1/appointments", params=params)
+        answer = self._call("GET", f"/api/v1/{feed}", params=params)
         if answer.status_code != 200:
             raise RisRefused(answer.status_code, answer.text[:200])
         try:
             page = answer.json()
-            found, following, more = page["appointments"], str(page["next"]), bool(page["more"])
+            found, following, more = page[feed], str(page["next"]), bool(page["more"])
             if not isinstance(found, list):
-                raise TypeError("appointments is not a list")
+                raise TypeError(f"{feed} is not a list")
         except (ValueError, KeyError, TypeError) as exc:
             raise RisUnreachable(f"RIS at {self.url} answered something else than the "
                                  f"contract ({exc})") from None
@@ -93,12 +97,11 @@ def _text(found: dict, key: str) -> str:
     return value.strip()
 
 
-def _when(value: str) -> tuple[str, str]:
+def _when(value: str, where: str) -> tuple[str, str]:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        raise Rejected(f"{value[:40]!r} is not an ISO 8601 date and time",
-                       "scheduled_at") from None
+        raise Rejected(f"{value[:40]!r} is not an ISO 8601 date and time", where) from None
     if moment.tzinfo is not None:  # the modality's clock is the site's: local time
         moment = moment.astimezone()
     return moment.strftime("%Y%m%d"), moment.strftime("%H%M%S")
@@ -118,7 +121,7 @@ def change_of(found: object, site: str) -> Change:
         raise Rejected("patient, procedure and referring_physician are objects")
     accession = values.text(_text(found, "accession_number"), 16, "accession_number",
                             required=True)
-    date, time = _when(_text(found, "scheduled_at"))
+    date, time = _when(_text(found, "scheduled_at"), "scheduled_at")
     requested = values.text(_text(found, "requested_procedure_id") or accession, 16,
                             "requested_procedure_id")
     description = values.text(_text(procedure, "description"), 64, "procedure.description")
@@ -151,6 +154,27 @@ def change_of(found: object, site: str) -> Change:
     return Change(ACTIONS[status], order)
 
 
+def report_of(found: object) -> Report:
+    """One report of the RIS's feed; Rejected with the field at fault."""
+    if not isinstance(found, dict):
+        raise Rejected("a report is not an object")
+    author = found.get("author") or {}
+    if not isinstance(author, dict):
+        raise Rejected("author is an object", "author")
+    text, pdf = found.get("text") or "", found.get("pdf") or ""
+    if not isinstance(text, str) or not isinstance(pdf, str):
+        raise Rejected("text and pdf are strings")
+    return reports.report(
+        accession=_text(found, "accession_number"), patient_id=_text(found, "patient_id"),
+        status={"final": "final", "amended": "corrected"}.get(_text(found, "status"), "?"),
+        text=reports.checked_text(text, "text"),
+        author=values.person_name(tuple(_text(author, key) for key in ("family_name",
+                                                                       "given_name")),
+                                  "author"),
+        signed=_when(_text(found, "signed_at"), "signed_at"), title=_text(found, "title"),
+        pdf=reports.checked_pdf(pdf, "pdf") if pdf else b"")
+
+
 class Ris:
     """Both directions: appointments in (`fetch`), statuses out (`deliver`)."""
 
@@ -161,13 +185,14 @@ class Ris:
         self.worklists = worklists
         self.site = site
         self.take_orders = take_orders  # WORKLIST_SYNC
+        self.no_reports_feed = False
 
     def fetch(self) -> int:
         """Appointments changed since the cursor, into the orders; how many were kept."""
         kept, more = 0, True
         while more:
             since = self.orders.ris_cursor()
-            found, following, more = self.client.appointments(since)
+            found, following, more = self.client.page("appointments", since)
             if more and following == since:
                 raise RisUnreachable("the RIS says more follow but moves its cursor nowhere")
             for appointment in found:
@@ -184,6 +209,36 @@ class Ris:
                 kept += 1
             self.orders.set_ris_cursor(following)
         return kept
+
+    def fetch_reports(self) -> int:
+        """Final reports signed since the cursor, kept to be attached; how many were new. A
+        RIS without the reports feed (404) is told once in the log, not retried as down."""
+        queue, new, more = reports.ReportQueue(self.orders), 0, True
+        while more:
+            since = self.orders.ris_cursor("reports")
+            try:
+                found, following, more = self.client.page("reports", since)
+            except RisRefused as exc:
+                if exc.status != 404:
+                    raise
+                if not self.no_reports_feed:
+                    log.warning("the RIS offers no reports feed (/api/v1/reports answered "
+                                "404): reports come by HL7 ORU^R01 only")
+                self.no_reports_feed = True
+                return new
+            if more and following == since:
+                raise RisUnreachable("the RIS says more follow but moves its cursor nowhere")
+            kept = []
+            for found_report in found:
+                try:
+                    kept.append(report_of(found_report))
+                except Rejected as exc:
+                    accession = found_report.get("accession_number") \
+                        if isinstance(found_report, dict) else None
+                    log.warning("RIS report for %r not kept: %s", str(accession)[:20], exc)
+            new += queue.add(kept, "rest")
+            self.orders.set_ris_cursor(following, "reports")
+        return new
 
     def deliver(self) -> int:
         """The waiting statuses, in order, until one must wait; how many went."""
@@ -213,9 +268,11 @@ async def follow(ris: Ris, every: float, deliver_every: float = 5.0) -> None:
     fetched = -every
     while True:
         try:
-            if ris.take_orders and loop.time() - fetched >= every:
+            if loop.time() - fetched >= every:
                 fetched = loop.time()
-                await asyncio.to_thread(ris.fetch)
+                if ris.take_orders:
+                    await asyncio.to_thread(ris.fetch)
+                await asyncio.to_thread(ris.fetch_reports)
             await asyncio.to_thread(ris.deliver)
         except (RisUnreachable, RisRefused) as exc:
             log.warning("RIS not reached (%s): statuses wait in order", exc)
