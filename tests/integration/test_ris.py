@@ -315,6 +315,10 @@ def test_statuses_wait_while_the_ris_is_down_and_arrive_in_order_once(make_ris, 
         assert [(e["accession"], e["status"]) for e in reference.events] == [
             ("R-10", "in_progress"), ("R-10", "completed"), ("R-10", "images_available")]
         assert reference.events[2]["study_instance_uid"] == study_uid
+        assert reference.events[2]["performed"] == {
+            "procedures": [{"code": "CXR2", "scheme": "LOCAL",
+                            "meaning": "Chest X-ray 2 views"}],
+            "series": 1, "images": 1, "modalities": ["OT"]}, "billed as the MPPS said"
         assert wait_until(lambda: _statuses(ris)["waiting"] == 0, 30, interval=1)
         # An event for an order the RIS does not know is refused for good and recorded; the
         # queue goes on past it.

@@ -26,6 +26,10 @@ def step(accession: str, status: str = "IN PROGRESS") -> Dataset:
     performed.PerformedProcedureStepStartTime = "110500"
     performed.PerformedProcedureStepStatus = status
     performed.Modality = "CR"
+    done = Dataset()  # what the radiographer chose at the modality: two views
+    done.CodeValue, done.CodingSchemeDesignator, done.CodeMeaning = \
+        "CXR2", "LOCAL", "Chest X-ray 2 views"
+    performed.ProcedureCodeSequence = [done]
     return performed
 
 

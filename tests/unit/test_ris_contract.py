@@ -9,6 +9,7 @@ tests would prove nothing about the real pairing.
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import jsonschema
@@ -49,7 +50,10 @@ def test_what_the_bridge_sends_and_the_reference_answers_follow_the_contract():
         assert (following, more) == ("2", False)
         client.post_status({"seq": 1, "event_id": "5a0e4c1e-7f44-4c5b-9b53-1f6d1c1f0a01",
                             "accession": "C-1", "status": "images_available",
-                            "at": 1795770000.0, "study_uid": "1.2.3"})
+                            "at": 1795770000.0, "study_uid": "1.2.3",
+                            "performed": json.dumps({"procedures": [
+                                {"code": "CXR", "scheme": "LOCAL", "meaning": "Chest X-ray"}],
+                                "series": 2, "images": 3, "modalities": ["CR"]})})
         client.post_status({"seq": 2, "event_id": "5a0e4c1e-7f44-4c5b-9b53-1f6d1c1f0a02",
                             "accession": "C-1", "status": "completed", "at": 1795770001.0,
                             "study_uid": ""})
@@ -59,6 +63,8 @@ def test_what_the_bridge_sends_and_the_reference_answers_follow_the_contract():
         assert [sent["status"] for sent in reference.events] == ["images_available",
                                                                  "completed"]
         assert "study_instance_uid" not in reference.events[1], "absent rather than empty"
+        assert reference.events[0]["performed"]["images"] == 3
+        assert "performed" not in reference.events[1]
 
         reference.sign("C-1", "No acute findings.\nHeart size normal.")
         reference.sign("C-1", "Amended: small left effusion.", status="amended",

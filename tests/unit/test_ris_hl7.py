@@ -8,6 +8,9 @@ lost at the next power cut, and the RIS would never send it again.
 
 from __future__ import annotations
 
+import json
+import sqlite3
+
 import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -207,6 +210,39 @@ def test_a_backups_orders_fill_in_what_is_missing_and_never_overwrite(tmp_path):
         assert new.get("ACC2")[0] == "cancelled", "this box's newer word stands"
         assert msa(listener.handle(orm()))[0] == "AA"  # MSG1 known now: applied once
         assert new.counts() == {"scheduled": 1, "cancelled": 1}
+
+
+def test_a_store_from_before_reports_and_billing_is_brought_up_to_date(tmp_path):
+    """A box updated in the field keeps its orders database: the columns added since are
+    added to it, its rows kept, and what it holds still goes out."""
+    path = tmp_path / "orders.sqlite"
+    with sqlite3.connect(path) as old:
+        old.executescript("""
+            CREATE TABLE statuses (seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                event_id TEXT NOT NULL UNIQUE, accession TEXT NOT NULL, status TEXT NOT NULL,
+                at REAL NOT NULL, study_uid TEXT NOT NULL,
+                state TEXT NOT NULL DEFAULT 'waiting', tries INTEGER NOT NULL DEFAULT 0,
+                last_error TEXT NOT NULL DEFAULT '', sent_at REAL);
+            CREATE TABLE studies (study_uid TEXT PRIMARY KEY, orthanc_id TEXT NOT NULL,
+                accession TEXT NOT NULL, matched TEXT, tags TEXT NOT NULL,
+                candidates TEXT NOT NULL, resolution TEXT, seen REAL NOT NULL);
+            INSERT INTO statuses (event_id, accession, status, at, study_uid)
+                VALUES ('e1', 'ACC0001', 'completed', 1, '1.2.3');""")
+    old.close()
+    with Orders(path) as orders:
+        [waiting] = orders.waiting_statuses()
+        assert (waiting["event_id"], waiting["performed"]) == ("e1", "")
+        (tmp_path / "wl").mkdir()
+        listener = Listener(orders, tmp_path / "wl", "site-a")
+        assert msa(listener.handle(orm()))[0] == "AA"
+        orders.study_arrived("1.2.4", "o1", {"AccessionNumber": "ACC0001",
+                                             "PatientID": "PAT123"},
+                             {"series": 1, "images": 2, "modalities": ["CR"]})
+        billed = json.loads(orders.waiting_statuses()[1]["performed"])
+        assert billed == {"procedures": [{"code": "CXR", "scheme": "LOCAL",
+                                          "meaning": "Chest X-ray 2 views"}],
+                          "series": 1, "images": 2, "modalities": ["CR"]}, \
+            "no MPPS: the procedure ordered"
 
 
 def test_a_study_is_matched_once_and_one_without_an_order_lists_its_likely_orders(listener):

@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS studies (   -- stable studies seen in Orthanc, matche
     tags       TEXT NOT NULL,      -- PatientID, PatientName, PatientBirthDate, StudyDate (JSON)
     candidates TEXT NOT NULL,      -- JSON: orders that might be it (Patient ID, name+birth date)
     resolution TEXT,               -- JSON: who decided what, when (NULL: open or matched)
-    seen       REAL NOT NULL);
+    seen       REAL NOT NULL,
+    performed  TEXT NOT NULL DEFAULT '{}');  -- JSON: series, images, modalities (billing)
 CREATE TABLE IF NOT EXISTS statuses (  -- what the RIS is told, in order (the outbox)
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id   TEXT NOT NULL UNIQUE,  -- the RIS keeps each once, however often it is sent
@@ -67,7 +68,8 @@ CREATE TABLE IF NOT EXISTS statuses (  -- what the RIS is told, in order (the ou
     state      TEXT NOT NULL DEFAULT 'waiting',  -- waiting, sent, refused (by the RIS)
     tries      INTEGER NOT NULL DEFAULT 0,
     last_error TEXT NOT NULL DEFAULT '',
-    sent_at    REAL);
+    sent_at    REAL,
+    performed  TEXT NOT NULL DEFAULT '');  -- JSON with images_available: what to bill
 CREATE TABLE IF NOT EXISTS reports (   -- final reports from the RIS until in Orthanc (reports.py)
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     key        TEXT NOT NULL UNIQUE,  -- a digest of what it says: the same report kept once
@@ -95,6 +97,9 @@ REPORT_COLUMNS = ("key, accession, fields, pdf, source, received, state, last_er
 STATES = ("scheduled", "in_progress", "completed", "discontinued", "cancelled")
 LISTED = ("scheduled", "in_progress")  # on the worklist
 DONE = ("completed", "discontinued")
+# Columns added after the first stores were made: added to an older store when opened.
+ADDED = (("statuses", "performed", "TEXT NOT NULL DEFAULT ''"),
+         ("studies", "performed", "TEXT NOT NULL DEFAULT '{}'"))
 _CURSORS = {"appointments": "ris", "reports": "ris-reports"}  # meta keys
 STEP_STATES = {"IN PROGRESS": "in_progress", "COMPLETED": "completed",
                "DISCONTINUED": "discontinued"}
@@ -114,9 +119,32 @@ def _order(row: sqlite3.Row) -> Order:
 
 
 def _tell_ris(db: sqlite3.Connection, accession: str, status: str, now: float,
-              study_uid: str = "") -> None:
-    db.execute("INSERT INTO statuses (event_id, accession, status, at, study_uid) "
-               "VALUES (?, ?, ?, ?, ?)", (str(uuid.uuid4()), accession, status, now, study_uid))
+              study_uid: str = "", performed: dict | None = None) -> None:
+    db.execute("INSERT INTO statuses (event_id, accession, status, at, study_uid, performed) "
+               "VALUES (?, ?, ?, ?, ?, ?)", (str(uuid.uuid4()), accession, status, now,
+                                             study_uid, json.dumps(performed) if performed
+                                             else ""))
+
+
+def _procedures(db: sqlite3.Connection, accession: str) -> list[dict]:
+    """What was performed for an order, for billing: the procedure codes its completed MPPS
+    steps name, else the code it was ordered with."""
+    codes = []
+    for row in db.execute("SELECT attributes FROM steps WHERE state = 'COMPLETED' AND EXISTS "
+                          "(SELECT 1 FROM json_each(steps.accessions) WHERE value = ?) "
+                          "ORDER BY created", (accession,)):
+        for item in json.loads(row["attributes"]).get("00081032", {}).get("Value", []):
+            code = {name: (item.get(tag, {}).get("Value") or [""])[0] for name, tag in (
+                ("code", "00080100"), ("scheme", "00080102"), ("meaning", "00080104"))}
+            if code["code"] and code not in codes:
+                codes.append(code)
+    if not codes:
+        order = db.execute("SELECT fields FROM orders WHERE accession = ?",
+                           (accession,)).fetchone()
+        value, scheme, meaning = json.loads(order["fields"])["code"] if order else ("", "", "")
+        if value:
+            codes.append({"code": value, "scheme": scheme, "meaning": meaning})
+    return codes
 
 
 class Orders:
@@ -124,6 +152,11 @@ class Orders:
         self.path = path
         self.db = open_store(path, SCHEMA, readonly=readonly)
         self.lock = threading.RLock()
+        if not readonly:
+            for table, column, declared in ADDED:
+                if column not in {row["name"] for row in self.db.execute(
+                        f"PRAGMA table_info({table})")}:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declared}")
 
     def close(self) -> None:
         if self.db is not None:
@@ -270,13 +303,15 @@ class Orders:
         with self.lock:
             return [row[0] for row in self.db.execute("SELECT orthanc_id FROM arriving")]
 
-    def study_arrived(self, study_uid: str, orthanc_id: str, tags: dict[str, str]) -> tuple[
-            str | None, list[str]]:
+    def study_arrived(self, study_uid: str, orthanc_id: str, tags: dict[str, str],
+                      performed: dict | None = None) -> tuple[str | None, list[str]]:
         """A stable study, once: matched to its order by Accession Number (the order then has
         its images; without MPPS it is done and leaves the worklist), else put on the
         reconciliation list with the orders that might be it. Returns (matched accession or
-        None, accessions whose worklist items change)."""
+        None, accessions whose worklist items change). `performed`: the study's counts
+        (series, images, modalities), told to the RIS for billing."""
         accession = tags.get("AccessionNumber", "")
+        performed = performed or {}
         now = time.time()
         with self.lock, immediate(self.db) as db:
             known = db.execute("SELECT matched FROM studies WHERE study_uid = ?",
@@ -289,7 +324,8 @@ class Orders:
             moved: list[str] = []
             if order is not None and order["patient_id"] == tags.get("PatientID", ""):
                 matched, candidates = accession, []
-                moved = self._images_arrived(db, accession, order["state"], study_uid, now)
+                moved = self._images_arrived(db, accession, order["state"], study_uid, now,
+                                             performed)
             else:  # no order, or the order is another patient's: a person decides
                 matched = None
                 candidates = [row["accession"] for row in db.execute(
@@ -302,16 +338,18 @@ class Orders:
                     if row["accession"] not in candidates
                     and _same_person(json.loads(row["fields"]), tags)]
             db.execute("INSERT INTO studies (study_uid, orthanc_id, accession, matched, tags, "
-                       "candidates, seen) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       "candidates, seen, performed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (study_uid, orthanc_id, accession, matched, json.dumps(tags),
-                        json.dumps(candidates), now))
+                        json.dumps(candidates), now, json.dumps(performed)))
         return matched, moved
 
     @staticmethod
     def _images_arrived(db: sqlite3.Connection, accession: str, state: str, study_uid: str,
-                        now: float) -> list[str]:
-        """The order has its images (the RIS hears so); without MPPS that also means done."""
-        _tell_ris(db, accession, "images_available", now, study_uid)
+                        now: float, performed: dict) -> list[str]:
+        """The order has its images (the RIS hears so, with what to bill: the procedures
+        performed and the study's counts); without MPPS that also means done."""
+        _tell_ris(db, accession, "images_available", now, study_uid,
+                  {"procedures": _procedures(db, accession), **performed})
         if state != "scheduled":
             return []
         db.execute("UPDATE orders SET state = 'completed', updated = ? WHERE accession = ?",
@@ -324,8 +362,8 @@ class Orders:
     def waiting_statuses(self, limit: int = 100) -> list[dict]:
         with self.lock:
             return [dict(row) for row in self.db.execute(
-                "SELECT seq, event_id, accession, status, at, study_uid, tries FROM statuses "
-                "WHERE state = 'waiting' ORDER BY seq LIMIT ?", (limit,))]
+                "SELECT seq, event_id, accession, status, at, study_uid, tries, performed "
+                "FROM statuses WHERE state = 'waiting' ORDER BY seq LIMIT ?", (limit,))]
 
     def status_sent(self, seq: int, refused: str = "") -> None:
         """The RIS took it (or refused it for good: kept with why, and the queue goes on)."""
@@ -381,8 +419,8 @@ class Orders:
         ValueError: no such order."""
         now = time.time()
         with self.lock, immediate(self.db) as db:
-            row = db.execute("SELECT 1 FROM studies WHERE study_uid = ? AND matched IS NULL "
-                             "AND resolution IS NULL", (study_uid,)).fetchone()
+            row = db.execute("SELECT performed FROM studies WHERE study_uid = ? AND "
+                             "matched IS NULL AND resolution IS NULL", (study_uid,)).fetchone()
             if row is None:
                 raise KeyError(f"no open entry for study {study_uid}")
             moved = []
@@ -391,7 +429,8 @@ class Orders:
                                    (accession,)).fetchone()
                 if order is None:
                     raise ValueError(f"no order {accession} here")
-                moved = self._images_arrived(db, accession, order["state"], study_uid, now)
+                moved = self._images_arrived(db, accession, order["state"], study_uid, now,
+                                             json.loads(row["performed"]))
             decision = {"order": accession, "by": who, "note": note, "at": now}
             db.execute("UPDATE studies SET resolution = ? WHERE study_uid = ?",
                        (json.dumps(decision), study_uid))

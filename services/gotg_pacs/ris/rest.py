@@ -13,6 +13,7 @@ event can never block every later one. Nothing is ever dropped unsaid.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,7 +82,9 @@ class RisClient:
                             json={"event_id": event["event_id"], "status": event["status"],
                                   "at": datetime.fromtimestamp(event["at"], UTC).isoformat(),
                                   **({"study_instance_uid": event["study_uid"]}
-                                     if event["study_uid"] else {})})
+                                     if event["study_uid"] else {}),
+                                  **({"performed": json.loads(event["performed"])}
+                                     if event.get("performed") else {})})
         if answer.status_code not in (200, 201, 204):
             raise RisRefused(answer.status_code, answer.text[:200])
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 200
 PATIENT_TAGS = ("PatientID", "PatientName", "PatientBirthDate")
+NOT_IMAGES = {"SR", "DOC", "KO", "PR"}
 
 
 class Studies:
@@ -83,13 +84,24 @@ class Studies:
                 "StudyDate": str(main.get("StudyDate", "")),
                 **{name: str(patient.get(name, "")).strip() for name in PATIENT_TAGS}}
         uid = str(main.get("StudyInstanceUID", ""))
-        matched, moved = self.orders.study_arrived(uid, study, tags)
+        matched, moved = self.orders.study_arrived(uid, study, tags, self._performed(study))
         worklist.follow(self.worklists, self.orders, moved)
         if matched:
             log.info("study %s: images available for order %s", uid, matched)
         else:
             log.warning("study %s (accession %r) matches no order: on the reconciliation list",
                         uid, tags["AccessionNumber"])
+
+
+    def _performed(self, study: str) -> dict:
+        """The study's counts as billed: its image series and images, and their modalities
+        (reports, key images and presentation states are not images)."""
+        series = [found for found in self.orthanc.get(f"/studies/{study}/series")
+                  if found.get("MainDicomTags", {}).get("Modality") not in NOT_IMAGES]
+        return {"series": len(series),
+                "images": sum(len(found.get("Instances", [])) for found in series),
+                "modalities": sorted({str(found["MainDicomTags"].get("Modality", ""))
+                                      for found in series} - {""})}
 
 
 async def follow(studies: Studies, every: float = 5.0, stability_every: float = 60.0) -> None:
