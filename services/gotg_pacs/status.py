@@ -78,6 +78,7 @@ def _sync(settings: Settings) -> dict[str, Any]:
 def _ris(settings: Settings) -> dict[str, Any]:
     """The worklist and what waits for a person or for the RIS (not counted as a part that
     is up or down: a clinic may have no RIS at all)."""
+    from .ris.demographics import DemographicsQueue
     from .ris.orders import Orders
     from .ris.reports import ReportQueue
 
@@ -86,9 +87,11 @@ def _ris(settings: Settings) -> dict[str, Any]:
         unmatched = len(orders.unmatched())
         waiting = orders.status_counts().get("waiting", 0)
         reports = ReportQueue(orders).counts()
+        held = DemographicsQueue(orders).counts().get("held", 0)
     return {"orders": counts, "on_worklist": counts.get("scheduled", 0)
             + counts.get("in_progress", 0), "unmatched_studies": unmatched,
             "statuses_waiting": waiting, "reports_waiting": reports.get("waiting", 0),
+            "merges_held": held,
             "ris_url": settings.ris_url or None}
 
 
@@ -189,7 +192,11 @@ def render_text(report: dict[str, Any]) -> str:
                  f"{ris['unmatched_studies']} stud{'y' if ris['unmatched_studies'] == 1 else 'ies'}"
                  " without an order (pacs ris unmatched); "
                  f"{ris['statuses_waiting']} status(es) waiting for "
-                 + ("the RIS" if ris["ris_url"] else "a RIS (RIS_URL not set)"))
+                 + ("the RIS" if ris["ris_url"] else "a RIS (RIS_URL not set)")
+                 + (f"; {ris['reports_waiting']} report(s) waiting for their study"
+                    if ris["reports_waiting"] else "")
+                 + (f"; {ris['merges_held']} patient merge(s) to confirm (pacs ris "
+                    "demographics)" if ris["merges_held"] else ""))
     versions = report["versions"]
     plugins = ", ".join(f"{name} {ver}" for name, ver in sorted(versions["plugins"].items()))
     lines.append(f"  versions   gotg-pacs {versions['gotg_pacs']}, Orthanc "

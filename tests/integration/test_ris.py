@@ -111,7 +111,7 @@ def test_an_order_from_the_ris_is_on_the_worklist_and_a_cancel_takes_it_off(ris,
 
 def test_what_the_bridge_cannot_take_is_refused_and_nothing_of_it_kept(ris, tmp_path):
     refused = _send(ris, ORDER.format(control="MSG3", order="NW").replace(
-        "ORM^O01", "ADT^A08"), tmp_path)
+        "ORM^O01", "SIU^S12"), tmp_path)
     assert refused[0].startswith("MSA|AR|MSG3|") and "not an order" in refused[0]
     hostile = ORDER.format(control="MSG4", order="NW").replace(
         "Doe^Jane^Q", "<script>alert(1)</script>\\E\\^Jane")
@@ -435,3 +435,83 @@ def test_a_report_from_the_ris_api_is_attached_to_its_study(make_ris, tmp_path):
         assert documents["DOC"][0].EncapsulatedDocument[:len(PDF)] == PDF
     finally:
         reference.down()
+
+
+def _changes(appliance) -> list[dict]:
+    shown = run_pacs("ris", "demographics", "--json", env_file=appliance.env_file)
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)["changes"]
+
+
+def _patient_of(appliance, study_uid: str) -> tuple[dict, pydicom.Dataset]:
+    """The study's patient as Orthanc's index has it, and its first instance's file."""
+    [study] = appliance.orthanc.post("/tools/lookup", data=study_uid.encode())
+    [instance] = appliance.orthanc.get(f"{study['Path']}/instances")[:1]
+    content = appliance.orthanc.request("GET", f"/instances/{instance['ID']}/file").content
+    return (appliance.orthanc.get(f"{study['Path']}/patient")["MainDicomTags"],
+            pydicom.dcmread(io.BytesIO(content)))
+
+
+def test_a_patient_update_reaches_worklist_and_images_and_a_merge_waits_for_a_person(
+        ris, tmp_path):
+    """A name corrected at registration reaches the images, UIDs and pixels kept, with an
+    audit line; a merge of two patients' images happens only once a person confirms it."""
+    assert _send(ris, ORDER.format(control="MSG40", order="NW"), tmp_path) == ["MSA|AA|MSG40"]
+    assert _send(ris, ORDER.format(control="MSG41", order="NW").replace("ACC-4711", "ACC-NEXT"),
+                 tmp_path) == ["MSA|AA|MSG41"]  # her next exam, still on the worklist
+    files, study_uid = _study(tmp_path, "hers", AccessionNumber="ACC-4711",
+                              PatientID="PAT-4711", PatientName="Doe^Jane^Q")
+    old_files, old_uid = _study(tmp_path, "twice", AccessionNumber="",
+                                PatientID="PAT-DUP", PatientName="Doe^Jane")
+    assert ris.modality.store(files + old_files).ok
+    original = pydicom.dcmread(files[0])
+    header = "MSH|^~\\&|HIS|GOTG|PACS|CLINIC|20261127160000||{kind}|{control}|P|2.5.1\n"
+    assert _send(ris, header.format(kind="ADT^A40", control="ADT1")
+                 + "PID|1||PAT-4711^^^CLINIC||Doe^Jane^Q||19800102|F\nMRG|PAT-DUP\n",
+                 tmp_path) == ["MSA|AA|ADT1"]
+    assert _send(ris, header.format(kind="ADT^A08", control="ADT2")
+                 + "PID|1||PAT-4711^^^CLINIC||Doe^Janet^Q||19800102|F\n", tmp_path) == \
+        ["MSA|AA|ADT2"]
+    assert wait_until(lambda: any(c["kind"] == "update" and c["state"] == "applied"
+                                  for c in _changes(ris)), 90, interval=2), \
+        (tmp_path / "ris.log").read_text()[-2000:]
+    index, ds = _patient_of(ris, study_uid)
+    assert index["PatientName"] == "Doe^Janet^Q" and str(ds.PatientName) == "Doe^Janet^Q"
+    assert (ds.SOPInstanceUID, ds.PixelData) == (original.SOPInstanceUID, original.PixelData)
+    [item] = ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl")
+    assert (str(item.AccessionNumber), str(item.PatientName)) == ("ACC-NEXT", "Doe^Janet^Q")
+    audit = [json.loads(line) for line in ris.settings.audit_file.read_text().splitlines()]
+    assert any(e["action"] == "modify" and e.get("resource") == study_uid for e in audit)
+
+    [merge] = [c for c in _changes(ris) if c["kind"] == "merge"]
+    assert merge["state"] == "held"
+    assert _patient_of(ris, old_uid)[1].PatientID == "PAT-DUP", "not merged by itself"
+    confirmed = run_pacs("ris", "merge", str(merge["seq"]), "--confirm", "--note",
+                         "registered twice", env_file=ris.env_file)
+    assert confirmed.returncode == 0, confirmed.stderr
+    assert wait_until(lambda: all(c["state"] == "applied" for c in _changes(ris)), 90,
+                      interval=2), (tmp_path / "ris.log").read_text()[-2000:]
+    index, ds = _patient_of(ris, old_uid)
+    assert (ds.PatientID, str(ds.PatientName)) == ("PAT-4711", "Doe^Jane^Q")
+    assert index["PatientID"] == "PAT-4711"
+    assert ris.orthanc.post("/tools/find", json={"Level": "Patient",
+                                                 "Query": {"PatientID": "PAT-DUP"}}) == []
+
+
+def test_an_instance_staged_when_the_power_went_is_stored_at_the_next_start(ris, tmp_path):
+    """The one moment an instance being rewritten is not in Orthanc: its new copy is on disk,
+    and goes back in when the bridge starts again."""
+    files, study_uid = _study(tmp_path, "staged", AccessionNumber="X1", PatientID="PAT-X")
+    assert ris.modality.store(files).ok
+    [study] = ris.orthanc.post("/tools/lookup", data=study_uid.encode())
+    [instance] = ris.orthanc.get(f"{study['Path']}/instances")
+    content = ris.orthanc.request("GET", f"/instances/{instance['ID']}/file").content
+    ris.ris.send_signal(signal.SIGKILL)
+    ris.ris.wait(30)
+    staging = ris.settings.state_path / "ris" / "rewriting"
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / f"{instance['ID']}.dcm").write_bytes(content)
+    ris.orthanc.delete(f"/instances/{instance['ID']}")
+    ris.start_ris()
+    assert wait_until(lambda: not list(staging.glob("*.dcm")), 60, interval=1)
+    assert ris.orthanc.request("GET", f"/instances/{instance['ID']}/file").content == content

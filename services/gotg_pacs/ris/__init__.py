@@ -7,5 +7,7 @@ is the HL7 listener (MLLP) that acknowledges a message only once what it says is
 `mpps` hears from the modalities what they performed; `studies` follows Orthanc's
 completed studies to their orders and keeps the reconciliation list; `hl7_reports` reads
 HL7 results (ORU^R01) and `reports` keeps reports until it attaches them to their studies as
-DICOM SR and PDF; `rest` is the RIS's REST API both ways; `commands` is `pacs ris`.
+DICOM SR and PDF; `hl7_patients` reads ADT updates and merges and `demographics` carries them
+into the orders, the worklist and the images; `rest` is the RIS's REST API both ways;
+`commands` is `pacs ris`.
 """

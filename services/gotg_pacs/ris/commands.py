@@ -25,7 +25,7 @@ def ris_run(ctx: Context, as_json: bool) -> None:
     """The pacs-ris service (foreground): HL7 orders in, worklist items out, MPPS, studies
     matched to their orders, reports attached to their studies."""
     from ..orthanc import Orthanc
-    from . import reports, rest, worklist
+    from . import demographics, reports, rest, worklist
     from .mllp import Listener, serve
     from .mpps import Mpps
     from .orders import Orders
@@ -46,8 +46,12 @@ def ris_run(ctx: Context, as_json: bool) -> None:
                           settings.worklists_dir)
         attacher = reports.Attacher(Orthanc.from_settings(settings, timeout=60),
                                     reports.ReportQueue(orders))
+        applier = demographics.Applier(
+            Orthanc.from_settings(settings, timeout=120), demographics.DemographicsQueue(orders),
+            settings.worklists_dir, settings.state_path / "ris" / "rewriting",
+            settings.audit_file)
         tasks = [serve(listener, "0.0.0.0", settings.hl7_port), follow(studies),
-                 reports.follow(attacher)]
+                 reports.follow(attacher), demographics.follow(applier)]
         if settings.ris_url:
             tasks.append(rest.follow(rest.Ris(
                 rest.RisClient(settings.ris_url, settings.ris_api_key), orders,
@@ -187,3 +191,60 @@ def ris_reports(ctx: Context, limit: int, as_json: bool) -> None:
               + (f"  ({printable(one['last_error'])})" if one["last_error"] else "")
               for one in listed]
     emit({"counts": counts, "reports": listed}, as_json, "\n".join(lines))
+
+
+@ris.command("demographics")
+@click.option("--limit", default=50, show_default=True, help="How many, newest first.")
+@json_option
+@pass_context
+def ris_demographics(ctx: Context, limit: int, as_json: bool) -> None:
+    """Patient updates and merges from the RIS, newest first: applied to the worklist and the
+    images (how many rewritten), waiting, or a merge held for a person to confirm."""
+    from ..hq.conflicts import printable
+    from .demographics import DemographicsQueue
+    from .orders import Orders
+
+    with Orders(ctx.settings.ris_orders_file, readonly=True) as orders:
+        listed = DemographicsQueue(orders).listing(limit)
+    held = [one for one in listed if one["state"] == "held"]
+    lines = [f"{len(held)} merge(s) waiting for a person (pacs ris merge SEQ --confirm or "
+             "--decline)"]
+    for one in listed:
+        patient = one["patient"]
+        who = (f"{printable(one['prior_id'])} into " if one["kind"] == "merge" else "") \
+            + f"{printable(one['patient_id'])} {printable(patient['patient_name'])} " \
+            f"{patient['birth_date'] or '-'} {patient['sex'] or '-'}"
+        lines.append(f"  {one['seq']:>5} {one['kind']:<6} {one['state']:<8} {who}"
+                     + (f"  {one['instances']} instance(s)" if one["state"] == "applied"
+                        else "")
+                     + (f"  ({printable(one['last_error'])})" if one["last_error"] else ""))
+    emit({"changes": listed}, as_json, "\n".join(lines))
+
+
+@ris.command("merge")
+@click.argument("seq", type=int)
+@click.option("--confirm", "confirm", flag_value=True, default=None,
+              help="Apply it: the prior patient's images go under the surviving patient.")
+@click.option("--decline", "confirm", flag_value=False, help="Do not apply it.")
+@click.option("--note", default="", help="Why, in a few words (kept with the decision).")
+@json_option
+@pass_context
+def ris_merge(ctx: Context, seq: int, confirm: bool | None, note: str, as_json: bool) -> None:
+    """A person's decision on a merge the RIS sent (ADT^A40). Confirmed, pacs-ris applies it
+    within seconds; either way the decision is kept with who made it."""
+    import getpass
+    import os
+
+    from .demographics import DemographicsQueue
+    from .orders import Orders
+
+    if confirm is None:
+        raise click.UsageError("give --confirm or --decline")
+    who = os.environ.get("SUDO_USER") or getpass.getuser()
+    with Orders(ctx.settings.ris_orders_file) as orders:
+        try:
+            DemographicsQueue(orders).decide(seq, confirm, who, note)
+        except KeyError as exc:
+            raise click.ClickException(str(exc).strip("'\"")) from None
+    emit({"seq": seq, "confirmed": confirm, "by": who}, as_json,
+         f"merge {seq}: {'confirmed' if confirm else 'declined'} by {who}")

@@ -103,8 +103,9 @@ def parse(raw: bytes, site: str) -> Received:
 def orders_in(received: Received, site: str) -> Received:
     """`received` with its orders read (`changes`)."""
     if received.kind not in ACCEPTED:
-        raise Rejected(f"{'^'.join(received.kind)} is not an order or report this bridge "
-                       "takes (ORM^O01, OMI^O23, ORU^R01)", "MSH-9")
+        raise Rejected(f"{'^'.join(received.kind)} is not an order, report or patient change "
+                       "this bridge takes (ORM^O01, OMI^O23, ORU^R01, ADT^A08/A31/A40)",
+                       "MSH-9")
     message = received.message
     try:
         groups = _groups(message)
@@ -157,10 +158,10 @@ def _patient(message) -> dict[str, str]:
         pv1 = None
     return {"patient_id": values.text(field_value(pid, 3), 64, "PID-3.1", required=True),
             "issuer": values.text(field_value(pid, 3, component=4), 64, "PID-3.4"),
-            "patient_name": _person(pid, 5, "PID-5", required=True),
+            "patient_name": person_of(pid, 5, "PID-5", required=True),
             "birth_date": values.date(field_value(pid, 7)[:8], "PID-7"),
             "sex": values.sex(field_value(pid, 8)),
-            "referring": _person(pv1, 8, "PV1-8", doctor=True)}
+            "referring": person_of(pv1, 8, "PV1-8", doctor=True)}
 
 
 def _change(group: dict, patient: dict[str, str], sent_at: str, site: str) -> Change:
@@ -185,7 +186,7 @@ def _change(group: dict, patient: dict[str, str], sent_at: str, site: str) -> Ch
                  or values.derived_study_uid(site, accession))
     when = first((tq1, 7)) or field_value(orc, 7, component=4) or first((obr, 7)) or sent_at
     date, time = when_of(when, "scheduled start (TQ1-7)")
-    referring = patient["referring"] or _person(obr, 16, "OBR-16", doctor=True)
+    referring = patient["referring"] or person_of(obr, 16, "OBR-16", doctor=True)
     order = Order(
         accession=accession, patient_id=patient["patient_id"], issuer=patient["issuer"],
         patient_name=patient["patient_name"], birth_date=patient["birth_date"],
@@ -208,7 +209,7 @@ def _change(group: dict, patient: dict[str, str], sent_at: str, site: str) -> Ch
 
 # --- HL7's forms of a name and a time ------------------------------------------------------
 
-def _person(segment, number: int, where: str, required: bool = False,
+def person_of(segment, number: int, where: str, required: bool = False,
             doctor: bool = False) -> str:
     """A DICOM PN from HL7's XPN (family^given^middle^suffix^prefix), or from an XCN (a
     doctor: the same after an ID number) when `doctor`."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import hl7
 from hl7.mllp import InvalidBlockError, start_hl7_server
 
-from . import hl7_reports, worklist
+from . import demographics, hl7_patients, hl7_reports, worklist
 from .hl7_orders import MAX_MESSAGE, Received, Rejected, field_value, orders_in, read
 from .orders import Orders
 from .reports import ReportQueue
@@ -47,6 +47,7 @@ class Listener:
     def __init__(self, orders: Orders, worklists: Path, site: str) -> None:
         self.orders = orders
         self.reports = ReportQueue(orders)
+        self.patients = demographics.DemographicsQueue(orders)
         self.worklists = worklists
         self.site = site
 
@@ -56,11 +57,16 @@ class Listener:
             received = read(raw)
             if received.kind in hl7_reports.ACCEPTED:
                 return self._report(received)
+            if received.kind in hl7_patients.ACCEPTED:
+                return self._patients(received, hl7_patients.changes_in(received))
             orders_in(received, self.site)
         except Rejected as exc:
             log.warning("HL7 message refused: %s", exc)
             return self._nak(raw, "AR", _error_code(exc), str(exc))
         try:
+            # A patient edited in the RIS since: the images follow (kept first: an order
+            # refused below does not make the RIS's word on the patient wrong).
+            self.patients.add(demographics.edits(self.orders, received.changes), "hl7")
             changed = self.orders.apply(received.changes, "hl7",
                                         (received.sender, received.control_id))
         except Rejected as exc:
@@ -73,6 +79,18 @@ class Listener:
         worklist.follow(self.worklists, self.orders, changed)
         log.info("HL7 %s from %s: %d order(s) %s", received.control_id, received.sender,
                  len(received.changes), "kept" if changed else "already kept")
+        return self._ack(received.message, "AA")
+
+    def _patients(self, received: Received, changes: list) -> bytes:
+        """ADT: patient updates kept to be applied, merges kept for a person to confirm."""
+        try:
+            self.patients.add(changes, "hl7", (received.sender, received.control_id))
+        except (sqlite3.Error, OSError) as exc:
+            log.error("HL7 patient change %s not kept: %s", received.control_id, exc)
+            return self._ack(received.message, "AE", INTERNAL,
+                             f"not kept here ({exc.__class__.__name__}): send it again later")
+        log.info("HL7 %s from %s: %d patient change(s) (%s)", received.control_id,
+                 received.sender, len(changes), "^".join(received.kind))
         return self._ack(received.message, "AA")
 
     def _report(self, received: Received) -> bytes:

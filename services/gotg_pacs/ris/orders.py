@@ -83,6 +83,19 @@ CREATE TABLE IF NOT EXISTS reports (   -- final reports from the RIS until in Or
     documents  TEXT NOT NULL DEFAULT '[]',       -- JSON: the DICOM documents it became
     attached   REAL);
 CREATE INDEX IF NOT EXISTS reports_state ON reports (state);
+CREATE TABLE IF NOT EXISTS demographics (  -- patient updates and merges from the RIS
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind       TEXT NOT NULL,      -- update, merge
+    patient_id TEXT NOT NULL,      -- as it is to be (a merge: the surviving patient)
+    prior_id   TEXT NOT NULL,      -- a merge: the one merged away (an update: the same)
+    fields     TEXT NOT NULL,      -- JSON: the patient's identity as the RIS now has it
+    source     TEXT NOT NULL,      -- hl7 or rest
+    received   REAL NOT NULL,
+    state      TEXT NOT NULL,      -- waiting, held (a merge: for a person), applied, declined
+    decided    TEXT,               -- JSON: who confirmed or declined a merge, when, why
+    applied    REAL,
+    instances  INTEGER,            -- how many stored instances were rewritten
+    last_error TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS arriving (orthanc_id TEXT PRIMARY KEY);  -- new studies, not yet stable
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS messages (

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import requests
 
-from . import reports, values, worklist
+from . import demographics, reports, values, worklist
 from .orders import Orders
 from .reports import Report
 from .values import Change, Order, Rejected
@@ -193,6 +193,7 @@ class Ris:
     def fetch(self) -> int:
         """Appointments changed since the cursor, into the orders; how many were kept."""
         kept, more = 0, True
+        patients = demographics.DemographicsQueue(self.orders)
         while more:
             since = self.orders.ris_cursor()
             found, following, more = self.client.page("appointments", since)
@@ -201,6 +202,7 @@ class Ris:
             for appointment in found:
                 try:
                     change = change_of(appointment, self.site)
+                    patients.add(demographics.edits(self.orders, [change]), "rest")
                     changed = self.orders.apply([change], "rest")
                 except Rejected as exc:
                     accession = appointment.get("accession_number") \

@@ -1,0 +1,298 @@
+"""Patient demographics from the RIS (HL7 ADT^A08/A31 and A40, or an appointment's patient
+edited in the RIS) carried into the worklist and into the images, with an audit trail.
+
+An update (A08, A31, an edit) changes a patient's name, birth date or sex under the same Patient
+ID. It is applied as it comes: the orders and worklist items of that patient, then every stored
+instance of that patient rewritten with the new values, its UIDs kept (IHE Patient Information
+Reconciliation: the same images, corrected). A merge (A40: the prior Patient ID is the surviving
+one's) moves one patient's images under another's identity: a wrong merge files one person's
+images under another's name, so a merge waits for a person (`pacs ris demographics`,
+`pacs ris merge SEQ --confirm|--decline`), never applied silently.
+
+Each rewritten instance goes through a durable staging file: written and fsynced before Orthanc's
+copy is replaced, put back at the next start if the box lost power between the two, so no
+instance is ever only in memory. Orthanc's own index is rebuilt from the files afterwards
+(`/patients/{id}/reconstruct`). Every study changed is a line in the audit trail (action
+`modify`). The rewritten instances reach HQ with the next sync as new versions of instances it
+holds: HQ keeps them as revisions and opens a reconciliation entry (hq/conflicts.py), so HQ's
+record changes only when a person there agrees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pydicom
+
+from .. import durable
+from ..audit import AuditLog
+from ..orthanc import Orthanc, OrthancError
+from ..sqlite_tx import immediate
+from . import worklist
+from .orders import Orders
+from .values import Change
+
+log = logging.getLogger(__name__)
+
+ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
+DICOM_NAMES = {"patient_name": "PatientName", "birth_date": "PatientBirthDate",
+               "sex": "PatientSex"}
+
+
+@dataclass(frozen=True)
+class Demographics:
+    """A patient as the RIS now knows them (values checked as for an order)."""
+    patient_id: str
+    issuer: str
+    patient_name: str          # DICOM PN
+    birth_date: str            # YYYYMMDD or ""
+    sex: str                   # M, F, O or ""
+
+
+@dataclass(frozen=True)
+class PatientChange:
+    kind: str                  # "update" or "merge"
+    patient: Demographics      # as it is to be (a merge: the surviving patient)
+    prior_id: str = ""         # a merge: the Patient ID merged away
+
+
+class DemographicsQueue:
+    """The `demographics` table of the orders database."""
+
+    def __init__(self, orders: Orders) -> None:
+        self.orders = orders
+
+    def add(self, changes: list[PatientChange], source: str,
+            message: tuple[str, str] | None = None) -> int:
+        """Keep these changes durably, in order (an update waits to be applied, a merge for a
+        person); how many were kept (0: a message already kept)."""
+        now, orders = time.time(), self.orders
+        with orders.lock, immediate(orders.db) as db:
+            if message and db.execute("SELECT 1 FROM messages WHERE sender = ? AND "
+                                      "control_id = ?", message).fetchone():
+                return 0
+            for change in changes:
+                db.execute(
+                    "INSERT INTO demographics (kind, patient_id, prior_id, fields, source, "
+                    "received, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (change.kind, change.patient.patient_id,
+                     change.prior_id or change.patient.patient_id,
+                     json.dumps(asdict(change.patient)), source, now,
+                     "held" if change.kind == "merge" else "waiting"))
+            if message:
+                db.execute("INSERT INTO messages (sender, control_id, received, orders) "
+                           "VALUES (?, ?, ?, 0)", (*message, now))
+        return len(changes)
+
+    def waiting(self) -> list[tuple[int, PatientChange]]:
+        with self.orders.lock:
+            rows = self.orders.db.execute(
+                "SELECT seq, kind, prior_id, fields FROM demographics WHERE state = 'waiting' "
+                "ORDER BY seq").fetchall()
+        return [(row["seq"], PatientChange(
+            row["kind"], Demographics(**json.loads(row["fields"])),
+            row["prior_id"] if row["kind"] == "merge" else "")) for row in rows]
+
+    def decide(self, seq: int, confirm: bool, who: str, note: str) -> None:
+        """A person's word on a held merge. KeyError: no such merge waiting for one."""
+        with self.orders.lock, immediate(self.orders.db) as db:
+            changed = db.execute(
+                "UPDATE demographics SET state = ?, decided = ? WHERE seq = ? AND "
+                "state = 'held'", ("waiting" if confirm else "declined",
+                                   json.dumps({"confirmed": confirm, "by": who, "note": note,
+                                               "at": time.time()}), seq)).rowcount
+        if not changed:
+            raise KeyError(f"no merge {seq} waiting for a decision")
+
+    def applied(self, seq: int, instances: int) -> None:
+        with self.orders.lock, immediate(self.orders.db) as db:
+            db.execute("UPDATE demographics SET state = 'applied', applied = ?, instances = ?, "
+                       "last_error = '' WHERE seq = ?", (time.time(), instances, seq))
+
+    def failed(self, seq: int, error: str) -> None:
+        with self.orders.lock, immediate(self.orders.db) as db:
+            db.execute("UPDATE demographics SET last_error = ? WHERE seq = ?", (error, seq))
+
+    def counts(self) -> dict[str, int]:
+        if self.orders.db is None:
+            return {}
+        with self.orders.lock:
+            try:
+                return {row[0]: row[1] for row in self.orders.db.execute(
+                    "SELECT state, COUNT(*) FROM demographics GROUP BY state")}
+            except sqlite3.OperationalError:  # a store from before demographics, read-only
+                return {}
+
+    def listing(self, limit: int = 200) -> list[dict]:
+        if self.orders.db is None:
+            return []
+        with self.orders.lock:
+            try:
+                rows = self.orders.db.execute(
+                    "SELECT * FROM demographics ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+            except sqlite3.OperationalError:  # a store from before demographics, read-only
+                return []
+        return [{**{name: row[name] for name in ("seq", "kind", "patient_id", "prior_id",
+                                                  "source", "received", "state", "applied",
+                                                  "instances", "last_error")},
+                 "patient": json.loads(row["fields"]),
+                 "decided": json.loads(row["decided"]) if row["decided"] else None}
+                for row in rows]
+
+
+def edits(orders: Orders, changes: list[Change]) -> list[PatientChange]:
+    """The patients whose name, birth date or sex these orders give otherwise than the orders
+    kept here: edits made in the RIS, to carry into the images too."""
+    found: dict[str, PatientChange] = {}
+    with orders.lock:
+        for change in changes:
+            new = change.order
+            row = orders.db.execute("SELECT fields FROM orders WHERE patient_id = ? AND "
+                                    "issuer = ? ORDER BY updated DESC LIMIT 1",
+                                    (new.patient_id, new.issuer)).fetchone()
+            if row is None or change.action != "schedule":
+                continue
+            kept = json.loads(row["fields"])
+            patient = Demographics(new.patient_id, new.issuer, new.patient_name,
+                                   new.birth_date, new.sex)
+            if any(kept[name] != getattr(patient, name) for name in DICOM_NAMES):
+                found[new.patient_id] = PatientChange("update", patient)
+    return list(found.values())
+
+
+def update_orders(orders: Orders, change: PatientChange) -> list[str]:
+    """The orders of the patient (a merge: of the prior patient too) carry the new identity;
+    the accessions whose worklist items change."""
+    patient, old = change.patient, change.prior_id or change.patient.patient_id
+    now, moved = time.time(), []
+    with orders.lock, immediate(orders.db) as db:
+        for row in db.execute("SELECT accession, fields, state FROM orders WHERE patient_id = ?",
+                              (old,)).fetchall():
+            fields = {**json.loads(row["fields"]), **asdict(patient)}
+            db.execute("UPDATE orders SET patient_id = ?, issuer = ?, fields = ?, updated = ? "
+                       "WHERE accession = ?", (patient.patient_id, patient.issuer,
+                                               json.dumps(fields), now, row["accession"]))
+            moved.append(row["accession"])
+    return moved
+
+
+def rewritten(content: bytes, change: PatientChange) -> bytes:
+    """One instance with the patient's new identity, everything else as it was (transfer
+    syntax, pixel data, UIDs). A value its character set cannot hold moves it to UTF-8."""
+    ds = pydicom.dcmread(io.BytesIO(content))
+    values = {DICOM_NAMES[name]: getattr(change.patient, name) for name in DICOM_NAMES}
+    if change.kind == "merge":
+        values["PatientID"] = change.patient.patient_id
+        if change.patient.issuer:
+            values["IssuerOfPatientID"] = change.patient.issuer
+    if not all(value.isascii() for value in values.values()) and \
+            "ISO_IR 192" not in ds.get("SpecificCharacterSet", ""):
+        for element in ds.iterall():  # decoded now, written again in UTF-8
+            _ = element.value
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+class Applier:
+    """Applies waiting changes to the orders, the worklist and the images, in order."""
+
+    def __init__(self, orthanc: Orthanc, queue: DemographicsQueue, worklists: Path,
+                 staging: Path, audit_file: Path) -> None:
+        self.orthanc = orthanc
+        self.queue = queue
+        self.worklists = worklists
+        self.staging = staging
+        self.audit = AuditLog(audit_file)
+
+    def resume(self) -> int:
+        """Instances staged when the box stopped between removing Orthanc's copy and storing
+        the rewritten one: stored now; how many."""
+        resumed = 0
+        for staged in sorted(self.staging.glob("*.dcm")) if self.staging.exists() else []:
+            self._store(staged.read_bytes())
+            staged.unlink()
+            resumed += 1
+        return resumed
+
+    def apply_waiting(self) -> int:
+        done = 0
+        self.resume()
+        for seq, change in self.queue.waiting():
+            try:
+                count = self._apply(change)
+            except OrthancError as exc:
+                self.queue.failed(seq, str(exc))
+                raise
+            self.queue.applied(seq, count)
+            done += 1
+        return done
+
+    def _apply(self, change: PatientChange) -> int:
+        moved = update_orders(self.queue.orders, change)
+        worklist.follow(self.worklists, self.queue.orders, moved)
+        old = change.prior_id or change.patient.patient_id
+        studies = [study for study in self.orthanc.post("/tools/find", json={
+            "Level": "Study", "Expand": True, "Query": {"PatientID": old}}) or []
+            if str(study.get("PatientMainDicomTags", {}).get("PatientID", "")).strip() == old]
+        count, patients = 0, set()
+        for study in studies:
+            for instance in self.orthanc.get(f"/studies/{study['ID']}/instances"):
+                if not ORTHANC_ID.fullmatch(instance["ID"]):
+                    continue
+                patients.add(self._replace(instance["ID"], change))
+                count += 1
+            self.audit.record(
+                "modify", "ris", "pacs-ris", kind="study",
+                resource=study["MainDicomTags"].get("StudyInstanceUID", ""),
+                change=f"demographics {change.kind}", patient=change.patient.patient_id,
+                **({"prior_patient": old} if change.kind == "merge" else {}))
+        for patient in patients:
+            self.orthanc.post(f"/patients/{patient}/reconstruct", json={})
+        log.info("patient %s: %s applied to %d order(s), %d instance(s) in %d stud%s",
+                 change.patient.patient_id, change.kind, len(moved), count, len(studies),
+                 "y" if len(studies) == 1 else "ies")
+        return count
+
+    def _replace(self, instance: str, change: PatientChange) -> str:
+        """Orthanc's copy replaced by the rewritten one; the patient it is now under."""
+        content = self.orthanc.request("GET", f"/instances/{instance}/file").content
+        new = rewritten(content, change)
+        if new == content:
+            return self.orthanc.get(f"/instances/{instance}/patient")["ID"]
+        self.staging.mkdir(parents=True, exist_ok=True, mode=0o700)
+        staged = self.staging / f"{instance}.dcm"
+        durable.replace_bytes(staged, new)
+        if change.kind == "merge":  # another Orthanc ID: stored first, then the old removed
+            stored = self._store(new)
+            self.orthanc.delete(f"/instances/{instance}")
+        else:  # the same Orthanc ID: Orthanc keeps the first copy of an ID, so it goes first
+            self.orthanc.delete(f"/instances/{instance}")
+            stored = self._store(new)
+        staged.unlink()
+        return stored["ParentPatient"]
+
+    def _store(self, content: bytes) -> dict:
+        return self.orthanc.post("/instances", data=content,
+                                 headers={"Content-Type": "application/dicom"})
+
+
+async def follow(applier: Applier, every: float = 15.0) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(applier.apply_waiting)
+        except OrthancError as exc:
+            log.warning("demographics not applied now (%s): again in %.0f s", exc, every)
+        await asyncio.sleep(every)
+

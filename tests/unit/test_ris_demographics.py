@@ -1,0 +1,126 @@
+"""Patient changes from the RIS (ADT^A08/A31/A40, edits in orders) read, kept, and the instance
+rewrite that carries them into the images.
+
+Why it matters: a corrected name must reach the images a clinician opens, without touching
+anything else in them; a merge of two patients must never happen without a person agreeing.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pydicom
+import pytest
+
+from gotg_pacs.ris.demographics import Demographics, DemographicsQueue, PatientChange, rewritten
+from gotg_pacs.ris.hl7_orders import Rejected, read
+from gotg_pacs.ris.hl7_patients import changes_in
+from gotg_pacs.ris.mllp import Listener
+from gotg_pacs.ris.orders import Orders
+from tests.support import corpus
+
+MSH = "MSH|^~\\&|HIS|GOTG|PACS|CLINIC|20261127160000||{kind}|{control}|P|2.5.1"
+ORM = ("MSH|^~\\&|RIS|GOTG|PACS|CLINIC|20261127101500||ORM^O01|{control}|P|2.5.1\r"
+       "PID|1||PAT123^^^CLINIC^MR||{name}||19800102|F\r"
+       "ORC|NW|PLAC1|FILL1||SC||^^^20261127110000\r"
+       "OBR|1|PLAC1|FILL1|CXR^Chest^LOCAL||||||||||||||ACC1|RP1|SPS1||||CR")
+
+
+def adt(kind: str, *segments: str, control: str = "A1") -> bytes:
+    return "\r".join([MSH.format(kind=kind, control=control), *segments]).encode("latin-1")
+
+
+def msa(ack: bytes) -> list[str]:
+    segment = next(s for s in ack.decode().split("\r") if s.startswith("MSA|"))
+    return segment.split("|")[1:]
+
+
+@pytest.fixture
+def listener(tmp_path):
+    (tmp_path / "worklists").mkdir()
+    with Orders(tmp_path / "ris" / "orders.sqlite") as orders:
+        yield Listener(orders, tmp_path / "worklists", "site-a")
+
+
+def test_updates_and_merges_are_read_from_adt():
+    [update] = changes_in(read(adt("ADT^A08", "PID|1||PAT123^^^CLINIC^MR||Doe^Janet||19800103|F")))
+    assert update == PatientChange("update", Demographics("PAT123", "CLINIC", "Doe^Janet",
+                                                          "19800103", "F"))
+    merges = changes_in(read(adt("ADT^A40", "PID|1||PAT1||Roe^Ann||19700101|F", "MRG|OLD1",
+                                 "PID|1||PAT2||Poe^Bo||19600101|M", "MRG|OLD2^^^X")))
+    assert [(m.kind, m.patient.patient_id, m.prior_id) for m in merges] == [
+        ("merge", "PAT1", "OLD1"), ("merge", "PAT2", "OLD2")]
+
+
+@pytest.mark.parametrize(("message", "said"), [
+    (adt("ADT^A40", "PID|1||PAT1||Roe^Ann", "MRG|PAT1"), "merged into itself"),
+    (adt("ADT^A40", "PID|1||PAT1||Roe^Ann"), "no PID and MRG pair"),
+    (adt("ADT^A08", "EVN|A08"), "no patient (PID)"),
+    (adt("ADT^A08", "PID|1||PAT1||Roe\\E\\^Ann"), "backslash"),
+    (adt("ADT^A08", "PID|1||PAT1||Roe^Ann||19701340"), "not a date"),
+])
+def test_a_patient_change_the_bridge_cannot_take_is_refused_and_nothing_kept(listener, message,
+                                                                             said):
+    code, _control, text = msa(listener.handle(message))[:3]
+    assert code == "AR" and said in text
+    assert DemographicsQueue(listener.orders).listing() == []
+
+
+def test_an_update_waits_to_be_applied_and_a_merge_for_a_person(listener):
+    assert msa(listener.handle(adt("ADT^A40", "PID|1||PAT1||Roe^Ann", "MRG|OLD1",
+                                   control="M1")))[0] == "AA"
+    assert msa(listener.handle(adt("ADT^A08", "PID|1||PAT1||Roe^Anne", control="U1")))[0] \
+        == "AA"
+    assert msa(listener.handle(adt("ADT^A08", "PID|1||PAT1||Roe^Anne", control="U1")))[0] \
+        == "AA", "sent again: its ACK was lost"
+    queue = DemographicsQueue(listener.orders)
+    assert [(c["kind"], c["state"]) for c in reversed(queue.listing())] == [
+        ("merge", "held"), ("update", "waiting")]
+    assert [change.kind for _, change in queue.waiting()] == ["update"]
+    [merge] = [c for c in queue.listing() if c["kind"] == "merge"]
+    queue.decide(merge["seq"], True, "admin", "same person, registered twice")
+    assert [change.kind for _, change in queue.waiting()] == ["merge", "update"], "in order"
+    with pytest.raises(KeyError):
+        queue.decide(merge["seq"], False, "admin", "changed my mind")
+
+
+def test_a_patient_edited_in_the_ris_is_an_update_for_the_images(listener):
+    assert msa(listener.handle(ORM.format(control="O1", name="Doe^Jane").encode()))[0] == "AA"
+    assert DemographicsQueue(listener.orders).listing() == [], "a first order: nothing edited"
+    assert msa(listener.handle(ORM.format(control="O2", name="Doe^Janet").encode()))[0] == "AA"
+    [edit] = DemographicsQueue(listener.orders).listing()
+    assert (edit["kind"], edit["patient"]["patient_name"]) == ("update", "Doe^Janet")
+    assert listener.orders.get("ACC1")[1].patient_name == "Doe^Janet"
+
+
+def test_the_rewrite_changes_the_patient_and_nothing_else():
+    source = corpus.DATA_DIR / "MR2_J2KR.dcm"
+    before = pydicom.dcmread(source)
+    change = PatientChange("update", Demographics(str(before.PatientID), "", "Ngũyen^Thị",
+                                                  "19800103", "F"))
+    after = pydicom.dcmread(io.BytesIO(rewritten(source.read_bytes(), change)))
+    assert (str(after.PatientName), after.PatientBirthDate, after.PatientSex) == (
+        "Ngũyen^Thị", "19800103", "F")
+    assert after.SpecificCharacterSet == "ISO_IR 192", "a name latin-1 cannot hold: UTF-8"
+    assert after.file_meta.TransferSyntaxUID == before.file_meta.TransferSyntaxUID
+    assert after.PixelData == before.PixelData, "compressed pixels untouched"
+    assert (after.SOPInstanceUID, after.SeriesInstanceUID, after.StudyInstanceUID) == (
+        before.SOPInstanceUID, before.SeriesInstanceUID, before.StudyInstanceUID)
+    untouched = {e.tag for e in before if e.tag not in (0x00100010, 0x00100030, 0x00100040,
+                                                         0x00080005)}
+    assert all(after[tag].value == before[tag].value for tag in untouched)
+
+    merged = PatientChange("merge", Demographics("SURVIVOR", "GOTG", "Roe^Ann", "", ""),
+                           str(before.PatientID))
+    moved = pydicom.dcmread(io.BytesIO(rewritten(source.read_bytes(), merged)))
+    assert (moved.PatientID, moved.IssuerOfPatientID, str(moved.PatientName)) == (
+        "SURVIVOR", "GOTG", "Roe^Ann")
+
+
+def test_hl7_reading_of_a_broken_adt_never_crashes():
+    for cut in range(0, 120, 7):
+        message = adt("ADT^A40", "PID|1||PAT1||Roe^Ann", "MRG|OLD1")[:cut]
+        try:
+            changes_in(read(message))
+        except Rejected:
+            pass
