@@ -19,7 +19,7 @@ DEB_PACKAGES := orthanc orthanc-dicomweb orthanc-gdcm orthanc-postgresql postgre
 	qemu-user-static binfmt-support arch-test qemu-system-arm borgbackup chromium cryptsetup-bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test deps system-deps bench-ingest bench-sync bench-backup bench-image bench-report reference constraints clean \
+.PHONY: run test deps system-deps bench-ingest bench-sync bench-backup bench-image bench-ris bench-report reference constraints clean \
 	wheelhouse image
 
 deps: system-deps $(VENV)/.installed
@@ -94,6 +94,9 @@ image: deps
 # Root: it loop-mounts the backup disk and drops page caches between timed reads.
 bench-backup: deps
 	mkdir -p build && $(BIN)/python bench/backup.py
+
+bench-ris: deps
+	mkdir -p build && $(BIN)/python bench/ris.py
 
 bench-image: deps
 	mkdir -p build && $(BIN)/python bench/image.py --target $(TARGET)
