@@ -90,6 +90,7 @@ from pydicom.uid import (
 )
 
 from . import __version__, durable
+from .clikit import printable
 from .config import Settings
 from .orthanc import Orthanc, OrthancError, OrthancUnreachable
 
@@ -127,12 +128,6 @@ def md5_from_device(path: Path) -> tuple[str, int]:
             digest.update(block)
             size += len(block)
     return digest.hexdigest(), size
-
-
-def printable(value: Any, limit: int = 80) -> str:
-    """A header value safe to put in a terminal line: control characters shown escaped."""
-    text = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in str(value))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def file_set_id(site_code: str) -> str:
@@ -279,8 +274,8 @@ def load_on_disk(root: Path) -> OnDisk:
         entry = listed.get(uid)
         if entry is None or entry["path"] != ref["path"]:
             raise ArchiveError(f"the DICOMDIR on {root} was changed by something other than "
-                               f"GOTG PACS (instance {printable(uid)} at {ref['path']} is not in "
-                               f"{MANIFEST}); the disk is left untouched")
+                               f"GOTG PACS (instance {printable(uid, 80)} at {ref['path']} is "
+                               f"not in {MANIFEST}); the disk is left untouched")
         state.instances[uid] = entry
     dropped = len(listed) - len(state.instances)
     if dropped:  # the manifest was renamed into place, the DICOMDIR never was
@@ -333,7 +328,8 @@ def select_studies(client: Orthanc, study_uids: Iterable[str], since: dt.date | 
                     if item.get("Type") == "Study"]
             (found.extend(hits) if hits else missing.append(uid))
         if missing:
-            raise ArchiveError("not in this archive: " + ", ".join(printable(u) for u in missing)
+            raise ArchiveError("not in this archive: "
+                               + ", ".join(printable(u, 80) for u in missing)
                                + " (nothing was written)")
         ids = list(dict.fromkeys(found))
     else:
@@ -708,7 +704,7 @@ def export(settings: Settings, target: Path, study_uids: Iterable[str] = (),
                 if orthanc_md5(client, item.orthanc_id) != orthanc_md5(client,
                                                                        seen[item.sop_instance_uid]):
                     raise ArchiveError(f"two different instances in this archive share the SOP "
-                                       f"Instance UID {printable(item.sop_instance_uid)}; a "
+                                       f"Instance UID {printable(item.sop_instance_uid, 80)}; a "
                                        "DICOMDIR can hold only one (nothing was written)")
                 continue
             seen[item.sop_instance_uid] = item.orthanc_id
@@ -718,7 +714,7 @@ def export(settings: Settings, target: Path, study_uids: Iterable[str] = (),
                 already += 1
             else:
                 raise ArchiveError(f"{on_disk['path']} on {root} holds a different version of "
-                                   f"instance {printable(item.sop_instance_uid)} than this "
+                                   f"instance {printable(item.sop_instance_uid, 80)} than this "
                                    "archive (nothing was written); use another disk")
 
         free, block = free_bytes(root)

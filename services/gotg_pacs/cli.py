@@ -16,7 +16,7 @@ import click
 
 from . import __version__, durable, orthanc_conf, reference
 from .backup import commands as backup_commands
-from .clikit import Context, emit, json_option, matching, pass_context
+from .clikit import Context, emit, json_option, matching, pass_context, printable
 from .config import AETitle, ConfigError, default_env_file, read_env_file, schema
 from .data_disk import commands as data_disk_commands
 from .hq import commands as hq_commands
@@ -421,9 +421,9 @@ def archive_command(ctx: Context, target: Path, studies: tuple[str, ...],
                                   indent=2))
         click.echo(f"pacs archive: {exc}", err=True)
         sys.exit(1)
-    notes = [f"note: {media.printable(note, 300)}" for note in report.get("notes", [])]
+    notes = [f"note: {printable(note, 300)}" for note in report.get("notes", [])]
     if verify_only:
-        problems = [f"  {media.printable(problem, 300)}" for problem in report["problems"]]
+        problems = [f"  {printable(problem, 300)}" for problem in report["problems"]]
         text = (f"{report['target']}: all {report['instances']} instances read back and match "
                 "the manifest; the DICOMDIR references each one" if report["ok"] else
                 f"{report['target']}: {len(problems)} problem(s):\n" + "\n".join(problems))

@@ -25,6 +25,13 @@ def size_text(value: float | None) -> str:
     return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
 
 
+def printable(value: Any, limit: int | None = None) -> str:
+    """A value from a header, a message or a peer, safe in a terminal line: control characters
+    (escape sequences) shown, not run; cut to `limit` characters when given."""
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(value))
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
 def emit(data: Any, as_json: bool, text: str) -> None:
     """JSON for scripts, or the sentence a person reads."""
     click.echo(json.dumps(data, indent=2, default=str) if as_json else text)

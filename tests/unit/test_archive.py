@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.fileset import FileSet, is_conformant_file_id
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from gotg_pacs import archive
+from gotg_pacs import archive, clikit
 from tests.support import corpus
 
 
@@ -46,8 +46,8 @@ def test_file_ids_are_conformant_and_bounded():
 
 
 def test_printable_escapes_terminal_control_and_truncates():
-    assert archive.printable("\x1b[2Jred") == "\\x1b[2Jred"
-    assert archive.printable("x" * 100, limit=10) == "x" * 9 + "…"
+    assert clikit.printable("\x1b[2Jred") == "\\x1b[2Jred"
+    assert clikit.printable("x" * 100, limit=10) == "x" * 9 + "…"
 
 
 def test_space_needed_counts_whole_blocks_and_the_directory():

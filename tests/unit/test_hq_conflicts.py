@@ -13,6 +13,7 @@ import json
 import pydicom
 import pytest
 
+from gotg_pacs import clikit
 from gotg_pacs.hq import conflicts
 from tests.support import corpus
 
@@ -135,4 +136,4 @@ def test_a_revision_is_kept_byte_for_byte_under_a_name_no_header_chooses(tmp_pat
     [audit] = [json.loads(line) for line in ledger.audit_file.read_text().splitlines()]
     assert audit["old_md5"] == "0" * 32 and audit["new_md5"] == "1" * 32
     assert audit["differing"] == ["PatientName"] and audit["site"] == "site-a"
-    assert conflicts.printable("A\x1b[2JB") == "A\\x1b[2JB"
+    assert clikit.printable("A\x1b[2JB") == "A\\x1b[2JB"

@@ -337,7 +337,7 @@ def _ledger(ctx: Context):
 
 
 def _describe(entry: dict, detail: bool) -> str:
-    from .conflicts import printable
+    from ..clikit import printable
 
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["updated"]))
     line = (f"#{entry['id']} {entry['state']:8} {entry['kind']:22} {when}  "

@@ -170,11 +170,6 @@ def demographics(dataset: Dataset) -> dict[str, str]:
     return {name: str(dataset.get(name, "") or "") for name in DEMOGRAPHICS}
 
 
-def printable(value: object) -> str:
-    """A header value for a terminal: control characters (escape sequences) shown, not run."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value))
-
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen (
     qualified_id TEXT NOT NULL, site TEXT NOT NULL, original_id TEXT NOT NULL,
