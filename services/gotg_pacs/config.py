@@ -435,7 +435,15 @@ class Settings:
     hl7_port: int = setting(
         "HL7_PORT", Port(minimum=1024, allowed="a TCP port 1024-65535 (pacs-ris holds no "
                                                 "privilege to bind a lower one)"), "2575",
-        "Port the RIS sends HL7 v2 orders to (MLLP; ORM^O01, OMI^O23).", "RIS")
+        "Port the RIS sends HL7 v2 to (MLLP): orders (ORM^O01, OMI^O23), final reports "
+        "(ORU^R01), patient updates and merges (ADT^A08, A31, A40).", "RIS")
+    ris_hl7_address: str = setting(
+        "RIS_HL7_ADDRESS", Text(allowed="host:port of the RIS's MLLP listener, or empty",
+                                max_length=260, pattern=r"[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}"),
+        "",
+        "Where statuses go for a RIS that speaks only HL7 (empty: none; RIS_URL, when set, is "
+        "used instead): ORM^O01 order status changes over MLLP, in order, waiting while it "
+        "is unreachable.", "RIS")
     mpps_port: int = setting(
         "MPPS_PORT", Port(minimum=1024, allowed="a TCP port 1024-65535 (pacs-ris holds no "
                                                 "privilege to bind a lower one)"), "4243",

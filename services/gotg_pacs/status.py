@@ -84,15 +84,16 @@ def _ris(settings: Settings) -> dict[str, Any]:
 
     with Orders(settings.ris_orders_file, readonly=True) as orders:
         counts = orders.counts()
-        unmatched = len(orders.unmatched())
-        waiting = orders.status_counts().get("waiting", 0)
+        unmatched = orders.unmatched_count()
+        waiting = orders.counts("statuses").get("waiting", 0)
         reports = ReportQueue(orders).counts()
         held = DemographicsQueue(orders).counts().get("held", 0)
     return {"orders": counts, "on_worklist": counts.get("scheduled", 0)
             + counts.get("in_progress", 0), "unmatched_studies": unmatched,
             "statuses_waiting": waiting, "reports_waiting": reports.get("waiting", 0),
             "merges_held": held,
-            "ris_url": settings.ris_url or None}
+            "ris_url": settings.ris_url or None,
+            "ris_hl7_address": settings.ris_hl7_address or None}
 
 
 def _outcome(last: dict, now: float) -> dict[str, Any]:
@@ -192,7 +193,8 @@ def render_text(report: dict[str, Any]) -> str:
                  f"{ris['unmatched_studies']} stud{'y' if ris['unmatched_studies'] == 1 else 'ies'}"
                  " without an order (pacs ris unmatched); "
                  f"{ris['statuses_waiting']} status(es) waiting for "
-                 + ("the RIS" if ris["ris_url"] else "a RIS (RIS_URL not set)")
+                 + ("the RIS" if ris["ris_url"] or ris["ris_hl7_address"]
+                    else "a RIS (RIS_URL not set)")
                  + (f"; {ris['reports_waiting']} report(s) waiting for their study"
                     if ris["reports_waiting"] else "")
                  + (f"; {ris['merges_held']} patient merge(s) to confirm (pacs ris "

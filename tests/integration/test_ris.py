@@ -26,6 +26,7 @@ from pydicom.uid import generate_uid
 from gotg_pacs.process import wait_until
 from tests.conftest import run_pacs
 from tests.support import corpus
+from tests.support.hl7_ris import Hl7Ris
 from tests.support.mpps import MppsModality
 from tests.support.mpps import step as _step
 from tests.support.reference_ris import ReferenceRis
@@ -249,6 +250,14 @@ def test_studies_without_their_order_wait_on_the_reconciliation_list(ris, tmp_pa
                                      env_file=ris.env_file).stdout)["entries"]
     decisions = {entry["study_uid"]: entry["resolution"]["order"] for entry in everything}
     assert decisions == {typed_uid: "ACC-4711", other_uid: None}
+    # The typed study's images are given the order's identity; the other is left as sent.
+    assert wait_until(lambda: [(c["kind"], c["state"]) for c in _changes(ris)] == [
+        ("reconcile", "applied")], 90, interval=2), (tmp_path / "ris.log").read_text()[-2000:]
+    _index, ds = _patient_of(ris, typed_uid)
+    assert (ds.AccessionNumber, str(ds.PatientName), ds.PatientID, ds.IssuerOfPatientID) == (
+        "ACC-4711", "Doe^Jane^Q", "PAT-4711", "CLINIC")
+    assert ds.SOPInstanceUID == pydicom.dcmread(typed[0]).SOPInstanceUID
+    assert _patient_of(ris, other_uid)[1].PatientID == "SOMEONE-ELSE"
 
 
 def _statuses(appliance) -> dict:
@@ -515,3 +524,91 @@ def test_an_instance_staged_when_the_power_went_is_stored_at_the_next_start(ris,
     ris.start_ris()
     assert wait_until(lambda: not list(staging.glob("*.dcm")), 60, interval=1)
     assert ris.orthanc.request("GET", f"/instances/{instance['ID']}/file").content == content
+
+
+def test_statuses_reach_an_hl7_only_ris_in_order_across_an_outage(make_ris, tmp_path):
+    """A RIS with no REST API hears what happened by HL7 order status messages, in order,
+    once; refused ones are recorded and do not block the rest."""
+    his = Hl7Ris().up()
+    try:
+        ris = make_ris(RIS_HL7_ADDRESS=his.address)
+        assert _send(ris, ORDER.format(control="MSG50", order="NW"), tmp_path) == \
+            ["MSA|AA|MSG50"]
+        modality, uid = MppsModality(ris.settings.mpps_port, ris.settings.pacs_aet), \
+            generate_uid()
+        assert modality.create(uid, _step("ACC-4711")) == 0x0000
+        assert wait_until(lambda: his.statuses() == [("ACC-4711", "IP", "")], 60, interval=1), \
+            (tmp_path / "ris.log").read_text()[-2000:]
+        [message] = his.messages
+        assert str(message.segment("ORC")[2]) == "PLAC1", "the RIS's own order number"
+        assert str(message.segment("PID")[5]) == "Doe^Jane^Q"
+        his.down()
+        assert modality.set(uid, "COMPLETED") == 0x0000
+        files, study_uid = _study(tmp_path, "hl7", AccessionNumber="ACC-4711",
+                                  PatientID="PAT-4711")
+        assert ris.modality.store(files).ok
+        assert wait_until(lambda: _statuses(ris)["waiting"] == 2, 90, interval=2)
+        his.up()
+        assert wait_until(lambda: len(his.messages) == 3, 90, interval=2), \
+            (tmp_path / "ris.log").read_text()[-2000:]
+        assert his.statuses() == [("ACC-4711", "IP", ""), ("ACC-4711", "CM", ""),
+                                  ("ACC-4711", "CM", "R")]
+        assert str(his.messages[2].segment("ZDS")[1][0][0]) == study_uid
+        # One the RIS refuses is recorded; the queue goes on.
+        his.refuse.add("ACC-REF")
+        assert _send(ris, ORDER.format(control="MSG51", order="NW").replace(
+            "ACC-4711", "ACC-REF"), tmp_path) == ["MSA|AA|MSG51"]
+        assert modality.create(generate_uid(), _step("ACC-REF")) == 0x0000
+        assert wait_until(lambda: any(s["state"] == "refused" for s in _statuses(ris)[
+            "statuses"]), 60, interval=2)
+        assert _statuses(ris)["waiting"] == 0 and len(his.messages) == 3
+    finally:
+        his.down()
+
+
+def _raw_find(appliance, elements: list[tuple[int, str, bytes]]) -> tuple[list, bool]:
+    """A worklist C-FIND from pynetdicom with these raw elements as the query, encoded as
+    sent (however malformed): the statuses answered, and whether the association was
+    aborted."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+    from pydicom.tag import Tag
+    from pynetdicom import AE
+    from pynetdicom.sop_class import ModalityWorklistInformationFind
+
+    query = Dataset()
+    for tag, vr, value in elements:
+        query.add(RawDataElement(Tag(tag), vr, len(value), value, 0, False, True))
+    ae = AE(ae_title="DCMTK_MODALITY")
+    ae.dimse_timeout = 5  # an aborted association answers nothing: no need to wait long
+    ae.add_requested_context(ModalityWorklistInformationFind)
+    assoc = ae.associate("127.0.0.1", appliance.settings.dicom_port,
+                         ae_title=appliance.settings.pacs_aet)
+    assert assoc.is_established
+    answers = [(status.Status if status else None, found)
+               for status, found in assoc.send_c_find(query, ModalityWorklistInformationFind)]
+    aborted = assoc.is_aborted
+    assoc.release()
+    return answers, aborted
+
+
+def test_malformed_worklist_queries_are_refused_and_nothing_crashes(ris, tmp_path):
+    """A modality's broken query must never bring the worklist down, nor match what it did
+    not ask for. A query that cannot be decoded gets the association aborted (DICOM's answer
+    when the message itself cannot be read); one whose values are nonsense matches nothing."""
+    assert _send(ris, ORDER.format(control="MSG60", order="NW"), tmp_path) == ["MSA|AA|MSG60"]
+    answers, aborted = _raw_find(ris, [(0x00100010, "PN", b""),
+                                       (0x00400100, "LO", b"notasequence")])
+    assert aborted or all(status not in (0xFF00, 0xFF01, 0x0000) for status, _ in answers)
+    for elements in ([(0x00100030, "DA", b"\xff" * 20)],
+                     [(0x00080005, "CS", b"ISO_IR 999"), (0x00100010, "PN", b"Roe*")]):
+        answers, aborted = _raw_find(ris, elements)
+        assert aborted or [found for status, found in answers
+                           if status in (0xFF00, 0xFF01)] == [], elements
+    # Bytes that are no sequence where one belongs: read as an empty one by Orthanc (a
+    # universal match on it); whatever the answer, the service lives on.
+    answers, aborted = _raw_find(ris, [(0x00400100, "SQ", bytes(range(1, 9)))])
+    assert aborted or answers[-1][0] == 0x0000
+    assert ris.orthanc.is_alive()
+    [item] = ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl")
+    assert str(item.AccessionNumber) == "ACC-4711", "the worklist answers as before"

@@ -124,3 +124,19 @@ def test_hl7_reading_of_a_broken_adt_never_crashes():
             changes_in(read(message))
         except Rejected:
             pass
+
+
+def test_a_resolved_study_waits_to_be_given_its_orders_identity(listener):
+    assert msa(listener.handle(ORM.format(control="O1", name="Doe^Jane").encode()))[0] == "AA"
+    typed = {"AccessionNumber": "", "PatientID": "TYPED-1", "PatientName": "DOE^JANE",
+             "PatientBirthDate": "19800102"}
+    assert listener.orders.study_arrived("1.2.3.4", "o1", typed) == (None, [])
+    listener.orders.resolve("1.2.3.4", "ACC1", "radiographer", "typed at the modality")
+    [(_, change)] = DemographicsQueue(listener.orders).waiting()
+    assert change == PatientChange("reconcile", Demographics("PAT123", "CLINIC", "Doe^Jane",
+                                                             "19800102", "F"),
+                                   "TYPED-1", "1.2.3.4", "ACC1")
+    source = corpus.DATA_DIR / "MR2_J2KR.dcm"
+    after = pydicom.dcmread(io.BytesIO(rewritten(source.read_bytes(), change)))
+    assert (after.AccessionNumber, after.PatientID, after.IssuerOfPatientID) == (
+        "ACC1", "PAT123", "CLINIC")

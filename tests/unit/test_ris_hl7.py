@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
+import hl7
 import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -265,3 +266,38 @@ def test_a_study_is_matched_once_and_one_without_an_order_lists_its_likely_order
     assert orders.unmatched() == [] and orders.get("ACC2")[0] == "scheduled"
     with pytest.raises(KeyError):
         orders.resolve("1.2.4", "ACC2", "amina", "twice")
+
+
+def test_a_status_for_an_hl7_ris_carries_its_values_escaped(listener):
+    """Values from the RIS come back inside the status message; HL7's separators in them
+    must not split fields (an Accession Number with | would otherwise shift every field)."""
+    from gotg_pacs.ris.hl7_statuses import Hl7Statuses
+
+    assert msa(listener.handle(orm(accession="A\\F\\1\\T\\2\\R\\3", pid=PID.replace(
+        "PAT123", "P\\F\\1\\T\\2"))))[0] == "AA"  # the RIS escapes them too
+    assert listener.orders.get("A|1&2~3") is not None
+    statuses = Hl7Statuses("127.0.0.1:1", listener.orders, "site-a")
+    message = hl7.parse(statuses.message({
+        "event_id": "e-1", "accession": "A|1&2~3", "status": "images_available",
+        "at": 1795770000.0, "study_uid": "1.2.3"}))
+    orc, obr = message.segment("ORC"), message.segment("OBR")
+    assert message.unescape(str(orc[3])) == "A|1&2~3"
+    assert (str(orc[1]), str(orc[5]), str(obr[25])) == ("SC", "CM", "R")
+    assert message.unescape(str(obr[18])) == "A|1&2~3"
+    assert message.unescape(str(message.segment("PID")[3][0][0])) == "P|1&2"
+    assert str(message.segment("MSH")[10]) == "e-1"
+
+
+def test_matching_the_worklist_at_start_writes_only_what_differs(listener):
+    """A start with thousands of orders must not rewrite (and fsync) every item on an SD
+    card; an item damaged or missing is written again."""
+    for n in range(3):
+        assert msa(listener.handle(orm(control=f"M{n}", accession=f"ACC{n}")))[0] == "AA"
+    folder = listener.worklists
+    assert worklist.match(folder, listener.orders.scheduled()) == (0, 0)
+    [first, second, _third] = sorted(folder.glob("*.wl"))
+    first.write_bytes(b"damaged")
+    second.unlink()
+    (folder / "stale.wl").write_bytes(b"an order no longer here")
+    assert worklist.match(folder, listener.orders.scheduled()) == (2, 1)
+    assert pydicom.dcmread(first).AccessionNumber.startswith("ACC")

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from ..clikit import Context, as_state_owner, emit, json_option, pass_context
+from ..clikit import Context, as_state_owner, emit, json_option, pass_context, printable
 
 
 @click.group()
@@ -36,9 +36,10 @@ def ris_run(ctx: Context, as_json: bool) -> None:
                         else "%(asctime)s [ris] %(message)s")
     settings = ctx.settings
     with Orders(settings.ris_orders_file) as orders:
-        written, removed = worklist.match(settings.worklists_dir, orders.scheduled())
-        logging.getLogger(__name__).info("worklist: %d items, %d stale removed", written,
-                                         removed)
+        listed = orders.scheduled()
+        written, removed = worklist.match(settings.worklists_dir, listed)
+        logging.getLogger(__name__).info("worklist: %d on the list, %d item(s) written, "
+                                         "%d stale removed", len(listed), written, removed)
         listener = Listener(orders, settings.worklists_dir, settings.site_code)
         mpps = Mpps(orders, settings.worklists_dir, settings.pacs_aet, settings.dicom_access,
                     Orthanc.from_settings(settings, timeout=10).modalities)
@@ -56,6 +57,12 @@ def ris_run(ctx: Context, as_json: bool) -> None:
             tasks.append(rest.follow(rest.Ris(
                 rest.RisClient(settings.ris_url, settings.ris_api_key), orders,
                 settings.worklists_dir, settings.site_code, settings.worklist_sync),
+                settings.ris_poll_interval))
+        elif settings.ris_hl7_address:
+            from .hl7_statuses import Hl7Statuses
+            tasks.append(rest.follow(rest.Ris(
+                Hl7Statuses(settings.ris_hl7_address, orders, settings.site_code), orders,
+                settings.worklists_dir, settings.site_code, feeds=False),
                 settings.ris_poll_interval))
         mpps.start(settings.mpps_port)
 
@@ -75,7 +82,6 @@ def ris_run(ctx: Context, as_json: bool) -> None:
 @pass_context
 def ris_orders(ctx: Context, limit: int, as_json: bool) -> None:
     """The orders kept here, newest first, and how many are in each state."""
-    from ..hq.conflicts import printable
     from .orders import STATES, Orders
 
     with Orders(ctx.settings.ris_orders_file, readonly=True) as orders:
@@ -96,7 +102,6 @@ def ris_unmatched(ctx: Context, include_resolved: bool, as_json: bool) -> None:
     """The reconciliation list: studies that arrived with no order matching them (a modality
     that lost its worklist, an emergency typed at the modality), with the orders that might
     be theirs."""
-    from ..hq.conflicts import printable
     from .orders import Orders
 
     with Orders(ctx.settings.ris_orders_file, readonly=True) as orders:
@@ -123,7 +128,8 @@ def ris_unmatched(ctx: Context, include_resolved: bool, as_json: bool) -> None:
 def ris_resolve(ctx: Context, study_uid: str, accession: str | None, no_order: bool,
                 note: str, as_json: bool) -> None:
     """Decide a study on the reconciliation list: the order it is, or none. The decision is
-    kept with who made it; the images are not changed."""
+    kept with who made it. Given an order, pacs-ris then rewrites the study's images with the
+    order's Accession Number and patient identity (UIDs and pixels kept, audited)."""
     import getpass
     import os
 
@@ -153,16 +159,15 @@ def ris_resolve(ctx: Context, study_uid: str, accession: str | None, no_order: b
 def ris_statuses(ctx: Context, limit: int, retry_refused: bool, as_json: bool) -> None:
     """What the RIS is told (MPPS, images available), newest first: waiting, sent, or refused
     by the RIS with its reason. Waiting ones go in order whenever RIS_URL answers."""
-    from ..hq.conflicts import printable
     from .orders import Orders
 
-    if retry_refused:
-        with Orders(ctx.settings.ris_orders_file) as orders:
+    with Orders(ctx.settings.ris_orders_file, readonly=not retry_refused) as orders:
+        if retry_refused:
             click.echo(f"{orders.retry_refused()} refused status(es) queued again", err=True)
-    with Orders(ctx.settings.ris_orders_file, readonly=True) as orders:
-        listed, waiting = orders.statuses(limit), orders.status_counts().get("waiting", 0)
-    lines = [f"{waiting} waiting for the RIS" + ("" if ctx.settings.ris_url
-                                                  else " (RIS_URL is not set)")]
+        listed, waiting = orders.statuses(limit), orders.counts("statuses").get("waiting", 0)
+    lines = [f"{waiting} waiting for the RIS" + (
+        "" if ctx.settings.ris_url or ctx.settings.ris_hl7_address
+        else " (neither RIS_URL nor RIS_HL7_ADDRESS is set)")]
     lines += [f"  {event['seq']:>6} {printable(event['accession'])}  {event['status']:<16} "
               f"{event['state']}" + (f" ({printable(event['last_error'])})"
                                      if event["last_error"] else "") for event in listed]
@@ -176,7 +181,6 @@ def ris_statuses(ctx: Context, limit: int, retry_refused: bool, as_json: bool) -
 def ris_reports(ctx: Context, limit: int, as_json: bool) -> None:
     """Reports from the RIS, newest first: attached to their study, or waiting for it (and
     why: the study is not here yet, or it is another patient's)."""
-    from ..hq.conflicts import printable
     from .orders import Orders
     from .reports import ReportQueue
 
@@ -200,7 +204,6 @@ def ris_reports(ctx: Context, limit: int, as_json: bool) -> None:
 def ris_demographics(ctx: Context, limit: int, as_json: bool) -> None:
     """Patient updates and merges from the RIS, newest first: applied to the worklist and the
     images (how many rewritten), waiting, or a merge held for a person to confirm."""
-    from ..hq.conflicts import printable
     from .demographics import DemographicsQueue
     from .orders import Orders
 

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pydicom
+from pydicom.errors import InvalidDicomError
 
 from .. import durable
 from ..audit import AuditLog
@@ -59,9 +60,19 @@ class Demographics:
 
 @dataclass(frozen=True)
 class PatientChange:
-    kind: str                  # "update" or "merge"
+    kind: str                  # "update", "merge", or "reconcile" (a study given its order)
     patient: Demographics      # as it is to be (a merge: the surviving patient)
-    prior_id: str = ""         # a merge: the Patient ID merged away
+    prior_id: str = ""         # a merge, a reconciled study: the Patient ID the images have
+    study_uid: str = ""        # reconcile: the one study
+    accession: str = ""        # reconcile: the order's Accession Number
+
+
+class Unrewritable(Exception):
+    """Applied to every instance but some pydicom cannot read: those are left as they were."""
+
+    def __init__(self, count: int, text: str) -> None:
+        super().__init__(text)
+        self.count = count
 
 
 class DemographicsQueue:
@@ -95,11 +106,12 @@ class DemographicsQueue:
     def waiting(self) -> list[tuple[int, PatientChange]]:
         with self.orders.lock:
             rows = self.orders.db.execute(
-                "SELECT seq, kind, prior_id, fields FROM demographics WHERE state = 'waiting' "
-                "ORDER BY seq").fetchall()
+                "SELECT seq, kind, prior_id, study_uid, accession, fields FROM demographics "
+                "WHERE state = 'waiting' ORDER BY seq").fetchall()
         return [(row["seq"], PatientChange(
             row["kind"], Demographics(**json.loads(row["fields"])),
-            row["prior_id"] if row["kind"] == "merge" else "")) for row in rows]
+            row["prior_id"] if row["kind"] != "update" else "", row["study_uid"],
+            row["accession"])) for row in rows]
 
     def decide(self, seq: int, confirm: bool, who: str, note: str) -> None:
         """A person's word on a held merge. KeyError: no such merge waiting for one."""
@@ -122,14 +134,7 @@ class DemographicsQueue:
             db.execute("UPDATE demographics SET last_error = ? WHERE seq = ?", (error, seq))
 
     def counts(self) -> dict[str, int]:
-        if self.orders.db is None:
-            return {}
-        with self.orders.lock:
-            try:
-                return {row[0]: row[1] for row in self.orders.db.execute(
-                    "SELECT state, COUNT(*) FROM demographics GROUP BY state")}
-            except sqlite3.OperationalError:  # a store from before demographics, read-only
-                return {}
+        return self.orders.counts("demographics")
 
     def listing(self, limit: int = 200) -> list[dict]:
         if self.orders.db is None:
@@ -141,7 +146,8 @@ class DemographicsQueue:
             except sqlite3.OperationalError:  # a store from before demographics, read-only
                 return []
         return [{**{name: row[name] for name in ("seq", "kind", "patient_id", "prior_id",
-                                                  "source", "received", "state", "applied",
+                                                  "study_uid", "accession", "source",
+                                                  "received", "state", "applied",
                                                   "instances", "last_error")},
                  "patient": json.loads(row["fields"]),
                  "decided": json.loads(row["decided"]) if row["decided"] else None}
@@ -185,14 +191,17 @@ def update_orders(orders: Orders, change: PatientChange) -> list[str]:
 
 
 def rewritten(content: bytes, change: PatientChange) -> bytes:
-    """One instance with the patient's new identity, everything else as it was (transfer
-    syntax, pixel data, UIDs). A value its character set cannot hold moves it to UTF-8."""
+    """One instance with the patient's new identity (and a reconciled study's Accession
+    Number), everything else as it was (transfer syntax, pixel data, UIDs). A value its
+    character set cannot hold moves it to UTF-8."""
     ds = pydicom.dcmread(io.BytesIO(content))
     values = {DICOM_NAMES[name]: getattr(change.patient, name) for name in DICOM_NAMES}
-    if change.kind == "merge":
+    if change.kind != "update":
         values["PatientID"] = change.patient.patient_id
         if change.patient.issuer:
             values["IssuerOfPatientID"] = change.patient.issuer
+    if change.kind == "reconcile":
+        values["AccessionNumber"] = change.accession
     if not all(value.isascii() for value in values.values()) and \
             "ISO_IR 192" not in ds.get("SpecificCharacterSet", ""):
         for element in ds.iterall():  # decoded now, written again in UTF-8
@@ -235,35 +244,59 @@ class Applier:
             except OrthancError as exc:
                 self.queue.failed(seq, str(exc))
                 raise
+            except Unrewritable as exc:
+                self.queue.applied(seq, exc.count)
+                self.queue.failed(seq, str(exc))
+                continue
             self.queue.applied(seq, count)
             done += 1
         return done
 
     def _apply(self, change: PatientChange) -> int:
-        moved = update_orders(self.queue.orders, change)
+        moved = [] if change.kind == "reconcile" else update_orders(self.queue.orders, change)
         worklist.follow(self.worklists, self.queue.orders, moved)
         old = change.prior_id or change.patient.patient_id
-        studies = [study for study in self.orthanc.post("/tools/find", json={
-            "Level": "Study", "Expand": True, "Query": {"PatientID": old}}) or []
-            if str(study.get("PatientMainDicomTags", {}).get("PatientID", "")).strip() == old]
-        count, patients = 0, set()
+        studies = self._studies(change, old)
+        count, patients, unreadable = 0, set(), 0
         for study in studies:
             for instance in self.orthanc.get(f"/studies/{study['ID']}/instances"):
                 if not ORTHANC_ID.fullmatch(instance["ID"]):
                     continue
-                patients.add(self._replace(instance["ID"], change))
+                try:
+                    patients.add(self._replace(instance["ID"], change))
+                except (InvalidDicomError, ValueError, TypeError, OverflowError) as exc:
+                    log.error("instance %s left as it was: pydicom cannot rewrite it (%s)",
+                              instance["ID"], exc)
+                    unreadable += 1
+                    continue
                 count += 1
             self.audit.record(
                 "modify", "ris", "pacs-ris", kind="study",
                 resource=study["MainDicomTags"].get("StudyInstanceUID", ""),
                 change=f"demographics {change.kind}", patient=change.patient.patient_id,
-                **({"prior_patient": old} if change.kind == "merge" else {}))
+                **({"prior_patient": old} if old != change.patient.patient_id else {}),
+                **({"order": change.accession} if change.accession else {}))
         for patient in patients:
             self.orthanc.post(f"/patients/{patient}/reconstruct", json={})
         log.info("patient %s: %s applied to %d order(s), %d instance(s) in %d stud%s",
                  change.patient.patient_id, change.kind, len(moved), count, len(studies),
                  "y" if len(studies) == 1 else "ies")
+        if unreadable:
+            raise Unrewritable(count, f"{unreadable} instance(s) could not be rewritten and "
+                                      "were left as they were (see the log)")
         return count
+
+    def _studies(self, change: PatientChange, patient_id: str) -> list[dict]:
+        """The studies to rewrite: the patient's, or the one reconciled study."""
+        if change.kind == "reconcile":
+            found = [self.orthanc.get(hit["Path"]) for hit in self.orthanc.post(
+                "/tools/lookup", data=change.study_uid.encode()) or []
+                if hit.get("Type") == "Study"]
+            return found
+        return [study for study in self.orthanc.post("/tools/find", json={
+            "Level": "Study", "Expand": True, "Query": {"PatientID": patient_id}}) or []
+            if str(study.get("PatientMainDicomTags", {}).get("PatientID", "")).strip()
+            == patient_id]
 
     def _replace(self, instance: str, change: PatientChange) -> str:
         """Orthanc's copy replaced by the rewritten one; the patient it is now under."""
@@ -274,10 +307,16 @@ class Applier:
         self.staging.mkdir(parents=True, exist_ok=True, mode=0o700)
         staged = self.staging / f"{instance}.dcm"
         durable.replace_bytes(staged, new)
-        if change.kind == "merge":  # another Orthanc ID: stored first, then the old removed
+        # Orthanc names an instance by its Patient ID and UIDs, and keeps the first copy of a
+        # name: under the same Patient ID the old copy must go first (the staged file covers
+        # that moment); under another, the new one is stored first.
+        before = pydicom.dcmread(io.BytesIO(content), stop_before_pixels=True,
+                                 specific_tags=["PatientID"]).get("PatientID", "")
+        if before != change.patient.patient_id:
             stored = self._store(new)
-            self.orthanc.delete(f"/instances/{instance}")
-        else:  # the same Orthanc ID: Orthanc keeps the first copy of an ID, so it goes first
+            if stored["ID"] != instance:  # never remove what the new copy did not replace
+                self.orthanc.delete(f"/instances/{instance}")
+        else:
             self.orthanc.delete(f"/instances/{instance}")
             stored = self._store(new)
         staged.unlink()

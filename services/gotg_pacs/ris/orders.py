@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS orders (
     source     TEXT NOT NULL,      -- hl7 (later: the RIS's REST API)
     updated    REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS orders_state ON orders (state);
+CREATE INDEX IF NOT EXISTS orders_patient ON orders (patient_id);
 CREATE TABLE IF NOT EXISTS steps (     -- MPPS: what the modalities said they performed
     uid        TEXT PRIMARY KEY,   -- the MPPS instance (Affected SOP Instance UID)
     state      TEXT NOT NULL,      -- IN PROGRESS, COMPLETED, DISCONTINUED
@@ -85,9 +86,11 @@ CREATE TABLE IF NOT EXISTS reports (   -- final reports from the RIS until in Or
 CREATE INDEX IF NOT EXISTS reports_state ON reports (state);
 CREATE TABLE IF NOT EXISTS demographics (  -- patient updates and merges from the RIS
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind       TEXT NOT NULL,      -- update, merge
+    kind       TEXT NOT NULL,      -- update, merge, reconcile (a study given its order)
     patient_id TEXT NOT NULL,      -- as it is to be (a merge: the surviving patient)
-    prior_id   TEXT NOT NULL,      -- a merge: the one merged away (an update: the same)
+    prior_id   TEXT NOT NULL,      -- the Patient ID as the images have it now
+    study_uid  TEXT NOT NULL DEFAULT '',  -- reconcile: the one study to rewrite
+    accession  TEXT NOT NULL DEFAULT '',  -- reconcile: the order's Accession Number
     fields     TEXT NOT NULL,      -- JSON: the patient's identity as the RIS now has it
     source     TEXT NOT NULL,      -- hl7 or rest
     received   REAL NOT NULL,
@@ -113,6 +116,7 @@ DONE = ("completed", "discontinued")
 # Columns added after the first stores were made: added to an older store when opened.
 ADDED = (("statuses", "performed", "TEXT NOT NULL DEFAULT ''"),
          ("studies", "performed", "TEXT NOT NULL DEFAULT '{}'"))
+COUNTED = ("orders", "statuses", "reports", "demographics")  # tables with a state column
 _CURSORS = {"appointments": "ris", "reports": "ris-reports"}  # meta keys
 STEP_STATES = {"IN PROGRESS": "in_progress", "COMPLETED": "completed",
                "DISCONTINUED": "discontinued"}
@@ -397,13 +401,6 @@ class Orders:
             return db.execute("UPDATE statuses SET state = 'waiting' WHERE state = 'refused'"
                               ).rowcount
 
-    def status_counts(self) -> dict[str, int]:
-        if self.db is None:
-            return {}
-        with self.lock:
-            return {row[0]: row[1] for row in self.db.execute(
-                "SELECT state, COUNT(*) FROM statuses GROUP BY state")}
-
     def statuses(self, limit: int = 200) -> list[dict]:
         if self.db is None:
             return []
@@ -432,18 +429,28 @@ class Orders:
         ValueError: no such order."""
         now = time.time()
         with self.lock, immediate(self.db) as db:
-            row = db.execute("SELECT performed FROM studies WHERE study_uid = ? AND "
+            row = db.execute("SELECT performed, tags FROM studies WHERE study_uid = ? AND "
                              "matched IS NULL AND resolution IS NULL", (study_uid,)).fetchone()
             if row is None:
                 raise KeyError(f"no open entry for study {study_uid}")
             moved = []
             if accession is not None:
-                order = db.execute("SELECT state FROM orders WHERE accession = ?",
+                order = db.execute("SELECT state, fields FROM orders WHERE accession = ?",
                                    (accession,)).fetchone()
                 if order is None:
                     raise ValueError(f"no order {accession} here")
                 moved = self._images_arrived(db, accession, order["state"], study_uid, now,
                                              json.loads(row["performed"]))
+                # The images are then given the order's identity (demographics.py), in the
+                # same transaction as the decision: one never happens without the other.
+                fields = json.loads(order["fields"])
+                patient = {name: fields[name] for name in (
+                    "patient_id", "issuer", "patient_name", "birth_date", "sex")}
+                db.execute("INSERT INTO demographics (kind, patient_id, prior_id, study_uid, "
+                           "accession, fields, source, received, state) VALUES ('reconcile', "
+                           "?, ?, ?, ?, ?, 'resolve', ?, 'waiting')",
+                           (patient["patient_id"], json.loads(row["tags"])["PatientID"],
+                            study_uid, accession, json.dumps(patient), now))
             decision = {"order": accession, "by": who, "note": note, "at": now}
             db.execute("UPDATE studies SET resolution = ? WHERE study_uid = ?",
                        (json.dumps(decision), study_uid))
@@ -473,9 +480,24 @@ class Orders:
                      **json.loads(row["fields"])} for row in self.db.execute(
                 "SELECT * FROM orders ORDER BY updated DESC LIMIT ?", (limit,))]
 
-    def counts(self) -> dict[str, int]:
+    def counts(self, table: str = "orders") -> dict[str, int]:
+        """How many rows of `table` (orders, statuses, reports, demographics) are in each
+        state; {} before the store, or a read-only one before that table, exists."""
+        if table not in COUNTED:
+            raise ValueError(f"no states are counted in {table}")
         if self.db is None:
             return {}
         with self.lock:
-            return {row[0]: row[1] for row in self.db.execute(
-                "SELECT state, COUNT(*) FROM orders GROUP BY state")}
+            try:
+                return {row[0]: row[1] for row in self.db.execute(
+                    f"SELECT state, COUNT(*) FROM {table} GROUP BY state")}
+            except sqlite3.OperationalError:  # a store from an earlier release, read-only
+                return {}
+
+    def unmatched_count(self) -> int:
+        """How many studies wait on the reconciliation list."""
+        if self.db is None:
+            return 0
+        with self.lock:
+            return self.db.execute("SELECT COUNT(*) FROM studies WHERE matched IS NULL AND "
+                                   "resolution IS NULL").fetchone()[0]

@@ -284,10 +284,13 @@ class ReportQueue:
         if self.orders.db is None:
             return []
         with self.orders.lock:
-            rows = self.orders.db.execute(
-                "SELECT seq, accession, fields, source, received, state, last_error, "
-                "documents, attached FROM reports ORDER BY seq DESC LIMIT ?",
-                (limit,)).fetchall()
+            try:
+                rows = self.orders.db.execute(
+                    "SELECT seq, accession, fields, source, received, state, last_error, "
+                    "documents, attached FROM reports ORDER BY seq DESC LIMIT ?",
+                    (limit,)).fetchall()
+            except sqlite3.OperationalError:  # a store from before reports, read-only
+                return []
         listed = []
         for row in rows:
             fields = json.loads(row["fields"])
@@ -299,14 +302,7 @@ class ReportQueue:
         return listed
 
     def counts(self) -> dict[str, int]:
-        if self.orders.db is None:
-            return {}
-        with self.orders.lock:
-            try:
-                return {row[0]: row[1] for row in self.orders.db.execute(
-                    "SELECT state, COUNT(*) FROM reports GROUP BY state")}
-            except sqlite3.OperationalError:  # a store from before reports, read-only
-                return {}
+        return self.orders.counts("reports")
 
 
 # --- attached to the study ----------------------------------------------------------------
@@ -324,11 +320,16 @@ class Attacher:
             if study is None:
                 self.queue.waits(seq, reason)
                 continue
-            documents = [text_sr(one, study, self.queue.attached_before(one.accession))]
-            if one.pdf:
-                documents.append(encapsulated_pdf(one, study))
-            for document in documents:
-                self.orthanc.post("/instances", data=as_bytes(document),
+            try:
+                documents = [text_sr(one, study, self.queue.attached_before(one.accession))]
+                if one.pdf:
+                    documents.append(encapsulated_pdf(one, study))
+                encoded = [as_bytes(document) for document in documents]
+            except (ValueError, TypeError, OverflowError) as exc:  # a study value pydicom refuses
+                self.queue.waits(seq, f"not made into DICOM: {exc}"[:300])
+                continue
+            for content in encoded:
+                self.orthanc.post("/instances", data=content,
                                   headers={"Content-Type": "application/dicom"})
             self.queue.attached(seq, [{"class": d.SOPClassUID, "sop": d.SOPInstanceUID,
                                        "series": d.SeriesInstanceUID} for d in documents])

@@ -182,8 +182,9 @@ class Ris:
     """Both directions: appointments in (`fetch`), statuses out (`deliver`)."""
 
     def __init__(self, client: RisClient, orders: Orders, worklists: Path, site: str,
-                 take_orders: bool = True) -> None:
-        self.client = client
+                 take_orders: bool = True, feeds: bool = True) -> None:
+        self.client = client  # or hl7_statuses.Hl7Statuses: statuses only (feeds False)
+        self.feeds = feeds
         self.orders = orders
         self.worklists = worklists
         self.site = site
@@ -273,7 +274,7 @@ async def follow(ris: Ris, every: float, deliver_every: float = 5.0) -> None:
     fetched = -every
     while True:
         try:
-            if loop.time() - fetched >= every:
+            if ris.feeds and loop.time() - fetched >= every:
                 fetched = loop.time()
                 if ris.take_orders:
                     await asyncio.to_thread(ris.fetch)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -62,15 +64,21 @@ def item(order: Order) -> Dataset:
     found.ScheduledProcedureStepSequence = Sequence([step])
     found.file_meta = FileMetaDataset()
     found.file_meta.MediaStorageSOPClassUID = FIND_SOP_CLASS
-    found.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    # Derived from the order: the same order renders the same bytes (match() rewrites none).
+    found.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+        entropy_srcs=[json.dumps(asdict(order), sort_keys=True)])
     found.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     return found
 
 
+def rendered(order: Order) -> bytes:
+    out = io.BytesIO()
+    item(order).save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
 def write(folder: Path, order: Order) -> None:
-    rendered = io.BytesIO()
-    item(order).save_as(rendered, enforce_file_format=True)
-    durable.replace_bytes(folder / file_name(order.accession), rendered.getvalue(), mode=0o644)
+    durable.replace_bytes(folder / file_name(order.accession), rendered(order), mode=0o644)
 
 
 def remove(folder: Path, accession: str) -> None:
@@ -95,7 +103,8 @@ def follow(folder: Path, orders: Orders, accessions: list[str]) -> None:
 
 
 def match(folder: Path, scheduled: list[Order]) -> tuple[int, int]:
-    """Make the folder hold exactly `scheduled`'s items; (written, removed)."""
+    """Make the folder hold exactly `scheduled`'s items; (written, removed). An item already
+    as it should be is left alone: a start writes (and fsyncs) only what differs."""
     folder.mkdir(parents=True, exist_ok=True)
     wanted = {file_name(order.accession): order for order in scheduled}
     removed = 0
@@ -105,6 +114,14 @@ def match(folder: Path, scheduled: list[Order]) -> tuple[int, int]:
             removed += 1
     for path in folder.glob(".*.wl.*"):  # a write a crash interrupted
         path.unlink(missing_ok=True)
-    for order in wanted.values():
-        write(folder, order)
-    return len(wanted), removed
+    written = 0
+    for name, order in wanted.items():
+        content = rendered(order)
+        try:
+            if (folder / name).read_bytes() == content:
+                continue
+        except OSError:
+            pass  # missing or unreadable: written again
+        durable.replace_bytes(folder / name, content, mode=0o644)
+        written += 1
+    return written, removed
