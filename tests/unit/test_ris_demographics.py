@@ -110,6 +110,14 @@ def test_the_rewrite_changes_the_patient_and_nothing_else():
                                                          0x00080005)}
     assert all(after[tag].value == before[tag].value for tag in untouched)
 
+    again = rewritten(rewritten(source.read_bytes(), change), change)
+    assert again == rewritten(source.read_bytes(), change), "applied twice: written once"
+    same = PatientChange("update", Demographics(str(before.PatientID), "",
+                                                str(before.PatientName),
+                                                before.get("PatientBirthDate", ""),
+                                                before.get("PatientSex", "")))
+    assert rewritten(source.read_bytes(), same) == source.read_bytes(), "nothing to change"
+
     merged = PatientChange("merge", Demographics("SURVIVOR", "GOTG", "Roe^Ann", "", ""),
                            str(before.PatientID))
     moved = pydicom.dcmread(io.BytesIO(rewritten(source.read_bytes(), merged)))

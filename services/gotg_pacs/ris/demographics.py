@@ -175,8 +175,8 @@ def edits(orders: Orders, changes: list[Change]) -> list[PatientChange]:
 
 
 def update_orders(orders: Orders, change: PatientChange) -> list[str]:
-    """The orders of the patient (a merge: of the prior patient too) carry the new identity;
-    the accessions whose worklist items change."""
+    """The orders of the patient as the images have them now (a merge: the prior patient's)
+    carry the new identity; the accessions whose worklist items change."""
     patient, old = change.patient, change.prior_id or change.patient.patient_id
     now, moved = time.time(), []
     with orders.lock, immediate(orders.db) as db:
@@ -202,6 +202,8 @@ def rewritten(content: bytes, change: PatientChange) -> bytes:
             values["IssuerOfPatientID"] = change.patient.issuer
     if change.kind == "reconcile":
         values["AccessionNumber"] = change.accession
+    if all(str(ds.get(keyword, "") or "") == value for keyword, value in values.items()):
+        return content  # already so (a change applied again after a power cut): untouched
     if not all(value.isascii() for value in values.values()) and \
             "ISO_IR 192" not in ds.get("SpecificCharacterSet", ""):
         for element in ds.iterall():  # decoded now, written again in UTF-8
@@ -331,7 +333,7 @@ async def follow(applier: Applier, every: float = 15.0) -> None:
     while True:
         try:
             await asyncio.to_thread(applier.apply_waiting)
-        except OrthancError as exc:
+        except (OrthancError, OSError, sqlite3.Error) as exc:  # Orthanc down, a full disk
             log.warning("demographics not applied now (%s): again in %.0f s", exc, every)
         await asyncio.sleep(every)
 

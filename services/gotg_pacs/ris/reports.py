@@ -368,7 +368,7 @@ async def follow(attacher: Attacher, every: float = 15.0) -> None:
     while True:
         try:
             await asyncio.to_thread(attacher.attach_waiting)
-        except OrthancError as exc:
+        except (OrthancError, OSError, sqlite3.Error) as exc:  # Orthanc down, a full disk
             log.warning("reports not attached now (%s): again in %.0f s", exc, every)
         await asyncio.sleep(every)
 
