@@ -612,3 +612,38 @@ def test_malformed_worklist_queries_are_refused_and_nothing_crashes(ris, tmp_pat
     assert ris.orthanc.is_alive()
     [item] = ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl")
     assert str(item.AccessionNumber) == "ACC-4711", "the worklist answers as before"
+
+
+def test_reports_and_rewritten_instances_are_owed_to_hq(ris, tmp_path):
+    """What the bridge adds to a study (a report) or rewrites in it (a corrected name) goes
+    to HQ with the next sync, even when HQ confirmed the study before."""
+    from gotg_pacs.sync.feed import Feed
+    from gotg_pacs.sync.outbox import Outbox
+
+    assert _send(ris, ORDER.format(control="MSG70", order="NW"), tmp_path) == ["MSA|AA|MSG70"]
+    files, _study_uid = _study(tmp_path, "owed", AccessionNumber="ACC-4711",
+                               PatientID="PAT-4711")
+    assert ris.modality.store(files).ok
+    image_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
+    box = Outbox(ris.settings.sync_outbox_file)
+    feed = Feed(ris.orthanc, box)
+    try:
+        while not feed.step():
+            pass
+        box.db.execute("UPDATE instances SET state = 'confirmed'")  # HQ holds the study
+        header = "MSH|^~\\&|HIS|GOTG|PACS|CLINIC|20261127160000||ADT^A08|ADT9|P|2.5.1\n"
+        assert _send(ris, header + "PID|1||PAT-4711^^^CLINIC||Doe^Janet||19800102|F\n",
+                     tmp_path) == ["MSA|AA|ADT9"]
+        assert _send(ris, RESULT.format(control="ORU9", patient="PAT-4711", status="F",
+                                        text="Normal."), tmp_path) == ["MSA|AA|ORU9"]
+        assert wait_until(lambda: _reports(ris)["counts"] == {"attached": 1} and all(
+            c["state"] == "applied" for c in _changes(ris)), 90, interval=2), \
+            (tmp_path / "ris.log").read_text()[-2000:]
+        while not feed.step():
+            pass
+        owed = dict(box.db.execute("SELECT sop_uid, state FROM instances").fetchall())
+        [report] = [d["sop"] for r in _reports(ris)["reports"] for d in r["documents"]]
+        assert owed[image_uid] == "pending", "the corrected image goes again"
+        assert owed[report] == "pending", "the report goes"
+    finally:
+        box.close()

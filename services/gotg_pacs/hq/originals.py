@@ -145,20 +145,23 @@ def register(app: Flask, orthanc: Orthanc, archive: Archive, ledger: Ledger,
             with open(ledger.revision_path(held), "rb") as source:
                 shutil.copyfileobj(source, out, BLOCK)
             return
-        with orthanc.request("GET", f"/instances/{held}/file", stream=True) as upstream, \
-                open(scratch, "wb") as copy:
-            for block in upstream.iter_content(BLOCK):
-                copy.write(block)
-        if outgoing.sent_to(g.site, held, md5):  # HQ's own file: the site holds it as it is
-            with open(scratch, "rb") as source:
-                shutil.copyfileobj(source, out, BLOCK)
-            return
-        made = metadata(held, PATCH_METADATA)
-        if made is None:
+        sent_by_hq = outgoing.sent_to(g.site, held, md5)  # the site holds HQ's file as it is
+        made = None if sent_by_hq else metadata(held, PATCH_METADATA)
+        if not sent_by_hq and made is None:
             codec = metadata(held, "GotgCodec") or ""
             abort(409, f"HQ holds this instance as a lossless {codec} transcoding: the same "
                        "pixels, not the bytes stored at the site" if codec in codecs.TRANSCODERS
                   else "HQ keeps no way back to the exact bytes of this instance")
+        # Streamed straight through when it is the original already; the patch needs the
+        # whole file at hand (its ends are counted from both sides).
+        with orthanc.request("GET", f"/instances/{held}/file", stream=True) as upstream:
+            if sent_by_hq:
+                for block in upstream.iter_content(BLOCK):
+                    out.write(block)
+                return
+            with open(scratch, "wb") as copy:
+                for block in upstream.iter_content(BLOCK):
+                    copy.write(block)
         with open(scratch, "rb") as source:
             try:
                 rebuild(source, scratch.stat().st_size, made, out)
