@@ -225,6 +225,36 @@ def test_images_go_in_and_dicomweb_points_back_at_the_origin(origin):
     assert back.content == path.read_bytes()
 
 
+def test_dicomweb_serves_frames_as_stored_and_asking_to_transcode_cannot_crash_orthanc(origin):
+    """Orthanc 1.10's DICOMweb transcoding crashes it (CharLS, GDCM): the origin asks for the
+    stored encoding whatever the browser's Accept says, so no signed-in person can bring the
+    archive down, and every answer is the file's own pixels."""
+    path = corpus.DATA_DIR / "MR2_J2KR.dcm"
+    stored = origin.post("/orthanc/instances", data=path.read_bytes())
+    assert stored.status_code == 200
+    ds = dcmread(path, stop_before_pixels=True)
+    base = (f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}")
+    stored_syntax = str(ds.file_meta.TransferSyntaxUID)
+    for _ in range(10):
+        for accept in ('multipart/related; type="application/octet-stream"; '
+                       'transfer-syntax=1.2.840.10008.1.2.4.80',
+                       'multipart/related; type="application/octet-stream"', None):
+            frame = origin.get(f"{base}/frames/1", headers={
+                **origin.cookie(), **({"Accept": accept} if accept else {})})
+            assert frame.status_code == 200, frame.text[:200]
+            assert f"transfer-syntax={stored_syntax}" in frame.headers["Content-Type"]
+        whole = origin.get(base, headers={**origin.cookie(), "Accept": (
+            'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.5')})
+        assert whole.status_code == 200 and stored_syntax.encode() in whole.content
+    assert origin.get("/orthanc/system", headers=origin.cookie()).status_code == 200
+    # Searches keep their own Accept: JSON as asked.
+    found = origin.get(f"/dicom-web/studies?StudyInstanceUID={ds.StudyInstanceUID}",
+                       headers={**origin.cookie(), "Accept": "application/dicom+json"})
+    assert found.status_code == 200 and found.json()[0]["0020000D"]["Value"] == [
+        ds.StudyInstanceUID]
+
+
 def test_a_clinic_syncs_only_to_an_hq_whose_certificate_it_trusts(make_clinic, hq):
     """Clinic to HQ the way it runs in the field: HTTPS through HQ's nginx, HQ's CA pinned in
     HQ_CA_FILE, the site's own token inside; a clinic trusting another CA sends nothing."""

@@ -148,6 +148,18 @@ def render(settings: Settings, ca_chain: str, appliance: bool = False, hq: bool 
         "    log_format gotg '$remote_addr $pacs_user [$time_iso8601] \"$request\" $status "
         "$body_bytes_sent';",
         f"    access_log {settings.log_dir / 'nginx-access.log'} gotg;",
+        # DICOMweb retrieval always in the stored encoding: asked to transcode (a transfer
+        # syntax in Accept, or none, which means explicit little endian for frames), Debian
+        # 12's Orthanc 1.10 with its DICOMweb plugin crashes often (segfaults in CharLS and
+        # GDCM, seen here). A viewer decodes every stored syntax itself; no request may
+        # bring the archive down.
+        "    map $uri $pacs_dicomweb_accept {",
+        "        default $http_accept;",
+        "        ~/frames/[^/]+/?$ 'multipart/related; type=\"application/octet-stream\"; "
+        "transfer-syntax=*';",
+        "        ~^/dicom-web/studies/[^/]+(/series/[^/]+(/instances/[^/]+)?)?/?$ "
+        "'multipart/related; type=\"application/dicom\"; transfer-syntax=*';",
+        "    }",
         "",
     ]
     if settings.http_redirect_port:
@@ -225,6 +237,7 @@ def render(settings: Settings, ca_chain: str, appliance: bool = False, hq: bool 
         *(f"            {line}" for line in guarded),
         f"            proxy_pass {orthanc}/dicom-web/;",
         *(f"            {line}" for line in to_orthanc),
+        "            proxy_set_header Accept $pacs_dicomweb_accept;",
         "        }",
         # The clinics' uploads prove themselves with their own site token (hq/sites.py).
         *([
