@@ -14,6 +14,12 @@ from hl7.mllp import start_hl7_server
 from tests.support.site import free_port
 
 
+def msa(ack: bytes) -> list[str]:
+    """What an acknowledgement says: MSA's fields after the segment name."""
+    segment = next(s for s in ack.decode().split("\r") if s.startswith("MSA|"))
+    return segment.split("|")[1:]
+
+
 class Hl7Ris:
     def __init__(self) -> None:
         self.port = free_port()

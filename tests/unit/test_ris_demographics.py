@@ -15,9 +15,8 @@ import pytest
 from gotg_pacs.ris.demographics import Demographics, DemographicsQueue, PatientChange, rewritten
 from gotg_pacs.ris.hl7_orders import Rejected, read
 from gotg_pacs.ris.hl7_patients import changes_in
-from gotg_pacs.ris.mllp import Listener
-from gotg_pacs.ris.orders import Orders
 from tests.support import corpus
+from tests.support.hl7_ris import msa
 
 MSH = "MSH|^~\\&|HIS|GOTG|PACS|CLINIC|20261127160000||{kind}|{control}|P|2.5.1"
 ORM = ("MSH|^~\\&|RIS|GOTG|PACS|CLINIC|20261127101500||ORM^O01|{control}|P|2.5.1\r"
@@ -28,18 +27,6 @@ ORM = ("MSH|^~\\&|RIS|GOTG|PACS|CLINIC|20261127101500||ORM^O01|{control}|P|2.5.1
 
 def adt(kind: str, *segments: str, control: str = "A1") -> bytes:
     return "\r".join([MSH.format(kind=kind, control=control), *segments]).encode("latin-1")
-
-
-def msa(ack: bytes) -> list[str]:
-    segment = next(s for s in ack.decode().split("\r") if s.startswith("MSA|"))
-    return segment.split("|")[1:]
-
-
-@pytest.fixture
-def listener(tmp_path):
-    (tmp_path / "worklists").mkdir()
-    with Orders(tmp_path / "ris" / "orders.sqlite") as orders:
-        yield Listener(orders, tmp_path / "worklists", "site-a")
 
 
 def test_updates_and_merges_are_read_from_adt():

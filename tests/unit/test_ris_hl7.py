@@ -22,6 +22,7 @@ from gotg_pacs.ris.hl7_orders import Rejected, parse
 from gotg_pacs.ris.mllp import Listener
 from gotg_pacs.ris.orders import Orders
 from tests.support.disk import tmpfs
+from tests.support.hl7_ris import msa
 
 MSH = "MSH|^~\\&|RIS|GOTG|PACS|CLINIC|20261127101500||{kind}|{control}|P|2.5.1||||||{charset}"
 PID = "PID|1||PAT123^^^CLINIC^MR||Doe^Jane^Q||19800102|F"
@@ -36,18 +37,6 @@ def orm(control="MSG1", accession="ACC0001", order="NW", pid=PID, charset="",
     segments = [MSH.format(kind=kind, control=control, charset=charset), pid, PV1,
                 ORC.format(control=order), OBR.format(accession=accession), *extra]
     return "\r".join(segments).encode("utf-8" if charset == "UNICODE UTF-8" else "latin-1")
-
-
-def msa(ack: bytes) -> list[str]:
-    segment = next(s for s in ack.decode().split("\r") if s.startswith("MSA|"))
-    return segment.split("|")[1:]
-
-
-@pytest.fixture
-def listener(tmp_path):
-    (tmp_path / "worklists").mkdir()
-    with Orders(tmp_path / "ris" / "orders.sqlite") as orders:
-        yield Listener(orders, tmp_path / "worklists", "site-a")
 
 
 def test_an_orm_order_is_read_field_by_field():

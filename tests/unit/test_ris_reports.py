@@ -18,9 +18,8 @@ from hypothesis import strategies as st
 from gotg_pacs.ris import reports
 from gotg_pacs.ris.hl7_orders import Rejected, read
 from gotg_pacs.ris.hl7_reports import reports_in
-from gotg_pacs.ris.mllp import Listener
-from gotg_pacs.ris.orders import Orders
 from gotg_pacs.ris.reports import ReportQueue
+from tests.support.hl7_ris import msa
 
 PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
 MSH = "MSH|^~\\&|RIS|GOTG|PACS|CLINIC|20261127150000||ORU^R01|{control}|P|2.5.1"
@@ -44,18 +43,6 @@ def oru(control="R1", accession="ACC0001", status="F", lines=("No acute findings
     if pdf is not None:
         segments.append(ED.format(data=base64.b64encode(pdf).decode()))
     return "\r".join(segments).encode("latin-1")
-
-
-def msa(ack: bytes) -> list[str]:
-    segment = next(s for s in ack.decode().split("\r") if s.startswith("MSA|"))
-    return segment.split("|")[1:]
-
-
-@pytest.fixture
-def listener(tmp_path):
-    (tmp_path / "worklists").mkdir()
-    with Orders(tmp_path / "ris" / "orders.sqlite") as orders:
-        yield Listener(orders, tmp_path / "worklists", "site-a")
 
 
 def test_an_oru_report_is_read_with_its_text_pdf_author_and_signing_time():

@@ -25,7 +25,7 @@ def ris_run(ctx: Context, as_json: bool) -> None:
     """The pacs-ris service (foreground): HL7 orders in, worklist items out, MPPS, studies
     matched to their orders, reports attached to their studies."""
     from ..orthanc import Orthanc
-    from . import demographics, reports, rest, worklist
+    from . import demographics, loop, reports, rest, worklist
     from .mllp import Listener, serve
     from .mpps import Mpps
     from .orders import Orders
@@ -52,7 +52,8 @@ def ris_run(ctx: Context, as_json: bool) -> None:
             settings.worklists_dir, settings.state_path / "ris" / "rewriting",
             settings.audit_file)
         tasks = [serve(listener, "0.0.0.0", settings.hl7_port), follow(studies),
-                 reports.follow(attacher), demographics.follow(applier)]
+                 loop.every(attacher.attach_waiting, 15, "reports attached to their studies"),
+                 loop.every(applier.apply_waiting, 15, "patient changes applied")]
         if settings.ris_url:
             tasks.append(rest.follow(rest.Ris(
                 rest.RisClient(settings.ris_url, settings.ris_api_key), orders,

@@ -20,12 +20,10 @@ record changes only when a person there agrees.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
 import re
-import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -137,14 +135,7 @@ class DemographicsQueue:
         return self.orders.counts("demographics")
 
     def listing(self, limit: int = 200) -> list[dict]:
-        if self.orders.db is None:
-            return []
-        with self.orders.lock:
-            try:
-                rows = self.orders.db.execute(
-                    "SELECT * FROM demographics ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
-            except sqlite3.OperationalError:  # a store from before demographics, read-only
-                return []
+        rows = self.orders.newest("demographics", limit)
         return [{**{name: row[name] for name in ("seq", "kind", "patient_id", "prior_id",
                                                   "study_uid", "accession", "source",
                                                   "received", "state", "applied",
@@ -328,12 +319,4 @@ class Applier:
         return self.orthanc.post("/instances", data=content,
                                  headers={"Content-Type": "application/dicom"})
 
-
-async def follow(applier: Applier, every: float = 15.0) -> None:
-    while True:
-        try:
-            await asyncio.to_thread(applier.apply_waiting)
-        except (OrthancError, OSError, sqlite3.Error) as exc:  # Orthanc down, a full disk
-            log.warning("demographics not applied now (%s): again in %.0f s", exc, every)
-        await asyncio.sleep(every)
 

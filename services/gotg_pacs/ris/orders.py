@@ -116,7 +116,8 @@ DONE = ("completed", "discontinued")
 # Columns added after the first stores were made: added to an older store when opened.
 ADDED = (("statuses", "performed", "TEXT NOT NULL DEFAULT ''"),
          ("studies", "performed", "TEXT NOT NULL DEFAULT '{}'"))
-COUNTED = ("orders", "statuses", "reports", "demographics")  # tables with a state column
+QUEUES = ("statuses", "reports", "demographics")  # tables kept in arrival order (seq)
+COUNTED = ("orders", *QUEUES)  # tables with a state column
 _CURSORS = {"appointments": "ris", "reports": "ris-reports"}  # meta keys
 STEP_STATES = {"IN PROGRESS": "in_progress", "COMPLETED": "completed",
                "DISCONTINUED": "discontinued"}
@@ -402,11 +403,21 @@ class Orders:
                               ).rowcount
 
     def statuses(self, limit: int = 200) -> list[dict]:
+        return [dict(row) for row in self.newest("statuses", limit)]
+
+    def newest(self, table: str, limit: int) -> list[sqlite3.Row]:
+        """The last `limit` rows of a queue (statuses, reports, demographics), newest first;
+        [] before the store, or a read-only one before that table, exists."""
+        if table not in QUEUES:
+            raise ValueError(f"{table} is not a queue")
         if self.db is None:
             return []
         with self.lock:
-            return [dict(row) for row in self.db.execute(
-                "SELECT * FROM statuses ORDER BY seq DESC LIMIT ?", (limit,))]
+            try:
+                return self.db.execute(f"SELECT * FROM {table} ORDER BY seq DESC LIMIT ?",
+                                       (limit,)).fetchall()
+            except sqlite3.OperationalError:  # a store from an earlier release, read-only
+                return []
 
     def unmatched(self, include_resolved: bool = False) -> list[dict]:
         """The reconciliation list: stable studies that no order matched."""

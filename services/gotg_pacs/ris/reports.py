@@ -18,14 +18,12 @@ under another patient's images. Anything else waits, with the reason shown in
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
 import io
 import json
 import logging
-import sqlite3
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -36,7 +34,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from .. import __version__
-from ..orthanc import Orthanc, OrthancError
+from ..orthanc import Orthanc
 from ..sqlite_tx import immediate
 from . import values
 from .orders import Orders
@@ -281,16 +279,7 @@ class ReportQueue:
             db.execute("UPDATE reports SET last_error = ? WHERE seq = ?", (reason, seq))
 
     def listing(self, limit: int = 200) -> list[dict]:
-        if self.orders.db is None:
-            return []
-        with self.orders.lock:
-            try:
-                rows = self.orders.db.execute(
-                    "SELECT seq, accession, fields, source, received, state, last_error, "
-                    "documents, attached FROM reports ORDER BY seq DESC LIMIT ?",
-                    (limit,)).fetchall()
-            except sqlite3.OperationalError:  # a store from before reports, read-only
-                return []
+        rows = self.orders.newest("reports", limit)
         listed = []
         for row in rows:
             fields = json.loads(row["fields"])
@@ -362,13 +351,4 @@ class Attacher:
             return None, f"{len(found)} studies carry this Accession Number: not attached"
         return found[0], ""
 
-
-async def follow(attacher: Attacher, every: float = 15.0) -> None:
-    """Attach what waits, until cancelled; Orthanc down only delays it."""
-    while True:
-        try:
-            await asyncio.to_thread(attacher.attach_waiting)
-        except (OrthancError, OSError, sqlite3.Error) as exc:  # Orthanc down, a full disk
-            log.warning("reports not attached now (%s): again in %.0f s", exc, every)
-        await asyncio.sleep(every)
 
