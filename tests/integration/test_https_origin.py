@@ -247,6 +247,17 @@ def test_dicomweb_serves_frames_as_stored_and_asking_to_transcode_cannot_crash_o
         whole = origin.get(base, headers={**origin.cookie(), "Accept": (
             'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.5')})
         assert whole.status_code == 200 and stored_syntax.encode() in whole.content
+    # The same transcoding through Orthanc's REST API is refused before it reaches Orthanc.
+    study_id = origin.get(f"/orthanc/instances/{stored.json()['ID']}/study",
+                          headers=origin.cookie()).json()["ID"]
+    for path in (f"/orthanc/studies/{study_id}/archive?transcode=1.2.840.10008.1.2.4.80",
+                 f"/orthanc/studies/{study_id}/media?x=1&Transcode=1.2.840.10008.1.2.5",
+                 f"/orthanc/dicom-web{base}/frames/1",
+                 f"/orthanc/wado?requestType=WADO&objectUID={ds.SOPInstanceUID}"
+                 "&transferSyntax=1.2.840.10008.1.2.4.80"):
+        assert origin.get(path, headers=origin.cookie()).status_code == 403, path
+    assert origin.get(f"/orthanc/studies/{study_id}/archive",
+                      headers=origin.cookie()).status_code == 200, "as stored: allowed"
     assert origin.get("/orthanc/system", headers=origin.cookie()).status_code == 200
     # Searches keep their own Accept: JSON as asked.
     found = origin.get(f"/dicom-web/studies?StudyInstanceUID={ds.StudyInstanceUID}",

@@ -501,7 +501,8 @@ def test_a_patient_update_reaches_worklist_and_images_and_a_merge_waits_for_a_pe
     assert wait_until(lambda: all(c["state"] == "applied" for c in _changes(ris)), 90,
                       interval=2), (tmp_path / "ris.log").read_text()[-2000:]
     index, ds = _patient_of(ris, old_uid)
-    assert (ds.PatientID, str(ds.PatientName)) == ("PAT-4711", "Doe^Jane^Q")
+    assert (ds.PatientID, str(ds.PatientName)) == ("PAT-4711", "Doe^Janet^Q"), \
+        "confirmed after the rename: the name the RIS gave last, not the merge message's"
     assert index["PatientID"] == "PAT-4711"
     assert ris.orthanc.post("/tools/find", json={"Level": "Patient",
                                                  "Query": {"PatientID": "PAT-DUP"}}) == []

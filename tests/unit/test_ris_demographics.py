@@ -7,12 +7,10 @@ anything else in them; a merge of two patients must never happen without a perso
 
 from __future__ import annotations
 
-import io
-
 import pydicom
 import pytest
 
-from gotg_pacs.ris.demographics import Demographics, DemographicsQueue, PatientChange, rewritten
+from gotg_pacs.ris.demographics import Demographics, DemographicsQueue, PatientChange, rewrite
 from gotg_pacs.ris.hl7_orders import Rejected, read
 from gotg_pacs.ris.hl7_patients import changes_in
 from tests.support import corpus
@@ -80,12 +78,13 @@ def test_a_patient_edited_in_the_ris_is_an_update_for_the_images(listener):
     assert listener.orders.get("ACC1")[1].patient_name == "Doe^Janet"
 
 
-def test_the_rewrite_changes_the_patient_and_nothing_else():
+def test_the_rewrite_changes_the_patient_and_nothing_else(tmp_path):
     source = corpus.DATA_DIR / "MR2_J2KR.dcm"
     before = pydicom.dcmread(source)
-    change = PatientChange("update", Demographics(str(before.PatientID), "", "Ngũyen^Thị",
+    change = PatientChange("update", Demographics(str(before.PatientID), None, "Ngũyen^Thị",
                                                   "19800103", "F"))
-    after = pydicom.dcmread(io.BytesIO(rewritten(source.read_bytes(), change)))
+    assert rewrite(source, tmp_path / "after.dcm", change)
+    after = pydicom.dcmread(tmp_path / "after.dcm")
     assert (str(after.PatientName), after.PatientBirthDate, after.PatientSex) == (
         "Ngũyen^Thị", "19800103", "F")
     assert after.SpecificCharacterSet == "ISO_IR 192", "a name latin-1 cannot hold: UTF-8"
@@ -96,20 +95,53 @@ def test_the_rewrite_changes_the_patient_and_nothing_else():
     untouched = {e.tag for e in before if e.tag not in (0x00100010, 0x00100030, 0x00100040,
                                                          0x00080005)}
     assert all(after[tag].value == before[tag].value for tag in untouched)
+    assert not rewrite(tmp_path / "after.dcm", tmp_path / "again.dcm", change), \
+        "applied twice (a power cut): nothing written the second time"
+    assert not (tmp_path / "again.dcm").exists()
 
-    again = rewritten(rewritten(source.read_bytes(), change), change)
-    assert again == rewritten(source.read_bytes(), change), "applied twice: written once"
-    same = PatientChange("update", Demographics(str(before.PatientID), "",
-                                                str(before.PatientName),
-                                                before.get("PatientBirthDate", ""),
-                                                before.get("PatientSex", "")))
-    assert rewritten(source.read_bytes(), same) == source.read_bytes(), "nothing to change"
+    # An update that leaves the birth date and sex out says nothing of them.
+    name_only = PatientChange("update", Demographics(str(before.PatientID), None, "Roe^Ann",
+                                                     None, None))
+    assert rewrite(tmp_path / "after.dcm", tmp_path / "named.dcm", name_only)
+    named = pydicom.dcmread(tmp_path / "named.dcm")
+    assert (str(named.PatientName), named.PatientBirthDate, named.PatientSex) == (
+        "Roe^Ann", "19800103", "F")
 
-    merged = PatientChange("merge", Demographics("SURVIVOR", "GOTG", "Roe^Ann", "", ""),
+    merged = PatientChange("merge", Demographics("SURVIVOR", "GOTG", "Roe^Ann", None, None),
                            str(before.PatientID))
-    moved = pydicom.dcmread(io.BytesIO(rewritten(source.read_bytes(), merged)))
+    assert rewrite(source, tmp_path / "moved.dcm", merged)
+    moved = pydicom.dcmread(tmp_path / "moved.dcm")
     assert (moved.PatientID, moved.IssuerOfPatientID, str(moved.PatientName)) == (
         "SURVIVOR", "GOTG", "Roe^Ann")
+
+
+def test_an_update_changes_only_what_it_gives_and_clears_only_what_it_says(listener):
+    """HL7's rule for updates: an empty field changes nothing, "" clears it."""
+    [change] = changes_in(read(adt("ADT^A08", "PID|1||PAT1||Roe^Ann")))
+    assert change.patient.said() == {"patient_name": "Roe^Ann"}
+    [change] = changes_in(read(adt("ADT^A08", 'PID|1||PAT1^^^""||Roe^Ann||""|U')))
+    assert change.patient.said() == {"issuer": "", "patient_name": "Roe^Ann",
+                                     "birth_date": "", "sex": ""}
+    # An order without birth date or sex is no edit of them either.
+    assert msa(listener.handle(ORM.format(control="O1", name="Doe^Jane").encode()))[0] == "AA"
+    assert msa(listener.handle(ORM.format(control="O2", name="Doe^Jane").replace(
+        "|19800102|F", "||").encode()))[0] == "AA"
+    assert DemographicsQueue(listener.orders).listing() == []
+
+
+def test_an_order_refused_keeps_none_of_the_patient_edit_it_carried(listener):
+    assert msa(listener.handle(ORM.format(control="O1", name="Doe^Jane").encode()))[0] == "AA"
+    someone_else = ORM.format(control="O2", name="Poe^Bo").replace(
+        "PAT123", "PAT999").replace("ACC1", "ACC9")
+    assert msa(listener.handle(someone_else.encode()))[0] == "AA"
+    # Jane renamed, in an order naming Bo's accession: refused whole, the rename with it.
+    mixed_up = ORM.format(control="O3", name="Doe^Janet").replace("ACC1", "ACC9")
+    assert msa(listener.handle(mixed_up.encode()))[0] == "AR"
+    assert DemographicsQueue(listener.orders).listing() == []
+    # The same rename in an order the bridge takes is kept.
+    assert msa(listener.handle(ORM.format(control="O4", name="Doe^Janet").encode()))[0] == "AA"
+    assert [c["patient"]["patient_name"] for c in
+            DemographicsQueue(listener.orders).listing()] == ["Doe^Janet"]
 
 
 def test_hl7_reading_of_a_broken_adt_never_crashes():
@@ -121,7 +153,7 @@ def test_hl7_reading_of_a_broken_adt_never_crashes():
             pass
 
 
-def test_a_resolved_study_waits_to_be_given_its_orders_identity(listener):
+def test_a_resolved_study_waits_to_be_given_its_orders_identity(listener, tmp_path):
     assert msa(listener.handle(ORM.format(control="O1", name="Doe^Jane").encode()))[0] == "AA"
     typed = {"AccessionNumber": "", "PatientID": "TYPED-1", "PatientName": "DOE^JANE",
              "PatientBirthDate": "19800102"}
@@ -130,8 +162,22 @@ def test_a_resolved_study_waits_to_be_given_its_orders_identity(listener):
     [(_, change)] = DemographicsQueue(listener.orders).waiting()
     assert change == PatientChange("reconcile", Demographics("PAT123", "CLINIC", "Doe^Jane",
                                                              "19800102", "F"),
-                                   "TYPED-1", "1.2.3.4", "ACC1")
+                                   "TYPED-1", "1.2.3.4", "ACC1", "o1")
     source = corpus.DATA_DIR / "MR2_J2KR.dcm"
-    after = pydicom.dcmread(io.BytesIO(rewritten(source.read_bytes(), change)))
+    assert rewrite(source, tmp_path / "reconciled.dcm", change)
+    after = pydicom.dcmread(tmp_path / "reconciled.dcm")
     assert (after.AccessionNumber, after.PatientID, after.IssuerOfPatientID) == (
         "ACC1", "PAT123", "CLINIC")
+
+
+def test_a_merge_confirmed_late_takes_what_updates_said_since(listener):
+    assert msa(listener.handle(adt("ADT^A40", "PID|1||PAT1||Roe^Ann||19700101|F",
+                                   "MRG|OLD1", control="M1")))[0] == "AA"
+    assert msa(listener.handle(adt("ADT^A08", "PID|1||PAT1||Roe^Anne", control="U1")))[0] \
+        == "AA"
+    queue = DemographicsQueue(listener.orders)
+    [(update_seq, _)] = queue.waiting()
+    queue.applied(update_seq, 0)
+    [merge] = [c for c in queue.listing() if c["kind"] == "merge"]
+    assert queue.updated_since("PAT1", merge["seq"]) == {"patient_name": "Roe^Anne"}
+    assert queue.updated_since("PAT1", update_seq) == {}

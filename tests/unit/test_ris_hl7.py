@@ -275,6 +275,9 @@ def test_a_status_for_an_hl7_ris_carries_its_values_escaped(listener):
     assert message.unescape(str(obr[18])) == "A|1&2~3"
     assert message.unescape(str(message.segment("PID")[3][0][0])) == "P|1&2"
     assert str(message.segment("MSH")[10]) == "e-1"
+    from gotg_pacs.ris.hl7_statuses import escape
+    assert escape("Müller|Зоя\\^&~") == "Müller\\F\\Зоя\\E\\\\S\\\\T\\\\R\\", \
+        "HL7's delimiters escaped, every other character as it is (UTF-8, MSH-18)"
 
 
 def test_matching_the_worklist_at_start_writes_only_what_differs(listener):

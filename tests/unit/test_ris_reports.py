@@ -56,6 +56,9 @@ def test_an_oru_report_is_read_with_its_text_pdf_author_and_signing_time():
     assert found.pdf == PDF and found.title == "Chest X-ray 2 views"
     [formatted], _ = reports_in(read(oru(kind="FT", lines=("One\\.br\\Two",))))
     assert formatted.text == "One\nTwo", "FT's line breaks are lines"
+    [repeated], _ = reports_in(read(oru(lines=("Heart normal.~Lungs clear.~Impression: none",))))
+    assert repeated.text == "Heart normal.\nLungs clear.\nImpression: none", \
+        "each repetition of OBX-5 is a line, none lost"
     [by_filler], _ = reports_in(read(oru(accession="")))
     assert by_filler.accession == "FILL1", "no OBR-18: the filler order number"
 

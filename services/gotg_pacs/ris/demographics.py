@@ -20,12 +20,13 @@ record changes only when a person there agrees.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import os
 import re
+import sqlite3
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pydicom
@@ -48,12 +49,19 @@ DICOM_NAMES = {"patient_name": "PatientName", "birth_date": "PatientBirthDate",
 
 @dataclass(frozen=True)
 class Demographics:
-    """A patient as the RIS now knows them (values checked as for an order)."""
+    """A patient as the RIS now knows them (values checked as for an order). None: the source
+    did not say, so the value stays as it is (HL7: an empty field changes nothing, `""` clears
+    it)."""
     patient_id: str
-    issuer: str
-    patient_name: str          # DICOM PN
-    birth_date: str            # YYYYMMDD or ""
-    sex: str                   # M, F, O or ""
+    issuer: str | None
+    patient_name: str | None   # DICOM PN
+    birth_date: str | None     # YYYYMMDD, or "" (cleared)
+    sex: str | None            # M, F, O, or "" (cleared, unknown)
+
+    def said(self) -> dict[str, str]:
+        """The values the source gave (to change), by field."""
+        return {name: value for name, value in asdict(self).items()
+                if value is not None and name != "patient_id"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class PatientChange:
     prior_id: str = ""         # a merge, a reconciled study: the Patient ID the images have
     study_uid: str = ""        # reconcile: the one study
     accession: str = ""        # reconcile: the order's Accession Number
+    orthanc_id: str = ""       # reconcile: that study as Orthanc held it when it was decided
 
 
 class Unrewritable(Exception):
@@ -88,28 +97,47 @@ class DemographicsQueue:
             if message and db.execute("SELECT 1 FROM messages WHERE sender = ? AND "
                                       "control_id = ?", message).fetchone():
                 return 0
-            for change in changes:
-                db.execute(
-                    "INSERT INTO demographics (kind, patient_id, prior_id, fields, source, "
-                    "received, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (change.kind, change.patient.patient_id,
-                     change.prior_id or change.patient.patient_id,
-                     json.dumps(asdict(change.patient)), source, now,
-                     "held" if change.kind == "merge" else "waiting"))
+            self.insert(db, changes, source)
             if message:
                 db.execute("INSERT INTO messages (sender, control_id, received, orders) "
                            "VALUES (?, ?, ?, 0)", (*message, now))
         return len(changes)
 
+    @staticmethod
+    def insert(db: sqlite3.Connection, changes: list[PatientChange], source: str) -> None:
+        """The changes, into a transaction the caller holds (an order's, so that an order
+        refused keeps none of the patient edits it carried)."""
+        for change in changes:
+            db.execute(
+                "INSERT INTO demographics (kind, patient_id, prior_id, study_uid, accession, "
+                "orthanc_id, fields, source, received, state) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (change.kind, change.patient.patient_id,
+                 change.prior_id or change.patient.patient_id, change.study_uid,
+                 change.accession, change.orthanc_id, json.dumps(asdict(change.patient)),
+                 source, time.time(), "held" if change.kind == "merge" else "waiting"))
+
     def waiting(self) -> list[tuple[int, PatientChange]]:
         with self.orders.lock:
             rows = self.orders.db.execute(
-                "SELECT seq, kind, prior_id, study_uid, accession, fields FROM demographics "
-                "WHERE state = 'waiting' ORDER BY seq").fetchall()
+                "SELECT seq, kind, prior_id, study_uid, accession, orthanc_id, fields "
+                "FROM demographics WHERE state = 'waiting' ORDER BY seq").fetchall()
         return [(row["seq"], PatientChange(
             row["kind"], Demographics(**json.loads(row["fields"])),
             row["prior_id"] if row["kind"] != "update" else "", row["study_uid"],
-            row["accession"])) for row in rows]
+            row["accession"], row["orthanc_id"])) for row in rows]
+
+    def updated_since(self, patient_id: str, seq: int) -> dict[str, str]:
+        """What updates applied after change `seq` said of this patient (a merge confirmed
+        late must not bring back the name its message carried)."""
+        with self.orders.lock:
+            rows = self.orders.db.execute(
+                "SELECT fields FROM demographics WHERE kind = 'update' AND state = 'applied' "
+                "AND patient_id = ? AND seq > ? ORDER BY seq", (patient_id, seq)).fetchall()
+        said: dict[str, str] = {}
+        for row in rows:
+            said.update(Demographics(**json.loads(row["fields"])).said())
+        return said
 
     def decide(self, seq: int, confirm: bool, who: str, note: str) -> None:
         """A person's word on a held merge. KeyError: no such merge waiting for one."""
@@ -158,9 +186,10 @@ def edits(orders: Orders, changes: list[Change]) -> list[PatientChange]:
             if row is None or change.action != "schedule":
                 continue
             kept = json.loads(row["fields"])
-            patient = Demographics(new.patient_id, new.issuer, new.patient_name,
-                                   new.birth_date, new.sex)
-            if any(kept[name] != getattr(patient, name) for name in DICOM_NAMES):
+            # An order that leaves a value out says nothing of it: only what it gives counts.
+            patient = Demographics(new.patient_id, None, new.patient_name or None,
+                                   new.birth_date or None, new.sex or None)
+            if any(kept[name] != value for name, value in patient.said().items()):
                 found[new.patient_id] = PatientChange("update", patient)
     return list(found.values())
 
@@ -171,22 +200,28 @@ def update_orders(orders: Orders, change: PatientChange) -> list[str]:
     patient, old = change.patient, change.prior_id or change.patient.patient_id
     now, moved = time.time(), []
     with orders.lock, immediate(orders.db) as db:
-        for row in db.execute("SELECT accession, fields, state FROM orders WHERE patient_id = ?",
-                              (old,)).fetchall():
-            fields = {**json.loads(row["fields"]), **asdict(patient)}
+        for row in db.execute("SELECT accession, issuer, fields FROM orders "
+                              "WHERE patient_id = ?", (old,)).fetchall():
+            fields = {**json.loads(row["fields"]), **patient.said(),
+                      "patient_id": patient.patient_id}
+            issuer = row["issuer"] if patient.issuer is None else patient.issuer
+            fields["issuer"] = issuer
             db.execute("UPDATE orders SET patient_id = ?, issuer = ?, fields = ?, updated = ? "
-                       "WHERE accession = ?", (patient.patient_id, patient.issuer,
+                       "WHERE accession = ?", (patient.patient_id, issuer,
                                                json.dumps(fields), now, row["accession"]))
             moved.append(row["accession"])
     return moved
 
 
-def rewritten(content: bytes, change: PatientChange) -> bytes:
-    """One instance with the patient's new identity (and a reconciled study's Accession
-    Number), everything else as it was (transfer syntax, pixel data, UIDs). A value its
-    character set cannot hold moves it to UTF-8."""
-    ds = pydicom.dcmread(io.BytesIO(content))
-    values = {DICOM_NAMES[name]: getattr(change.patient, name) for name in DICOM_NAMES}
+def rewrite(source: Path, target: Path, change: PatientChange) -> bool:
+    """`source` (one instance) written to `target` with the patient's new identity (and a
+    reconciled study's Accession Number), everything else as it was (transfer syntax, pixel
+    data, UIDs); False, and nothing written, when it carries them already. A value its
+    character set cannot hold moves it to UTF-8. File to file: a large instance is never held
+    twice in pacs-ris's memory."""
+    ds = pydicom.dcmread(source)
+    values = {DICOM_NAMES[name]: value for name, value in change.patient.said().items()
+              if name in DICOM_NAMES}
     if change.kind != "update":
         values["PatientID"] = change.patient.patient_id
         if change.patient.issuer:
@@ -194,7 +229,7 @@ def rewritten(content: bytes, change: PatientChange) -> bytes:
     if change.kind == "reconcile":
         values["AccessionNumber"] = change.accession
     if all(str(ds.get(keyword, "") or "") == value for keyword, value in values.items()):
-        return content  # already so (a change applied again after a power cut): untouched
+        return False  # already so (a change applied again after a power cut): untouched
     if not all(value.isascii() for value in values.values()) and \
             "ISO_IR 192" not in ds.get("SpecificCharacterSet", ""):
         for element in ds.iterall():  # decoded now, written again in UTF-8
@@ -202,9 +237,8 @@ def rewritten(content: bytes, change: PatientChange) -> bytes:
         ds.SpecificCharacterSet = "ISO_IR 192"
     for keyword, value in values.items():
         setattr(ds, keyword, value)
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+    ds.save_as(target, enforce_file_format=True)
+    return True
 
 
 class Applier:
@@ -222,8 +256,10 @@ class Applier:
         """Instances staged when the box stopped between removing Orthanc's copy and storing
         the rewritten one: stored now; how many."""
         resumed = 0
+        for leftover in sorted(self.staging.glob("*.orig")) if self.staging.exists() else []:
+            leftover.unlink()  # a download interrupted: Orthanc still holds that instance
         for staged in sorted(self.staging.glob("*.dcm")) if self.staging.exists() else []:
-            self._store(staged.read_bytes())
+            self._store(staged)
             staged.unlink()
             resumed += 1
         return resumed
@@ -232,6 +268,9 @@ class Applier:
         done = 0
         self.resume()
         for seq, change in self.queue.waiting():
+            if change.kind == "merge":  # confirmed late: what the RIS said since stands
+                later = self.queue.updated_since(change.patient.patient_id, seq)
+                change = replace(change, patient=replace(change.patient, **later))
             try:
                 count = self._apply(change)
             except OrthancError as exc:
@@ -280,12 +319,17 @@ class Applier:
         return count
 
     def _studies(self, change: PatientChange, patient_id: str) -> list[dict]:
-        """The studies to rewrite: the patient's, or the one reconciled study."""
+        """The studies to rewrite: the patient's, or the one study a person reconciled (by
+        Orthanc's ID: the same Study Instance UID may be held under other patients too)."""
         if change.kind == "reconcile":
-            found = [self.orthanc.get(hit["Path"]) for hit in self.orthanc.post(
-                "/tools/lookup", data=change.study_uid.encode()) or []
-                if hit.get("Type") == "Study"]
-            return found
+            if not ORTHANC_ID.fullmatch(change.orthanc_id):
+                return []
+            try:
+                return [self.orthanc.get(f"/studies/{change.orthanc_id}")]
+            except OrthancError as exc:
+                if exc.status == 404:  # all moved already (applied again after a power cut)
+                    return []
+                raise
         return [study for study in self.orthanc.post("/tools/find", json={
             "Level": "Study", "Expand": True, "Query": {"PatientID": patient_id}}) or []
             if str(study.get("PatientMainDicomTags", {}).get("PatientID", "")).strip()
@@ -293,30 +337,38 @@ class Applier:
 
     def _replace(self, instance: str, change: PatientChange) -> str:
         """Orthanc's copy replaced by the rewritten one; the patient it is now under."""
-        content = self.orthanc.request("GET", f"/instances/{instance}/file").content
-        new = rewritten(content, change)
-        if new == content:
-            return self.orthanc.get(f"/instances/{instance}/patient")["ID"]
         self.staging.mkdir(parents=True, exist_ok=True, mode=0o700)
-        staged = self.staging / f"{instance}.dcm"
-        durable.replace_bytes(staged, new)
+        original, staged = self.staging / f"{instance}.orig", self.staging / f"{instance}.dcm"
+        with self.orthanc.request("GET", f"/instances/{instance}/file", stream=True) as got, \
+                open(original, "wb") as out:
+            for block in got.iter_content(1 << 20):
+                out.write(block)
+        try:
+            before = pydicom.dcmread(original, stop_before_pixels=True,
+                                     specific_tags=["PatientID"]).get("PatientID", "")
+            writing = staged.with_suffix(".part")
+            if not rewrite(original, writing, change):
+                return self.orthanc.get(f"/instances/{instance}/patient")["ID"]
+            with open(writing, "rb+") as written:
+                os.fsync(written.fileno())
+            os.replace(writing, staged)
+            durable.fsync_dir(self.staging)
+        finally:
+            original.unlink(missing_ok=True)
         # Orthanc names an instance by its Patient ID and UIDs, and keeps the first copy of a
         # name: under the same Patient ID the old copy must go first (the staged file covers
         # that moment); under another, the new one is stored first.
-        before = pydicom.dcmread(io.BytesIO(content), stop_before_pixels=True,
-                                 specific_tags=["PatientID"]).get("PatientID", "")
         if before != change.patient.patient_id:
-            stored = self._store(new)
+            stored = self._store(staged)
             if stored["ID"] != instance:  # never remove what the new copy did not replace
                 self.orthanc.delete(f"/instances/{instance}")
         else:
             self.orthanc.delete(f"/instances/{instance}")
-            stored = self._store(new)
+            stored = self._store(staged)
         staged.unlink()
         return stored["ParentPatient"]
 
-    def _store(self, content: bytes) -> dict:
-        return self.orthanc.post("/instances", data=content,
-                                 headers={"Content-Type": "application/dicom"})
-
-
+    def _store(self, path: Path) -> dict:
+        with open(path, "rb") as content:  # streamed: never the whole file in memory
+            return self.orthanc.post("/instances", data=content,
+                                     headers={"Content-Type": "application/dicom"})

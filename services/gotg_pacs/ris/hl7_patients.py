@@ -1,7 +1,8 @@
 """HL7 v2 patient administration (ADT) read into patient changes, or refused with the reason.
 
   A08 (update patient information), A31 (update person information): an update under the
-      Patient ID of PID-3, with PID-5 name, PID-7 birth date, PID-8 sex.
+      Patient ID of PID-3, with PID-5 name, PID-7 birth date, PID-8 sex. A field left empty
+      changes nothing; `""` clears it (HL7's rule for updates).
   A40 (merge patient, patient identifier list): the patient of PID-3 survives; MRG-1 names the
       Patient ID merged into it. Each PID/MRG pair is one merge.
 
@@ -48,10 +49,18 @@ def changes_in(received: Received) -> list[PatientChange]:
             from None
 
 
+def _said(pid, number: int, component: int = 1) -> str | None:
+    """A field as an update means it: empty says nothing (None, left as it is), HL7's `""`
+    clears the value ("")."""
+    value = field_value(pid, number, component)
+    return "" if value == '""' else (value or None)
+
+
 def _demographics(pid) -> Demographics:
+    issuer, birth, sex = _said(pid, 3, 4), _said(pid, 7), _said(pid, 8)
     return Demographics(
         patient_id=values.text(field_value(pid, 3), 64, "PID-3.1", required=True),
-        issuer=values.text(field_value(pid, 3, component=4), 64, "PID-3.4"),
+        issuer=None if issuer is None else values.text(issuer, 64, "PID-3.4"),
         patient_name=person_of(pid, 5, "PID-5", required=True),
-        birth_date=values.date(field_value(pid, 7)[:8], "PID-7"),
-        sex=values.sex(field_value(pid, 8)))
+        birth_date=None if birth is None else values.date(birth[:8], "PID-7"),
+        sex=None if sex is None else values.sex(sex))  # U (unknown) clears it too

@@ -98,7 +98,8 @@ def _repetitions(segment, number: int) -> list[str]:
         field = segment[number]
     except IndexError:
         return []
-    count = len(field) if isinstance(field, hl7.containers.Repetition) else 1
+    # A field holds its repetitions (a line each); a bare value is one.
+    count = len(field) if isinstance(field, hl7.containers.Field) else 1
     return [segment.extract_field(1, number, r, 1) for r in range(1, count + 1)]
 
 

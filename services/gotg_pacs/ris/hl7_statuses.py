@@ -27,6 +27,19 @@ ORDER_STATUS = {"in_progress": "IP", "completed": "CM", "discontinued": "DC",
                 "images_available": "CM"}
 
 
+# HL7's own delimiters, escaped (the escape character first); any other character, accents and
+# other scripts included, goes as it is in UTF-8 (MSH-18). The library's escape() writes those
+# as \X..\ hex, which a RIS reading UTF-8 would show as such.
+ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"),
+           ("~", "\\R\\"))
+
+
+def escape(value: str) -> str:
+    for character, escaped in ESCAPES:
+        value = value.replace(character, escaped)
+    return value
+
+
 class Hl7Statuses:
     """The RIS's MLLP listener as the outbox's client (what `rest.RisClient` is for REST)."""
 
@@ -41,8 +54,6 @@ class Hl7Statuses:
         """The ORM^O01 telling the RIS of `event`, every value escaped for HL7."""
         found = self.orders.get(event["accession"])
         order = found[1] if found else None
-        escape = hl7.parse("MSH|^~\\&|").escape
-
         def text(value: str) -> str:
             return escape(value or "")
 
@@ -72,7 +83,7 @@ class Hl7Statuses:
         message = self.message(event)
         try:
             ack = asyncio.run(self._exchange(message))
-        except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+        except Exception as exc:  # noqa: BLE001 - no answer, a broken block, bytes not UTF-8
             raise RisUnreachable(f"RIS HL7 at {self.host}:{self.port}: "
                                  f"{exc.__class__.__name__}") from None
         try:

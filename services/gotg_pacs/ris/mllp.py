@@ -64,11 +64,12 @@ class Listener:
             log.warning("HL7 message refused: %s", exc)
             return self._nak(raw, "AR", _error_code(exc), str(exc))
         try:
-            # A patient edited in the RIS since: the images follow (kept first: an order
-            # refused below does not make the RIS's word on the patient wrong).
-            self.patients.add(demographics.edits(self.orders, received.changes), "hl7")
-            changed = self.orders.apply(received.changes, "hl7",
-                                        (received.sender, received.control_id))
+            # A patient edited in the RIS since: the images follow, kept in the order's own
+            # transaction (a message refused changes nothing, images included).
+            edits = demographics.edits(self.orders, received.changes)
+            changed = self.orders.apply(
+                received.changes, "hl7", (received.sender, received.control_id),
+                within=lambda db: demographics.DemographicsQueue.insert(db, edits, "hl7"))
         except Rejected as exc:
             log.warning("HL7 message %s refused: %s", received.control_id, exc)
             return self._ack(received.message, "AR", BAD_VALUE, str(exc))

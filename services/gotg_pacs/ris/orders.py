@@ -24,6 +24,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import asdict
 from pathlib import Path
@@ -91,6 +92,7 @@ CREATE TABLE IF NOT EXISTS demographics (  -- patient updates and merges from th
     prior_id   TEXT NOT NULL,      -- the Patient ID as the images have it now
     study_uid  TEXT NOT NULL DEFAULT '',  -- reconcile: the one study to rewrite
     accession  TEXT NOT NULL DEFAULT '',  -- reconcile: the order's Accession Number
+    orthanc_id TEXT NOT NULL DEFAULT '',  -- reconcile: the study's Orthanc ID when decided
     fields     TEXT NOT NULL,      -- JSON: the patient's identity as the RIS now has it
     source     TEXT NOT NULL,      -- hl7 or rest
     received   REAL NOT NULL,
@@ -187,10 +189,12 @@ class Orders:
         self.close()
 
     def apply(self, changes: list[Change], source: str,
-              message: tuple[str, str] | None = None) -> list[str]:
+              message: tuple[str, str] | None = None,
+              within: Callable[[sqlite3.Connection], None] | None = None) -> list[str]:
         """Keep what a message (HL7: its sender and control ID) or the RIS's API says, all of
         it or nothing, durably; the accessions it changed ([] for a message already applied).
-        Rejected when it would re-point an accession to another patient."""
+        Rejected when it would re-point an accession to another patient. `within` writes what
+        else the message says (patient edits) in the same transaction."""
         now = time.time()
         with self.lock, immediate(self.db) as db:
             if message and db.execute("SELECT 1 FROM messages WHERE sender = ? AND "
@@ -221,6 +225,8 @@ class Orders:
                     (order.accession, state, order.patient_id, order.issuer,
                      json.dumps(asdict(order)), source, now))
                 changed.append(order.accession)
+            if within is not None:
+                within(db)
             if message:
                 db.execute("INSERT INTO messages (sender, control_id, received, orders) "
                            "VALUES (?, ?, ?, ?)", (*message, now, len(changes)))
@@ -440,7 +446,8 @@ class Orders:
         ValueError: no such order."""
         now = time.time()
         with self.lock, immediate(self.db) as db:
-            row = db.execute("SELECT performed, tags FROM studies WHERE study_uid = ? AND "
+            row = db.execute("SELECT performed, tags, orthanc_id FROM studies WHERE "
+                             "study_uid = ? AND "
                              "matched IS NULL AND resolution IS NULL", (study_uid,)).fetchone()
             if row is None:
                 raise KeyError(f"no open entry for study {study_uid}")
@@ -455,13 +462,15 @@ class Orders:
                 # The images are then given the order's identity (demographics.py), in the
                 # same transaction as the decision: one never happens without the other.
                 fields = json.loads(order["fields"])
-                patient = {name: fields[name] for name in (
-                    "patient_id", "issuer", "patient_name", "birth_date", "sex")}
+                # What the order leaves empty, the images keep (None: unchanged).
+                patient = {name: fields[name] or None for name in (
+                    "issuer", "patient_name", "birth_date", "sex")}
                 db.execute("INSERT INTO demographics (kind, patient_id, prior_id, study_uid, "
-                           "accession, fields, source, received, state) VALUES ('reconcile', "
-                           "?, ?, ?, ?, ?, 'resolve', ?, 'waiting')",
-                           (patient["patient_id"], json.loads(row["tags"])["PatientID"],
-                            study_uid, accession, json.dumps(patient), now))
+                           "accession, orthanc_id, fields, source, received, state) VALUES "
+                           "('reconcile', ?, ?, ?, ?, ?, ?, 'resolve', ?, 'waiting')",
+                           (fields["patient_id"], json.loads(row["tags"])["PatientID"],
+                            study_uid, accession, row["orthanc_id"],
+                            json.dumps({"patient_id": fields["patient_id"], **patient}), now))
             decision = {"order": accession, "by": who, "note": note, "at": now}
             db.execute("UPDATE studies SET resolution = ? WHERE study_uid = ?",
                        (json.dumps(decision), study_uid))

@@ -249,13 +249,22 @@ class ReportQueue:
                            "VALUES (?, ?, ?, 0)", (*message, now))
         return new
 
-    def waiting(self) -> list[tuple[int, Report]]:
+    def waiting(self) -> list[tuple[int, str, str, str]]:
+        """(seq, accession, patient_id, why it waits) of each waiting report: what finding
+        its study needs, without its text or PDF."""
         with self.orders.lock:
             rows = self.orders.db.execute(
-                "SELECT seq, fields, pdf FROM reports WHERE state = 'waiting' ORDER BY seq"
-            ).fetchall()
-        return [(row["seq"], Report(**{**json.loads(row["fields"]),
-                                       "pdf": bytes(row["pdf"] or b"")})) for row in rows]
+                "SELECT seq, accession, fields, last_error FROM reports WHERE state = 'waiting' "
+                "ORDER BY seq").fetchall()
+        return [(row["seq"], row["accession"], json.loads(row["fields"])["patient_id"],
+                 row["last_error"]) for row in rows]
+
+    def report(self, seq: int) -> Report:
+        """One report whole, its PDF included (read only once its study is here)."""
+        with self.orders.lock:
+            row = self.orders.db.execute("SELECT fields, pdf FROM reports WHERE seq = ?",
+                                         (seq,)).fetchone()
+        return Report(**{**json.loads(row["fields"]), "pdf": bytes(row["pdf"] or b"")})
 
     def attached_before(self, accession: str) -> list[dict]:
         """The documents earlier reports of this accession became (a correction's
@@ -275,8 +284,11 @@ class ReportQueue:
                        (json.dumps(documents), time.time(), seq))
 
     def waits(self, seq: int, reason: str) -> None:
+        """Why it still waits (written only when the reason changes: an SD card wears with
+        every write, and reports may wait for weeks)."""
         with self.orders.lock, immediate(self.orders.db) as db:
-            db.execute("UPDATE reports SET last_error = ? WHERE seq = ?", (reason, seq))
+            db.execute("UPDATE reports SET last_error = ? WHERE seq = ? AND last_error != ?",
+                       (reason, seq, reason))
 
     def listing(self, limit: int = 200) -> list[dict]:
         rows = self.orders.newest("reports", limit)
@@ -304,11 +316,13 @@ class Attacher:
     def attach_waiting(self) -> int:
         """Every waiting report whose study is here, into it; how many."""
         done = 0
-        for seq, one in self.queue.waiting():
-            study, reason = self._study(one)
+        for seq, accession, patient_id, said in self.queue.waiting():
+            study, reason = self._study(accession, patient_id)
             if study is None:
-                self.queue.waits(seq, reason)
+                if reason != said:
+                    self.queue.waits(seq, reason)
                 continue
+            one = self.queue.report(seq)
             try:
                 documents = [text_sr(one, study, self.queue.attached_before(one.accession))]
                 if one.pdf:
@@ -327,26 +341,25 @@ class Attacher:
             done += 1
         return done
 
-    def _study(self, one: Report) -> tuple[dict | None, str]:
-        """The one study this report belongs to, or None and why it waits."""
+    def _study(self, accession: str, patient_id: str) -> tuple[dict | None, str]:
+        """The one study a report belongs to, or None and why it waits."""
         found = self.orthanc.post("/tools/find", json={
-            "Level": "Study", "Expand": True,
-            "Query": {"AccessionNumber": one.accession}})
+            "Level": "Study", "Expand": True, "Query": {"AccessionNumber": accession}})
         # Orthanc's find reads * and ? as wildcards: only the exact accession counts.
         found = [study for study in found or []
                  if str(study.get("MainDicomTags", {}).get("AccessionNumber", "")).strip()
-                 == one.accession]
+                 == accession]
         if not found:
             return None, "no study with this Accession Number here yet"
-        if one.patient_id:
+        if patient_id:
             theirs = {str(s.get("PatientMainDicomTags", {}).get("PatientID", "")).strip()
                       for s in found}
             found = [s for s in found if str(s.get("PatientMainDicomTags", {})
-                                             .get("PatientID", "")).strip() == one.patient_id]
+                                             .get("PatientID", "")).strip() == patient_id]
             if not found:
                 return None, (f"the study with this Accession Number belongs to Patient ID "
                               f"{', '.join(sorted(theirs))[:80]}, the report names "
-                              f"{one.patient_id}: not attached")
+                              f"{patient_id}: not attached")
         if len(found) > 1:
             return None, f"{len(found)} studies carry this Accession Number: not attached"
         return found[0], ""

@@ -27,7 +27,8 @@ from .values import Change, Order, Rejected
 
 log = logging.getLogger(__name__)
 
-PAGE = 200
+# Items asked for at once: a report may carry a PDF of megabytes, and pacs-ris has 128 MB.
+PAGES = {"appointments": 200, "reports": 5}
 FOR_GOOD = (400, 404, 409, 410, 422)  # the RIS will never take it as it is: recorded, go on
 ACTIONS = {"pending": "schedule", "cancelled": "cancel", "in_progress": "complete",
            "completed": "complete", "reported": "complete"}
@@ -63,7 +64,7 @@ class RisClient:
     def page(self, feed: str, since: str) -> tuple[list[dict], str, bool]:
         """One page of a feed (appointments, reports) from the cursor `since`: what it holds,
         where the next starts, whether one follows at once."""
-        params = {"limit": PAGE, **({"updated_since": since} if since else {})}
+        params = {"limit": PAGES[feed], **({"updated_since": since} if since else {})}
         answer = self._call("GET", f"/api/v1/{feed}", params=params)
         if answer.status_code != 200:
             raise RisRefused(answer.status_code, answer.text[:200])
@@ -203,8 +204,10 @@ class Ris:
             for appointment in found:
                 try:
                     change = change_of(appointment, self.site)
-                    patients.add(demographics.edits(self.orders, [change]), "rest")
-                    changed = self.orders.apply([change], "rest")
+                    edits = demographics.edits(self.orders, [change])
+                    changed = self.orders.apply(
+                        [change], "rest",
+                        within=lambda db, e=edits: patients.insert(db, e, "rest"))
                 except Rejected as exc:
                     accession = appointment.get("accession_number") \
                         if isinstance(appointment, dict) else None
@@ -219,7 +222,7 @@ class Ris:
     def fetch_reports(self) -> int:
         """Final reports signed since the cursor, kept to be attached; how many were new. A
         RIS without the reports feed (404) is told once in the log, not retried as down."""
-        queue, new, more = reports.ReportQueue(self.orders), 0, True
+        queue, new, more = reports.ReportQueue(self.orders), 0, not self.no_reports_feed
         while more:
             since = self.orders.ris_cursor("reports")
             try:

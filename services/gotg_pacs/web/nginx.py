@@ -228,7 +228,11 @@ def render(settings: Settings, ca_chain: str, appliance: bool = False, hq: bool 
         "        }",
         # Until the viewer arrives, Orthanc Explorer is the front page.
         "        location = / { return 302 /orthanc/app/explorer.html; }",
+        # The same transcoding reached through Orthanc's REST API: archives and media with
+        # ?transcode=, WADO-URI with transferSyntax=, its DICOMweb under its own prefix.
+        "        location /orthanc/dicom-web/ { return 403; }",
         "        location /orthanc/ {",
+        '            if ($args ~* "(^|&)(transcode|transfersyntax)=") { return 403; }',
         *(f"            {line}" for line in guarded),
         f"            proxy_pass {orthanc}/;",
         *(f"            {line}" for line in to_orthanc),
