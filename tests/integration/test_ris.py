@@ -487,6 +487,8 @@ def test_a_patient_update_reaches_worklist_and_images_and_a_merge_waits_for_a_pe
     index, ds = _patient_of(ris, study_uid)
     assert index["PatientName"] == "Doe^Janet^Q" and str(ds.PatientName) == "Doe^Janet^Q"
     assert (ds.SOPInstanceUID, ds.PixelData) == (original.SOPInstanceUID, original.PixelData)
+    # Once her study is complete (stable), its order leaves the list; the next one stays.
+    assert wait_until(lambda: _state(ris, "ACC-4711") == "completed", 90, interval=2)
     [item] = ris.modality.find_worklist(WORKLIST_KEYS, tmp_path / "wl")
     assert (str(item.AccessionNumber), str(item.PatientName)) == ("ACC-NEXT", "Doe^Janet^Q")
     audit = [json.loads(line) for line in ris.settings.audit_file.read_text().splitlines()]
