@@ -534,7 +534,7 @@ def test_statuses_reach_an_hl7_only_ris_in_order_across_an_outage(make_ris, tmp_
     once; refused ones are recorded and do not block the rest."""
     his = Hl7Ris().up()
     try:
-        ris = make_ris(RIS_HL7_ADDRESS=his.address)
+        ris = make_ris(RIS_HL7_ADDRESS=his.address, RIS_POLL_INTERVAL="5s")
         assert _send(ris, ORDER.format(control="MSG50", order="NW"), tmp_path) == \
             ["MSA|AA|MSG50"]
         modality, uid = MppsModality(ris.settings.mpps_port, ris.settings.pacs_aet), \
