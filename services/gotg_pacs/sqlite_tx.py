@@ -15,8 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def open_store(path: Path, schema: str, readonly: bool = False) -> sqlite3.Connection | None:
+def open_store(path: Path, schema: str, readonly: bool = False,
+               added: dict[str, dict[str, str]] | None = None) -> sqlite3.Connection | None:
     """The store at `path` with rows by name; None when a read-only one does not exist yet.
+    `added`: columns a later release added ({table: {column: definition}}), added to an
+    older store when it is opened for writing.
 
     A connection may be closed by another thread than the one that used it (a parallel upload's
     worker), never used by two at once.
@@ -32,6 +35,11 @@ def open_store(path: Path, schema: str, readonly: bool = False) -> sqlite3.Conne
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.executescript(schema)
+        for table, columns in (added or {}).items():
+            present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            for column, definition in columns.items():
+                if column not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
     db.row_factory = sqlite3.Row
     return db
 

@@ -116,8 +116,8 @@ STATES = ("scheduled", "in_progress", "completed", "discontinued", "cancelled")
 LISTED = ("scheduled", "in_progress")  # on the worklist
 DONE = ("completed", "discontinued")
 # Columns added after the first stores were made: added to an older store when opened.
-ADDED = (("statuses", "performed", "TEXT NOT NULL DEFAULT ''"),
-         ("studies", "performed", "TEXT NOT NULL DEFAULT '{}'"))
+ADDED = {"statuses": {"performed": "TEXT NOT NULL DEFAULT ''"},
+         "studies": {"performed": "TEXT NOT NULL DEFAULT '{}'"}}
 QUEUES = ("statuses", "reports", "demographics")  # tables kept in arrival order (seq)
 COUNTED = ("orders", *QUEUES)  # tables with a state column
 _CURSORS = {"appointments": "ris", "reports": "ris-reports"}  # meta keys
@@ -170,13 +170,8 @@ def _procedures(db: sqlite3.Connection, accession: str) -> list[dict]:
 class Orders:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.path = path
-        self.db = open_store(path, SCHEMA, readonly=readonly)
+        self.db = open_store(path, SCHEMA, readonly=readonly, added=ADDED)
         self.lock = threading.RLock()
-        if not readonly:
-            for table, column, declared in ADDED:
-                if column not in {row["name"] for row in self.db.execute(
-                        f"PRAGMA table_info({table})")}:
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declared}")
 
     def close(self) -> None:
         if self.db is not None:

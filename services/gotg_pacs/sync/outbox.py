@@ -98,17 +98,10 @@ class Outbox:
         """The outbox at `path`; `readonly` for those who only look (status, queue): they never
         create it or take a write lock. A missing read-only outbox raises OutboxError."""
         self.path = path
-        db = open_store(path, SCHEMA, readonly)
+        db = open_store(path, SCHEMA, readonly, added=ADDED_COLUMNS)
         if db is None:
             raise OutboxError(f"no sync outbox yet at {path} (pacs-sync has not run)")
         self.db = db
-        if readonly:
-            return
-        for table, columns in ADDED_COLUMNS.items():
-            present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
-            for column, definition in columns.items():
-                if column not in present:
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def __enter__(self) -> Outbox:
         return self
